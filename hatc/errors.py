@@ -1,0 +1,18 @@
+"""One error family for everything a user can cause.
+
+The CLI turns any HatcError into one line on stderr and exit code 2; anything
+else is a bug (exit 1). Library code raises these with a message that names the
+file, field or value and says what to do.
+"""
+
+
+class HatcError(Exception):
+    """Base class: bad input or a state the user can fix."""
+
+
+class SpaceError(HatcError):
+    """A design space file is malformed or unknown."""
+
+
+class ArchError(HatcError):
+    """An architecture is malformed or outside its design space."""
