@@ -12,6 +12,7 @@ Two file formats are read (YAML or JSON, picked by content, not by suffix):
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,7 @@ class Architecture:
             items = value if isinstance(value, tuple) else (value,)
             for item in items:
                 if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-                    raise ArchError(
-                        f"field '{f.name}': expected positive integers, got {value!r}"
-                    )
+                    raise ArchError(f"field '{f.name}': expected positive integers, got {value!r}")
         for names, count_field in (
             (ENCODER_LAYER_FIELDS, "encoder_layers"),
             (DECODER_LAYER_FIELDS, "decoder_layers"),
@@ -100,10 +99,7 @@ class Architecture:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"space"})
         if unknown:
-            raise ArchError(
-                f"{source}: unknown key(s) {', '.join(unknown)}; "
-                f"expected {', '.join(sorted(known))}"
-            )
+            raise ArchError(f"{source}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
         missing = sorted(known - set(data))
         if missing:
             raise ArchError(f"{source}: missing key(s) {', '.join(missing)}")
@@ -135,9 +131,7 @@ class Architecture:
                 raise ArchError(f"{source}: '{_HAT_KEYS[name]}' must be a list")
             if isinstance(count, int) and len(seq) > count:
                 values[name] = seq[:count]
-        values["decoder_ende_layers"] = [
-            _ende_from_hat(v, source) for v in values["decoder_ende_layers"]
-        ]
+        values["decoder_ende_layers"] = [_ende_from_hat(v, source) for v in values["decoder_ende_layers"]]
         try:
             return cls(**values)
         except ArchError as e:
@@ -192,8 +186,10 @@ def parse_arch_text(text: str, source: str) -> tuple[Architecture, str | None]:
 
 def read_arch_file(path: str | Path) -> tuple[Architecture, str | None]:
     """Reads an architecture file (hatc or HAT format)."""
+    if str(path) == "-":
+        return parse_arch_text(sys.stdin.read(), "stdin")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():
         raise ArchError(f"{path}: no such architecture file")
     try:
         text = path.read_text(encoding="utf-8")

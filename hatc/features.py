@@ -50,7 +50,13 @@ def layer_feature_names(space: SearchSpace) -> list[str]:
     for i in range(space.super_encoder_layers):
         names += [f"enc{i}_present", f"enc{i}_ffn_dim", f"enc{i}_self_heads"]
     for i in range(space.super_decoder_layers):
-        names += [f"dec{i}_present", f"dec{i}_ffn_dim", f"dec{i}_self_heads", f"dec{i}_cross_heads", f"dec{i}_ende_layers"]
+        names += [
+            f"dec{i}_present",
+            f"dec{i}_ffn_dim",
+            f"dec{i}_self_heads",
+            f"dec{i}_cross_heads",
+            f"dec{i}_ende_layers",
+        ]
     return names
 
 

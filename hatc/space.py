@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hatc.arch import DECODER_LAYER_FIELDS, ENCODER_LAYER_FIELDS, Architecture, read_arch_file, parse_arch_text
+from hatc.arch import DECODER_LAYER_FIELDS, ENCODER_LAYER_FIELDS, Architecture, parse_arch_text, read_arch_file
 from hatc.errors import ArchError, SpaceError
 
 # Choice name in the space file -> the Architecture field it constrains.
@@ -108,10 +108,13 @@ class SearchSpace:
         for key in ("encoder_self_heads", "decoder_self_heads", "decoder_cross_heads"):
             for h in self.choices[key]:
                 if self.qkv_dim % h:
-                    raise SpaceError(f"{source}: 'choices.{key}' has {h} heads, which does not divide qkv_dim {self.qkv_dim}")
+                    raise SpaceError(
+                        f"{source}: 'choices.{key}' has {h} heads, which does not divide qkv_dim {self.qkv_dim}"
+                    )
         if max(self.choices["decoder_ende_layers"]) > min(self.choices["encoder_layers"]):
             raise SpaceError(
-                f"{source}: 'choices.decoder_ende_layers' allows attending to more encoder layers than the smallest encoder has"
+                f"{source}: 'choices.decoder_ende_layers' allows attending to more encoder layers "
+                "than the smallest encoder has"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,15 +268,20 @@ def load_space(name_or_path: str) -> SearchSpace:
     return SearchSpace.from_dict(data, source)
 
 
-def resolve_arch(spec: str, space: SearchSpace) -> Architecture:
-    """An architecture from a file path, inline JSON, or ``largest``/``smallest``,
-    validated against ``space``."""
-    if spec == "largest":
-        return space.largest()
-    if spec == "smallest":
-        return space.smallest()
+def resolve_arch(
+    spec: str, space: SearchSpace | None = None, default_space: str = "wmt"
+) -> tuple[Architecture, SearchSpace]:
+    """An architecture from a file path (``-`` for stdin), inline JSON, or
+    ``largest``/``smallest``, validated against ``space``; without one, against
+    the space the file names, else ``default_space``."""
+    if spec in ("largest", "smallest"):
+        space = space or load_space(default_space)
+        return (space.largest() if spec == "largest" else space.smallest()), space
     if spec.lstrip().startswith("{"):
-        arch, _ = parse_arch_text(spec, "inline architecture")
-        return space.validate(arch, "inline architecture")
-    arch, _ = read_arch_file(spec)
-    return space.validate(arch, spec)
+        source = "inline architecture"
+        arch, declared = parse_arch_text(spec, source)
+    else:
+        source = "stdin" if spec == "-" else spec
+        arch, declared = read_arch_file(spec)
+    space = space or load_space(declared or default_space)
+    return space.validate(arch, source), space

@@ -1,0 +1,49 @@
+"""The ``hatc`` command line: thin typer commands over the library.
+
+Conventions for every command: results on stdout, progress and logs on
+stderr; ``--json`` prints one compact JSON object on one line; exit 0 on
+success, 2 on bad input (a HatcError: one line, no traceback), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+try:  # typer >= 0.29 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+from hatc.cli import arch
+from hatc.cli.common import fail
+from hatc.errors import HatcError
+
+app = typer.Typer(
+    name="hatc",
+    help="Hardware-Aware Transformers: search, train, measure and compile translation models for real devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(arch.app, name="arch")
+
+
+def main() -> None:
+    try:
+        # standalone_mode=False lets usage errors reach us, so they too are one line.
+        code = app(standalone_mode=False)
+    except HatcError as e:
+        fail(str(e))
+    except click_exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help())
+        code = 0
+    except click_exceptions.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        fail(e.format_message() + hint, code=e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

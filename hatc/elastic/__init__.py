@@ -1,0 +1,1 @@
+"""Weight-sharing (elastic) ops and the SuperTransformer."""

@@ -1,0 +1,1 @@
+"""The plain SubTransformer that export and compile consume."""
