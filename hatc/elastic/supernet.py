@@ -8,6 +8,7 @@ that computes exactly what the supernet computes in that mode.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -127,11 +128,13 @@ class SuperTransformer(nn.Module):
 
     def get_active_subnet(self) -> static.SubTransformer:
         """A static SubTransformer holding copies of the active weight slices."""
-        sub = static.SubTransformer(self.arch, self.cfg).to(self.embed_tokens.weight.device)
-        shared = self.state_dict()
+        with torch.device("meta"):  # no point initialising weights we overwrite
+            sub = static.SubTransformer(self.arch, self.cfg)
+        sub = sub.to_empty(device=self.embed_tokens.weight.device)
+        shared = dict(itertools.chain(self.named_parameters(), self.named_buffers()))
         with torch.no_grad():
             # Same names on both sides; HAT shares weights as front slices of every dim.
-            for name, tensor in sub.state_dict().items():
+            for name, tensor in itertools.chain(sub.named_parameters(), sub.named_buffers()):
                 tensor.copy_(shared[name][tuple(slice(0, n) for n in tensor.shape)])
         return sub.train(self.training)
 
