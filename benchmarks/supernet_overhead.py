@@ -25,13 +25,10 @@ from hatc.elastic.supernet import SuperTransformer
 from hatc.space import load_space
 
 
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time_ms(model, src, prev) -> float:
+    start = time.perf_counter()
+    model(src, prev)
+    return (time.perf_counter() - start) * 1e3
 
 
 def main() -> None:
@@ -62,8 +59,8 @@ def main() -> None:
                 static(src, prev)
             super_ms, static_ms = [], []
             for _ in range(args.repeats):  # interleaved so drift hits both
-                super_ms.append(_median_ms(lambda: supernet(src, prev), 1))
-                static_ms.append(_median_ms(lambda: static(src, prev), 1))
+                super_ms.append(_time_ms(supernet, src, prev))
+                static_ms.append(_time_ms(static, src, prev))
         rows.append(
             {
                 "arch": name,
@@ -76,8 +73,10 @@ def main() -> None:
         )
         rows[-1]["supernet_over_static"] = rows[-1]["supernet_forward_ms"] / rows[-1]["static_forward_ms"]
 
-    header = f"{'arch':9} {'params(HAT)':>12} {'params(all)':>12} {'GFLOPs':>7} {'super ms':>9} {'static ms':>9} {'ratio':>6}"
-    print(header)
+    print(
+        f"{'arch':9} {'params(HAT)':>12} {'params(all)':>12} {'GFLOPs':>7} "
+        f"{'super ms':>9} {'static ms':>9} {'ratio':>6}"
+    )
     for r in rows:
         print(
             f"{r['arch']:9} {r['params_hat'] / 1e6:11.2f}M {r['params_total'] / 1e6:11.2f}M {r['gflops']:7.3f} "
