@@ -16,3 +16,11 @@ class SpaceError(HatcError):
 
 class ArchError(HatcError):
     """An architecture is malformed or outside its design space."""
+
+
+class DataError(HatcError):
+    """A corpus, data directory or subword model is unusable."""
+
+
+class CheckpointError(HatcError):
+    """A checkpoint is missing, corrupt, or does not fit what was asked."""

@@ -106,6 +106,12 @@ class SuperTransformer(nn.Module):
         self.arch = space.largest()
         self.set_active_subnet(self.arch)
 
+    @classmethod
+    def from_config(cls, space: SearchSpace, cfg: static.ModelConfig) -> SuperTransformer:
+        if (cfg.qkv_dim, cfg.super_embed_dim) != (space.qkv_dim, space.super_embed_dim):
+            raise ValueError("model config does not belong to this space")
+        return cls(space, cfg.vocab_size, cfg.pad_idx, cfg.dropout, cfg.attention_dropout, cfg.max_positions)
+
     # ----- choosing the subnet -------------------------------------------
     def set_active_subnet(self, arch: Architecture) -> None:
         self.space.validate(arch)

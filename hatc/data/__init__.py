@@ -1,0 +1,1 @@
+"""Parallel text: reading corpora, the joint subword model, binarized splits, token batches."""

@@ -1,0 +1,151 @@
+"""Decoding with the incremental key/value cache: greedy and batched beam search.
+
+Beam search follows fairseq's rules, which HAT's BLEU numbers come from: at
+every step each sentence keeps its ``beam`` best unfinished hypotheses; a
+hypothesis that emits EOS is finished with score ``sum(log p) / len ** lenpen``
+(len counts the EOS); a sentence is done once it has ``beam`` finished
+hypotheses, and the best finished one is returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from hatc.data.subword import BOS, EOS, PAD, SubwordModel
+from hatc.errors import HatcError
+from hatc.static.model import SubTransformer
+
+DEFAULT_BEAM = 4
+DEFAULT_LENPEN = 0.6  # HAT's WMT setting
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    beam: int = DEFAULT_BEAM
+    lenpen: float = DEFAULT_LENPEN
+    max_len_a: float = 1.2  # at most a * source length + b target tokens
+    max_len_b: int = 10
+    max_len: int = 256  # hard cap on target tokens (the model's positions bound it too)
+
+    def limit(self, src_len: int) -> int:
+        return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
+
+
+def _step_logprobs(model: SubTransformer, tokens: torch.Tensor, cache, step: int, limit: int):
+    logits, cache = model.decode_step(tokens, cache)
+    lprobs = F.log_softmax(logits.float(), dim=-1)
+    lprobs[:, PAD] = lprobs[:, BOS] = float("-inf")  # never generated
+    if step + 1 >= limit:  # out of room: only EOS may follow
+        eos = lprobs[:, EOS].clone()
+        lprobs.fill_(float("-inf"))
+        lprobs[:, EOS] = eos
+    return lprobs, cache
+
+
+@torch.no_grad()
+def greedy(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
+    """Arg-max decoding of a padded batch (B, S) -> token ids without EOS."""
+    batch = src.shape[0]
+    limit = options.limit(src.shape[1])
+    cache = model.start_decoding(model.encode(src))
+    tokens = torch.full((batch, 1), BOS, dtype=torch.long)
+    out = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    for step in range(limit):
+        lprobs, cache = _step_logprobs(model, tokens, cache, step, limit)
+        tokens = lprobs.argmax(-1, keepdim=True)
+        for i in torch.nonzero(~done).flatten().tolist():
+            if tokens[i, 0].item() == EOS:
+                done[i] = True
+            else:
+                out[i].append(tokens[i, 0].item())
+        if done.all():
+            break
+    return out
+
+
+@torch.no_grad()
+def beam_search(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
+    """Batched beam search of a padded batch (B, S) -> best token ids without EOS."""
+    batch, k = src.shape[0], options.beam
+    limit = options.limit(src.shape[1])
+    enc = model.encode(src)
+    cache = model.start_decoding(enc.index_select(torch.arange(batch).repeat_interleave(k)))
+    tokens = torch.full((batch * k, 1), BOS, dtype=torch.long)
+    history = torch.zeros(batch * k, 0, dtype=torch.long)
+    scores = torch.zeros(batch, k)
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    for step in range(limit):
+        lprobs, cache = _step_logprobs(model, tokens, cache, step, limit)
+        vocab = lprobs.shape[-1]
+        candidates = (scores.unsqueeze(-1) + lprobs.view(batch, k, vocab)).view(batch, k * vocab)
+        top_scores, top_ids = candidates.topk(2 * k, dim=-1)  # enough to keep k non-EOS
+        new_scores = torch.full((batch, k), float("-inf"))
+        origin = torch.zeros(batch, k, dtype=torch.long)
+        new_tokens = torch.full((batch, k), PAD, dtype=torch.long)
+        for b in range(batch):
+            if len(finished[b]) >= k:  # done: keep feeding harmless (-inf) beams
+                origin[b] = b * k
+                continue
+            kept = 0
+            for score, flat in zip(top_scores[b].tolist(), top_ids[b].tolist()):
+                if score == float("-inf"):
+                    break
+                beam, token = divmod(flat, vocab)
+                if token == EOS:
+                    if len(finished[b]) < k:
+                        hyp = history[b * k + beam].tolist()
+                        finished[b].append((score / (len(hyp) + 1) ** options.lenpen, hyp))
+                    continue
+                new_scores[b, kept], origin[b, kept], new_tokens[b, kept] = score, b * k + beam, token
+                kept += 1
+                if kept == k:
+                    break
+        if all(len(f) >= k for f in finished):
+            break
+        order = origin.view(-1)
+        cache = cache.index_select(order)
+        history = torch.cat([history.index_select(0, order), new_tokens.view(-1, 1)], dim=1)
+        tokens, scores = new_tokens.view(-1, 1), new_scores
+    return [max(f, key=lambda pair: pair[0])[1] if f else [] for f in finished]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), PAD, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def translate_lines(
+    model: SubTransformer,
+    subword: SubwordModel,
+    lines: Sequence[str],
+    options: DecodeOptions,
+    batch_sentences: int = 32,
+    on_batch: Callable[[int], None] = lambda _: None,
+) -> list[str]:
+    """Detokenized translations of ``lines``, in order (batched by length)."""
+    encoded = [subword.encode(line) + [EOS] for line in lines]
+    max_positions = model.cfg.max_positions
+    for number, ids in enumerate(encoded, start=1):
+        if len(ids) > max_positions:
+            raise HatcError(f"input line {number} has {len(ids)} subwords; the model takes at most {max_positions}")
+    options = replace(options, max_len=min(options.max_len, max_positions))
+    order = sorted(range(len(lines)), key=lambda i: len(encoded[i]))
+    results: list[str] = [""] * len(lines)
+    search = greedy if options.beam == 1 else beam_search
+    model.eval()
+    for start in range(0, len(order), batch_sentences):
+        chunk = order[start : start + batch_sentences]
+        hyps = search(model, pad_batch([encoded[i] for i in chunk]), options)
+        for i, hyp in zip(chunk, hyps):
+            results[i] = subword.decode(hyp)
+        on_batch(len(chunk))
+    return results
