@@ -16,7 +16,7 @@ try:  # typer >= 0.29 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
-from hatc.cli import arch, data, train, translate
+from hatc.cli import arch, data, targets, train, translate
 from hatc.cli.common import fail
 from hatc.errors import HatcError
 
@@ -28,6 +28,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(arch.app, name="arch")
+app.command("targets")(targets.list_targets)
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.command()(translate.translate)

@@ -1,0 +1,127 @@
+"""Running the two exported graphs from numpy: a backend protocol, ONNX Runtime's
+runner, and the incremental decoding loop every backend shares.
+
+Torch-free on purpose (a runtime without torch will reuse it). Runners keep
+values in their backend's own array type between calls, so a decoder step's
+caches go straight back in without a round trip through numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hatc.compile.signature import GraphSignature
+
+
+class GraphRunner(Protocol):
+    """One backend able to run an encoder graph and a decoder-step graph."""
+
+    name: str
+    signature: GraphSignature
+
+    def encode(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Encoder inputs (native values) -> encoder outputs by name (native values)."""
+        ...
+
+    def step(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Decoder-step inputs by name -> outputs by name."""
+        ...
+
+    def to_numpy(self, value: Any) -> np.ndarray: ...
+
+    def from_numpy(self, array: np.ndarray) -> Any: ...
+
+
+class OrtRunner:
+    """ONNX Runtime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, encoder: Path, decoder: Path, signature: GraphSignature, threads: int = 1):
+        import onnxruntime as ort  # here, so that importing this module costs nothing
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: the library never prints
+        providers = ["CPUExecutionProvider"]
+        self.signature = signature
+        self._enc = ort.InferenceSession(str(encoder), options, providers=providers)
+        self._dec = ort.InferenceSession(str(decoder), options, providers=providers)
+        self._enc_out = [o.name for o in self._enc.get_outputs()]
+        self._dec_out = [o.name for o in self._dec.get_outputs()]
+
+    def encode(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return dict(zip(self._enc_out, self._enc.run(self._enc_out, feeds)))
+
+    def step(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return dict(zip(self._dec_out, self._dec.run(self._dec_out, feeds)))
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        return np.ascontiguousarray(array)
+
+
+def pad_source(tokens: np.ndarray, sig: GraphSignature) -> np.ndarray:
+    """(Be, S0) int -> (Be, S) int64 padded at the end with the pad id."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.ndim != 2 or tokens.shape[1] > sig.src_len:
+        raise ValueError(f"source of shape {tokens.shape} does not fit bucket {sig.src_len}")
+    out = np.full((tokens.shape[0], sig.src_len), sig.pad_idx, dtype=np.int64)
+    out[:, : tokens.shape[1]] = tokens
+    return out
+
+
+class Decoding:
+    """The state of incremental decoding for one source batch on one runner.
+
+    ``start`` runs the encoder and repeats its outputs to the decoder batch;
+    ``advance`` feeds one token per hypothesis and returns log-probs (B, V).
+    ``reorder`` keeps the surviving hypotheses (beam search).
+    """
+
+    def __init__(self, runner: GraphRunner):
+        self.runner, self.sig = runner, runner.signature
+        self.feeds: dict[str, Any] = {}
+        self.position = 0
+
+    def start(self, src_tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """src_tokens (Be, S0), S0 <= S. Returns the encoder outputs as numpy (for checks)."""
+        r, sig = self.runner, self.sig
+        padded = pad_source(src_tokens, sig)
+        enc = {k: r.to_numpy(v) for k, v in r.encode({"src_tokens": r.from_numpy(padded)}).items()}
+        repeat = sig.batch // padded.shape[0]
+        self.feeds = {k: r.from_numpy(np.repeat(v, repeat, axis=0)) for k, v in enc.items()}
+        for name in sig.cache_names():
+            shape, _ = sig.decoder_inputs()[name]
+            self.feeds[name] = r.from_numpy(np.zeros(shape, dtype=np.float32))
+        self.position = 0
+        return enc
+
+    def advance(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (B,) or (B, 1) at the current position -> log-probs (B, V)."""
+        r = self.runner
+        if self.position >= self.sig.capacity:
+            raise ValueError(f"decoding past the cache capacity ({self.sig.capacity} tokens)")
+        self.feeds["tokens"] = r.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(self.sig.batch, 1))
+        self.feeds["step"] = r.from_numpy(np.array([self.position], dtype=np.int64))
+        out = r.step(self.feeds)
+        for name in self.sig.cache_names():
+            self.feeds[name] = out["new_" + name]
+        self.position += 1
+        return r.to_numpy(out["log_probs"])
+
+    def caches(self) -> dict[str, np.ndarray]:
+        return {name: self.runner.to_numpy(self.feeds[name]) for name in self.sig.cache_names()}
+
+    def reorder(self, order: np.ndarray) -> None:
+        """Keeps hypotheses ``order`` (B,) of the self-attention caches."""
+        r = self.runner
+        for name in self.sig.cache_names():
+            self.feeds[name] = r.from_numpy(np.take(r.to_numpy(self.feeds[name]), order, axis=0))

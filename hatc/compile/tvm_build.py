@@ -1,0 +1,203 @@
+"""TVM Relax: import the exported ONNX graphs, build them for a target, run them.
+
+TVM is imported inside the functions only, so that ``import hatc`` (and
+training and search) never load it. Weights stay Relax function parameters
+(``keep_params_in_input``), not embedded constants: a library is then ~1 MB
+instead of the model's size, and the weights travel beside it.
+
+Untuned builds use TVM's default pipeline for the target (on CPU: plain
+legalized loops; on CUDA: dlight's GPU rules). Applying a MetaSchedule tuning
+database belongs in ``build_module`` (``relax_pipeline``) once tuning exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hatc.compile.export import ExportedGraphs
+from hatc.compile.signature import GraphSignature
+from hatc.errors import HatcError
+from hatc.targets import Target
+
+log = logging.getLogger(__name__)
+
+EM_X86_64, EM_AARCH64 = 62, 183  # ELF e_machine values
+
+
+@dataclass
+class RelaxGraph:
+    """One imported graph: a Relax module whose ``main`` takes inputs then weights."""
+
+    name: str
+    module: Any  # tvm.IRModule
+    params: list[Any] = field(repr=False)  # tvm.runtime.Tensor, in ``main``'s order after the inputs
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuiltGraphs:
+    """Both graphs built for one target."""
+
+    target: Target
+    tvm_target: dict[str, Any]
+    encoder: Any  # tvm.runtime.Executable
+    decoder: Any
+    encoder_graph: RelaxGraph
+    decoder_graph: RelaxGraph
+    signature: GraphSignature
+    seconds: float  # build time, both graphs
+
+
+def _ensure_threads() -> None:
+    # TVM takes half the hardware threads on x86 unless told; a shared machine wants a choice.
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+
+def import_onnx(path: Path, name: str, input_names: list[str], output_names: list[str]) -> RelaxGraph:
+    """An ONNX graph as a Relax module with its weights detached as parameters."""
+    _ensure_threads()
+    import onnx
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    module = from_onnx(onnx.load(str(path)), keep_params_in_input=True)
+    module, params = relax.frontend.detach_params(module)
+    return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names)
+
+
+def import_graphs(graphs: ExportedGraphs) -> tuple[RelaxGraph, RelaxGraph]:
+    sig = graphs.signature
+    return (
+        import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs())),
+        import_onnx(graphs.decoder, "decoder_step", list(sig.decoder_inputs()), list(sig.decoder_outputs())),
+    )
+
+
+def tvm_target_of(target: Target) -> Any:
+    """The ``tvm.target.Target`` of a hatc target (errors name the target file)."""
+    _ensure_threads()
+    import tvm
+
+    config = target.resolved_tvm_target()
+    try:
+        return tvm.target.Target(config)
+    except (ValueError, tvm.TVMError) as e:
+        raise HatcError(f"{target.source}: TVM rejects the target {config}: {e}") from e
+
+
+def build_module(graph: RelaxGraph, target: Target) -> Any:
+    """Compiles one Relax graph for ``target`` (untuned) into a ``tvm.runtime.Executable``.
+
+    Needs the target's tools (nvcc for CUDA: TVM calls it while building).
+    """
+    target.check_tools()
+    import tvm
+
+    return tvm.compile(graph.module, target=tvm_target_of(target))
+
+
+def build_graphs(graphs: ExportedGraphs, target: Target) -> BuiltGraphs:
+    """Imports and builds both graphs of one export for ``target``."""
+    start = time.perf_counter()
+    encoder, decoder = import_graphs(graphs)
+    built_enc, built_dec = build_module(encoder, target), build_module(decoder, target)
+    seconds = time.perf_counter() - start
+    log.info("built %s for %s in %.1f s", graphs.directory, target.name, seconds)
+    return BuiltGraphs(
+        target, target.resolved_tvm_target(), built_enc, built_dec, encoder, decoder, graphs.signature, seconds
+    )
+
+
+def export_library(executable: Any, path: Path, target: Target) -> Path:
+    """Writes a shared library loadable on the target's device (cross-linking if needed)."""
+    target.check_tools()
+    import tvm.support.cc as cc
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if target.cross_compiler:
+        executable.export_library(str(path), fcompile=cc.cross_compiler(target.cross_compiler))
+    else:
+        executable.export_library(str(path))
+    return path
+
+
+def _find_modules(module: Any, kind: str) -> list[Any]:
+    found = [module] if module.kind == kind else []
+    for child in module.imports:
+        found.extend(_find_modules(child, kind))
+    return found
+
+
+def compile_cuda_kernels(executable: Any, target: Target) -> bytes:
+    """Compiles the CUDA source of a CUDA build to a fatbin with nvcc; returns it.
+
+    This TVM wheel's compiler has no CUDA runtime linked in, so ``tvm.compile``
+    embeds the generated CUDA *source* in the library instead of a binary. This
+    runs nvcc on that source for the target's arch, which is how a machine
+    without a GPU proves the kernels compile.
+    """
+    target.check_tools()
+    import tvm.support.nvcc as nvcc
+
+    sources = [m.inspect_source() for m in _find_modules(executable.mod, "cuda")]
+    if not sources:
+        raise HatcError(f"the build for '{target.name}' holds no CUDA module")
+    with tvm_target_of(target):  # nvcc takes -arch from the current target
+        return b"".join(bytes(nvcc.compile_cuda(src, target_format="fatbin", compiler="nvcc")) for src in sources)
+
+
+def elf_machine(path: Path) -> int:
+    """The ELF header's e_machine (62 x86-64, 183 aarch64); HatcError if not an ELF file."""
+    header = Path(path).read_bytes()[:20]
+    if header[:4] != b"\x7fELF":
+        raise HatcError(f"{path} is not an ELF file")
+    order = "little" if header[5] == 1 else "big"
+    return int.from_bytes(header[18:20], order)
+
+
+class TvmRunner:
+    """Runs built graphs with ``relax.VirtualMachine`` on a local device."""
+
+    name = "tvm"
+
+    def __init__(self, built: BuiltGraphs, device: str | None = None):
+        _ensure_threads()
+        import tvm
+        from tvm import relax
+
+        self.signature = built.signature
+        self._tvm = tvm
+        self.device = tvm.cuda() if (device or built.target.device) == "cuda" else tvm.cpu()
+        self._enc = relax.VirtualMachine(built.encoder, self.device)
+        self._dec = relax.VirtualMachine(built.decoder, self.device)
+        self._enc_graph, self._dec_graph = built.encoder_graph, built.decoder_graph
+        # Weights move to the device once; every call passes them after the inputs.
+        self._enc_params = [tvm.runtime.tensor(p.numpy(), self.device) for p in built.encoder_graph.params]
+        self._dec_params = [tvm.runtime.tensor(p.numpy(), self.device) for p in built.decoder_graph.params]
+
+    def _call(self, vm: Any, graph: RelaxGraph, params: list[Any], feeds: dict[str, Any]) -> dict[str, Any]:
+        out = vm["main"](*(feeds[n] for n in graph.input_names), *params)
+        if len(graph.output_names) == 1 and not isinstance(out, (list, tuple)) and hasattr(out, "numpy"):
+            out = [out]
+        return dict(zip(graph.output_names, out))
+
+    def encode(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._enc, self._enc_graph, self._enc_params, feeds)
+
+    def step(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._dec, self._dec_graph, self._dec_params, feeds)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value.numpy()
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
