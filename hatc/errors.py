@@ -9,6 +9,14 @@ file, field or value and says what to do.
 class HatcError(Exception):
     """Base class: bad input or a state the user can fix."""
 
+    exit_code = 2
+
+
+class Interrupted(HatcError):
+    """Ctrl-C or SIGTERM stopped a long job after it saved its state."""
+
+    exit_code = 130
+
 
 class SpaceError(HatcError):
     """A design space file is malformed or unknown."""

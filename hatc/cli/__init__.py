@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from hatc.cli import arch, data, targets, train, translate
+from hatc.cli import latency as latency_cli
 from hatc.cli.common import fail
 from hatc.errors import HatcError
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(arch.app, name="arch")
+app.add_typer(latency_cli.app, name="latency")
 app.command("targets")(targets.list_targets)
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
@@ -40,7 +42,7 @@ def main() -> None:
         # standalone_mode=False lets usage errors reach us, so they too are one line.
         code = app(standalone_mode=False)
     except HatcError as e:
-        fail(str(e))
+        fail(str(e), code=e.exit_code)
     except click_exceptions.NoArgsIsHelpError as e:
         print(e.ctx.get_help())
         code = 0

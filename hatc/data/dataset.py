@@ -90,6 +90,7 @@ def prepare(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a data dir is not
     try:
         (tmp / "subword.model").write_bytes(subword.model_bytes)
         summaries = {}

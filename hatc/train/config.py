@@ -47,7 +47,8 @@ class TrainConfig:
     def lr_at(self, update: int) -> float:
         """Learning rate for update number ``update`` (1-based)."""
         if update <= self.warmup_updates:
-            return self.warmup_init_lr + (self.lr - self.warmup_init_lr) * update / self.warmup_updates
+            start = min(self.warmup_init_lr, self.lr)  # never warm up past the peak (lr 0 stays 0)
+            return start + (self.lr - start) * update / self.warmup_updates
         if self.schedule == "inverse_sqrt":
             return self.lr * math.sqrt(self.warmup_updates / update)
         span = max(1, (self.max_updates or update) - self.warmup_updates)

@@ -37,14 +37,10 @@ from hatc.data.batching import BatchCursor, collate, token_batches
 from hatc.data.dataset import DataDir, ParallelSplit
 from hatc.data.subword import PAD
 from hatc.elastic.supernet import SuperTransformer
-from hatc.errors import CheckpointError, HatcError
+from hatc.errors import CheckpointError, HatcError, Interrupted
 from hatc.space import SearchSpace
 from hatc.static.model import ModelConfig, SubTransformer
 from hatc.train.config import TrainConfig
-
-
-class TrainingInterrupted(HatcError):
-    """Ctrl-C or SIGTERM: the last checkpoint was saved first."""
 
 
 @dataclass
@@ -261,8 +257,10 @@ class Trainer:
                     reason = "minutes"
                 elif stop.requested:
                     reason = "signal"
-                arch = self.task.space.sample(self.arch_rng) if self.task.kind == "supernet" else self.task.arch
-                reason, arch_dict = _broadcast((reason, arch.to_dict()), self.world)
+                arch = None
+                if reason is None:  # sample only for an update that happens: resume must not skip a draw
+                    arch = self.task.space.sample(self.arch_rng) if self.task.kind == "supernet" else self.task.arch
+                reason, arch_dict = _broadcast((reason, arch and arch.to_dict()), self.world)
                 if reason is not None:
                     stopped = reason
                     break
@@ -279,13 +277,11 @@ class Trainer:
                 if self.updates % cfg.save_every == 0 or time.monotonic() - last_save >= cfg.save_minutes * 60:
                     self.save()
                     last_save = time.monotonic()
-        if not valid:
+        if not valid and stopped != "signal":  # an interrupted user wants out quickly
             valid = self.validate()
         self.save()
         if stopped == "signal":
-            raise TrainingInterrupted(
-                f"interrupted at update {self.updates}; saved {self.last_path} (--resume continues)"
-            )
+            raise Interrupted(f"interrupted at update {self.updates}; saved {self.last_path} (--resume continues)")
         return TrainResult(self.updates, stopped, valid, self.best_valid, self.last_path)
 
     def _update_log(self):

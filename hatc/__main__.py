@@ -1,0 +1,5 @@
+"""``python -m hatc`` runs the CLI."""
+
+from hatc.cli import main
+
+main()
