@@ -1,0 +1,177 @@
+"""``hatc latency``: fit latency predictors and query them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hatc.cli.common import emit_json, stderr, stdout
+from hatc.errors import HatcError
+from hatc.latency.dataset import FORMATS, read_dataset
+from hatc.latency.predictor import (
+    FitConfig,
+    Predictor,
+    fit_predictor,
+    load_predictor,
+    register_predictor,
+    registered_predictor,
+)
+from hatc.space import resolve_arch
+
+app = typer.Typer(help="Latency datasets and predictors.", no_args_is_help=True)
+
+TargetOption = Annotated[str | None, typer.Option("--target", help="hatc target the latencies belong to (rpi4, ...).")]
+SpaceOption = Annotated[str | None, typer.Option("--space", help="Design space name or YAML file.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+@app.command()
+def fit(
+    dataset: Annotated[Path, typer.Option("--dataset", help="Latency dataset: hatc JSON lines or HAT's CSV.")],
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help=f"{' or '.join(FORMATS)} [default: hat for .csv files, else hatc]."),
+    ] = None,
+    target: TargetOption = None,
+    space: Annotated[
+        str | None,
+        typer.Option("--space", help="Design space [default: the rows' own; for HAT CSVs, from the file name]."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the predictor to this file.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of every model.")] = 0,
+    mlp_steps: Annotated[int, typer.Option("--mlp-steps", min=1, help="Training steps of HAT's MLP.")] = 5000,
+    as_json: JsonOption = False,
+) -> None:
+    """Fit a latency predictor; report it on the held-out test split.
+
+    With --target (and --space) it becomes the default predictor for that pair,
+    the one `hatc latency predict --target T --space S` and search use."""
+    table = read_dataset(dataset, fmt or ("hat" if dataset.suffix.lower() == ".csv" else "hatc"))
+    config = FitConfig(seed=seed, mlp_steps=mlp_steps)
+    if stderr.is_terminal:
+        with Progress(
+            TextColumn("fitting {task.fields[model]:<12}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("fit", total=None, model="")
+
+            def show(model: str, done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total, model=model)
+
+            pred = fit_predictor(table, target, space, config, show)
+    else:
+        pred = fit_predictor(table, target, space, config)
+    registered = register_predictor(pred) if target is not None else None
+    if out is not None:
+        pred.save(out)
+    if registered is None and out is None and not as_json:
+        stderr.print("not saved: give --target and --space to register it, or --out FILE")
+    if as_json:
+        emit_json(_fit_summary(pred, registered, out))
+        return
+    _print_fit(pred, registered, out)
+
+
+def _fit_summary(pred: Predictor, registered: Path | None, out: Path | None) -> dict[str, Any]:
+    split = pred.info["split"]
+    return {
+        **pred.metrics,
+        "target": pred.target,
+        "space": pred.space.name,
+        "features": pred.features,
+        "seed": pred.seed,
+        "n_train": split["train"],
+        "n_valid": split["valid"],
+        "provenance": pred.provenance,
+        "candidates": {k: {"valid_mape": v["valid"]["mape"]} for k, v in pred.info["candidates"].items()},
+        "registered": str(registered) if registered else None,
+        "out": str(out) if out else None,
+    }
+
+
+def _print_fit(pred: Predictor, registered: Path | None, out: Path | None) -> None:
+    split = pred.info["split"]
+    stdout.print(
+        f"{pred.info['dataset']['rows']} rows ({pred.provenance}); features '{pred.features}'; "
+        f"split seed {pred.seed}: {split['train']} train / {split['valid']} valid / {split['test']} test"
+    )
+    table = Table(
+        "model",
+        "valid MAPE",
+        "MAPE",
+        "within 5%",
+        "within 10%",
+        "Kendall tau",
+        "RMSE ms",
+        title=f"test split ({pred.metrics['n_test']} rows); * kept (least validation MAPE)",
+    )
+    for kind, acc in pred.info["candidates"].items():
+        test = acc["test"]
+        table.add_row(
+            f"{kind} *" if kind == pred.model_kind else kind,
+            f"{100 * acc['valid']['mape']:.2f}%",
+            f"{100 * test['mape']:.2f}%",
+            f"{100 * test['within_5']:.1f}%",
+            f"{100 * test['within_10']:.1f}%",
+            f"{test['kendall_tau']:.3f}",
+            f"{test['rmse_ms']:.2f}",
+        )
+    stdout.print(table)
+    if registered is not None:
+        stdout.print(f"registered as the default for target '{pred.target}', space '{pred.space.name}': {registered}")
+    if out is not None:
+        stdout.print(f"written to {out}")
+
+
+@app.command()
+def predict(
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch", help="Architecture file (hatc or HAT YAML; - for stdin), inline JSON, largest, smallest."
+        ),
+    ],
+    predictor: Annotated[Path | None, typer.Option("--predictor", help="Predictor file (from --out).")] = None,
+    target: TargetOption = None,
+    space: SpaceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Predict an architecture's latency (ms) with a predictor file or the registered default."""
+    if predictor is not None:
+        pred = load_predictor(predictor, target=target, space=space)
+    elif target is not None and space is not None:
+        pred = registered_predictor(target, space)
+    else:
+        raise HatcError("give --predictor FILE, or --target T and --space S to use the registered predictor")
+    architecture, _ = resolve_arch(arch, pred.space)
+    latency = pred.predict(architecture)
+    if as_json:
+        emit_json(
+            {
+                "latency_ms": latency,
+                "target": pred.target,
+                "space": pred.space.name,
+                "model": pred.model_kind,
+                "test_mape": pred.metrics.get("mape"),
+                "provenance": pred.provenance,
+            }
+        )
+        return
+    table = Table("latency ms", "target", "space", "model", "test MAPE", "provenance")
+    table.add_row(
+        f"{latency:.2f}",
+        str(pred.target),
+        pred.space.name,
+        pred.model_kind,
+        f"{100 * pred.metrics.get('mape', float('nan')):.2f}%",
+        pred.provenance,
+    )
+    stdout.print(table)
