@@ -35,14 +35,21 @@ class DecodeOptions:
         return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
 
 
-def _step_logprobs(model: SubTransformer, tokens: torch.Tensor, cache, step: int, limit: int):
+def _limits(src: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
+    """Per-sentence length limits from the real (unpadded) source lengths, so
+    a sentence decodes the same whatever it is batched with."""
+    return torch.tensor([options.limit(int(n)) for n in src.ne(PAD).sum(dim=1)])
+
+
+def _step_logprobs(model: SubTransformer, tokens: torch.Tensor, cache, step: int, limits: torch.Tensor):
     logits, cache = model.decode_step(tokens, cache)
     lprobs = F.log_softmax(logits.float(), dim=-1)
     lprobs[:, PAD] = lprobs[:, BOS] = float("-inf")  # never generated
-    if step + 1 >= limit:  # out of room: only EOS may follow
-        eos = lprobs[:, EOS].clone()
-        lprobs.fill_(float("-inf"))
-        lprobs[:, EOS] = eos
+    full = step + 1 >= limits  # out of room: only EOS may follow
+    if full.any():
+        eos = lprobs[full, EOS]
+        lprobs[full] = float("-inf")
+        lprobs[full, EOS] = eos
     return lprobs, cache
 
 
@@ -50,13 +57,13 @@ def _step_logprobs(model: SubTransformer, tokens: torch.Tensor, cache, step: int
 def greedy(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
     """Arg-max decoding of a padded batch (B, S) -> token ids without EOS."""
     batch = src.shape[0]
-    limit = options.limit(src.shape[1])
+    limits = _limits(src, options)
     cache = model.start_decoding(model.encode(src))
     tokens = torch.full((batch, 1), BOS, dtype=torch.long)
     out = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
-    for step in range(limit):
-        lprobs, cache = _step_logprobs(model, tokens, cache, step, limit)
+    for step in range(int(limits.max())):
+        lprobs, cache = _step_logprobs(model, tokens, cache, step, limits)
         tokens = lprobs.argmax(-1, keepdim=True)
         for i in torch.nonzero(~done).flatten().tolist():
             if tokens[i, 0].item() == EOS:
@@ -72,7 +79,7 @@ def greedy(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> 
 def beam_search(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
     """Batched beam search of a padded batch (B, S) -> best token ids without EOS."""
     batch, k = src.shape[0], options.beam
-    limit = options.limit(src.shape[1])
+    limits = _limits(src, options).repeat_interleave(k)
     enc = model.encode(src)
     cache = model.start_decoding(enc.index_select(torch.arange(batch).repeat_interleave(k)))
     tokens = torch.full((batch * k, 1), BOS, dtype=torch.long)
@@ -80,8 +87,8 @@ def beam_search(model: SubTransformer, src: torch.Tensor, options: DecodeOptions
     scores = torch.zeros(batch, k)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    for step in range(limit):
-        lprobs, cache = _step_logprobs(model, tokens, cache, step, limit)
+    for step in range(int(limits.max())):
+        lprobs, cache = _step_logprobs(model, tokens, cache, step, limits)
         vocab = lprobs.shape[-1]
         candidates = (scores.unsqueeze(-1) + lprobs.view(batch, k, vocab)).view(batch, k * vocab)
         top_scores, top_ids = candidates.topk(2 * k, dim=-1)  # enough to keep k non-EOS
