@@ -127,3 +127,15 @@ def test_collate_shifts_target_right_with_bos():
     assert batch.prev.tolist() == [[BOS, 7, 8, 9]]
     assert batch.target.tolist() == [[7, 8, 9, EOS]]
     assert batch.ntokens == 4
+
+
+def test_download_offline_fails_with_one_line(cli, tmp_path, monkeypatch):
+    from hatc.data import download
+
+    monkeypatch.setitem(download.CORPORA, "multi30k", ("http://127.0.0.1:9/", download.MULTI30K_FILES))
+    result = cli("data", "download", "multi30k", "--out", tmp_path / "m30k")
+    assert result.code == 2
+    assert "cannot download http://127.0.0.1:9/train.en.gz" in result.stderr and "Traceback" not in result.stderr
+    assert list((tmp_path / "m30k").iterdir()) == []  # nothing half-written
+    unknown = cli("data", "download", "wmt99", "--out", tmp_path / "x")
+    assert unknown.code == 2 and "known: multi30k" in unknown.stderr
