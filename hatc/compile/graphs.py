@@ -124,9 +124,8 @@ def pad_to_bucket(src_tokens: Tensor, src_len: int, pad_idx: int) -> Tensor:
 
 def empty_caches(sig: GraphSignature) -> list[Tensor]:
     """Zeroed self_k_*, self_v_* for the first step."""
-    return [torch.zeros(shape) for shape, _ in sig.decoder_inputs().values() if len(shape) == 4][
-        : 2 * sig.decoder_layers
-    ]
+    inputs = sig.decoder_inputs()
+    return [torch.zeros(inputs[name][0]) for name in sig.cache_names()]
 
 
 @torch.no_grad()
