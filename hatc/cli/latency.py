@@ -34,12 +34,12 @@ def fit(
     dataset: Annotated[Path, typer.Option("--dataset", help="Latency dataset: hatc JSON lines or HAT's CSV.")],
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help=f"{' or '.join(FORMATS)} [default: hat for .csv files, else hatc]."),
+        typer.Option("--format", help=f"{' or '.join(FORMATS)} (default: hat for .csv files, else hatc)."),
     ] = None,
     target: TargetOption = None,
     space: Annotated[
         str | None,
-        typer.Option("--space", help="Design space [default: the rows' own; for HAT CSVs, from the file name]."),
+        typer.Option("--space", help="Design space (default: the rows' own; for HAT CSVs, from the file name)."),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the predictor to this file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and of every model.")] = 0,

@@ -107,6 +107,7 @@ class Predictor:
     seed: int
     metrics: dict[str, Any]  # test accuracy of the kept model
     info: dict[str, Any] = field(default_factory=dict)  # dataset, split, candidates, versions, time
+    fitted: dict[str, Any] = field(default_factory=dict, repr=False)  # every candidate after a fit; not saved
 
     @property
     def model_kind(self) -> str:
@@ -385,6 +386,7 @@ def fit_predictor(
             "versions": _versions(),
             "created": datetime.now().astimezone().isoformat(timespec="seconds"),
         },
+        fitted=fitted,
     )
 
 
