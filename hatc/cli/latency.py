@@ -20,7 +20,7 @@ from hatc.latency.predictor import (
     register_predictor,
     registered_predictor,
 )
-from hatc.space import resolve_arch
+from hatc.space import load_space, resolve_arch
 
 app = typer.Typer(help="Latency datasets and predictors.", no_args_is_help=True)
 
@@ -145,10 +145,11 @@ def predict(
     as_json: JsonOption = False,
 ) -> None:
     """Predict an architecture's latency (ms) with a predictor file or the registered default."""
+    space_name = load_space(space).name if space is not None else None  # a space file names its space
     if predictor is not None:
-        pred = load_predictor(predictor, target=target, space=space)
-    elif target is not None and space is not None:
-        pred = registered_predictor(target, space)
+        pred = load_predictor(predictor, target=target, space=space_name)
+    elif target is not None and space_name is not None:
+        pred = registered_predictor(target, space_name)
     else:
         raise HatcError("give --predictor FILE, or --target T and --space S to use the registered predictor")
     architecture, _ = resolve_arch(arch, pred.space)

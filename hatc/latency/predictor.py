@@ -46,6 +46,7 @@ FILE_FORMAT = "hatc-latency-predictor"
 FILE_VERSION = 1
 SPLIT_RULE = "numpy.random.default_rng(seed).permutation(n): first 80% train, next 10% validation, last 10% test"
 MIN_ROWS = 20
+FEATURE_SETS = ("hat", "layer")  # HAT's 10 averages; per-layer inputs too (hatc data, arch known)
 SIMPLICITY = ("cost-linear", "hybrid", "ensemble", "gbt", "hat-mlp")  # pick_model's preference order
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -166,6 +167,10 @@ class Predictor:
         if d.get("version") != FILE_VERSION:
             version = d.get("version")
             raise PredictorError(f"{source}: predictor file version {version!r}; this hatc reads {FILE_VERSION}")
+        if d.get("features") not in FEATURE_SETS:
+            raise PredictorError(
+                f"{source}: unknown feature set {d.get('features')!r}; known: {', '.join(FEATURE_SETS)}"
+            )
         try:
             space = SearchSpace.from_dict(d["space_definition"], f"{source}: space_definition")
             model = model_from_dict(d["model"])
@@ -200,8 +205,9 @@ def load_predictor(
     pred = Predictor.from_dict(data, str(path))
     for what, asked, have in (("target", target, pred.target), ("space", space, pred.space.name)):
         if asked is not None and asked != have:
+            made_for = f"{what} '{have}'" if have is not None else f"no {what}"
             raise PredictorError(
-                f"{path}: predictor is for {what} '{have}', not '{asked}'; "
+                f"{path}: predictor is for {made_for}, not '{asked}'; "
                 f"fit one with: hatc latency fit --dataset FILE --target {target or pred.target} "
                 f"--space {space or pred.space.name}"
             )
