@@ -6,7 +6,9 @@ in a subnet's mode against the plain static model of the same architecture.
     python benchmarks/train_multi30k.py --minutes 60 --workdir runs/bench-m30k \
         --out benchmarks/results/train_multi30k.json
 
-Each stage is resumable: re-running picks up the prepared data and the
+Pin it to its own cores when the machine is shared, e.g.
+``taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/train_multi30k.py ...``
+(the JSON records the thread count). Each stage is resumable: re-running picks up the prepared data and the
 training run where they are (``hatc train supernet --resume``).
 """
 
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--throughput-steps", type=int, default=20)
+    parser.add_argument("--throughput-steps", type=int, default=10)
     parser.add_argument("--beam", type=int, default=4)
     args = parser.parse_args()
 
@@ -109,15 +111,29 @@ def main() -> None:
         )  # fmt: skip
     data = DataDir(data_dir)
 
-    print("measuring training throughput (supernet vs static, interleaved)...", file=sys.stderr)
-    throughput = training_throughput(data, "tiny", args.throughput_steps, args.max_tokens)
-
     start = time.time()
     summary = json.loads(
         hatc_cli(
-            "train", "supernet", "--data", data_dir, "--out", run, "--space", "tiny", "--minutes", args.minutes,
-            "--max-tokens", args.max_tokens, "--lr", args.lr, "--warmup", args.warmup, "--dropout", args.dropout,
-            "--resume", "--json",
+            "train",
+            "supernet",
+            "--data",
+            data_dir,
+            "--out",
+            run,
+            "--space",
+            "tiny",
+            "--minutes",
+            args.minutes,
+            "--max-tokens",
+            args.max_tokens,
+            "--lr",
+            args.lr,
+            "--warmup",
+            args.warmup,
+            "--dropout",
+            args.dropout,
+            "--resume",
+            "--json",
         )  # fmt: skip
     )
     train_s = time.time() - start
@@ -126,11 +142,24 @@ def main() -> None:
     for which in ("largest", "smallest"):
         result = json.loads(
             hatc_cli(
-                "evaluate", "--checkpoint", run / "checkpoints" / "best.pt", "--arch", which, "--data", data_dir,
-                "--split", "test", "--beam", args.beam, "--json",
+                "evaluate",
+                "--checkpoint",
+                run / "checkpoints" / "best.pt",
+                "--arch",
+                which,
+                "--data",
+                data_dir,
+                "--split",
+                "test",
+                "--beam",
+                args.beam,
+                "--json",
             )  # fmt: skip
         )
         bleu[which] = {"bleu": result["bleu"], "chrf": result["chrf"], "signature": result["signature"]}
+
+    print("measuring training throughput (supernet vs static, interleaved)...", file=sys.stderr)
+    throughput = training_throughput(data, "tiny", args.throughput_steps, args.max_tokens)
 
     print(f"\nsupernet: {summary['updates']} updates in {train_s / 60:.1f} min; valid loss {summary['valid']}")
     print(f"{'subnet':9} {'test BLEU':>9} {'chrF':>6}")

@@ -16,7 +16,7 @@ try:  # typer >= 0.29 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
-from hatc.cli import arch, data, targets, train, translate
+from hatc.cli import arch, data, search, targets, train, translate
 from hatc.cli import latency as latency_cli
 from hatc.cli.common import fail
 from hatc.errors import HatcError
@@ -35,6 +35,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.command()(translate.translate)
 app.command()(translate.evaluate)
+app.command()(search.search)
 
 
 def main() -> None:

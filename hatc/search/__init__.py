@@ -1,0 +1,1 @@
+"""Evolutionary search under a latency budget, and its reports."""

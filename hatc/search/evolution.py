@@ -1,0 +1,227 @@
+"""HAT's evolutionary search under a latency budget.
+
+Fitness is the validation loss of the SuperTransformer with inherited weights
+(lower is better); the constraint is a latency model's prediction. Every
+random choice comes from one seeded generator whose state is saved with each
+generation, so a resumed search ends exactly where an uninterrupted one does.
+Resampling is bounded: a budget no SubTransformer meets raises a clear error
+instead of looping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from hatc.arch import Architecture
+from hatc.errors import HatcError
+from hatc.space import SearchSpace
+
+
+class LatencyModel(Protocol):
+    def predict_many(self, archs: list[Architecture]) -> np.ndarray: ...
+
+
+class Scorer(Protocol):
+    def score_many(self, archs: Sequence[Architecture]) -> list[float]: ...
+
+
+class BudgetUnreachable(HatcError):
+    """No SubTransformer of the space is predicted under the budget."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """HAT's defaults: 30 iterations of population 125 = 25 parents + 50
+    mutations (each gene resampled with probability 0.3) + 50 crossovers."""
+
+    iterations: int = 30
+    population: int = 125
+    parents: int = 25
+    mutations: int = 50
+    mutation_prob: float = 0.3
+    crossovers: int = 50
+    seed: int = 1
+    max_tries: int = 100  # candidates drawn per child before giving up on it
+
+    def validate(self) -> SearchConfig:
+        if min(self.iterations, self.population, self.parents) < 1 or self.parents > self.population:
+            raise HatcError("search needs iterations >= 1 and 1 <= parents <= population")
+        if not 0.0 <= self.mutation_prob <= 1.0:
+            raise HatcError(f"mutation probability must be within [0, 1], got {self.mutation_prob}")
+        return self
+
+
+def arch_key(arch: Architecture) -> str:
+    return arch.to_json()
+
+
+class CachedLatency:
+    """Predictions cached per architecture (the search asks for many repeats)."""
+
+    def __init__(self, model: LatencyModel):
+        self.model = model
+        self.cache: dict[str, float] = {}
+
+    def __call__(self, archs: Sequence[Architecture]) -> list[float]:
+        missing = [a for a in dict.fromkeys(archs) if arch_key(a) not in self.cache]
+        if missing:
+            for arch, value in zip(missing, self.model.predict_many(list(missing))):
+                self.cache[arch_key(arch)] = float(value)
+        return [self.cache[arch_key(a)] for a in archs]
+
+
+@dataclass
+class SearchState:
+    """Everything a resumed search needs; saved after every generation."""
+
+    budget_ms: float
+    generation: int = 0  # generations completed
+    population: list[dict] = field(default_factory=list)
+    rng: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    arch: Architecture
+    valid_loss: float
+    predicted_latency_ms: float
+    budget_ms: float
+    history: list[dict]
+    top: list[tuple[Architecture, float, float]]  # (arch, loss, latency) of the last parents, best first
+
+
+def fastest_found(
+    space: SearchSpace, latency: CachedLatency, rng: np.random.Generator, samples: int = 2000
+) -> tuple[float, float]:
+    """Predicted latency of the smallest SubTransformer, and the lowest found
+    among ``samples`` random ones and their single-gene neighbours (bounded)."""
+    smallest = latency([space.smallest()])[0]
+    candidates = [space.sample(rng) for _ in range(samples)]
+    values = latency(candidates)
+    best = candidates[int(np.argmin(values))]
+    neighbours = [space.mutate(best, rng, prob=0.1) for _ in range(samples // 4)]
+    return smallest, min(min(values), min(latency(neighbours)), smallest)
+
+
+def evolve(
+    space: SearchSpace,
+    scorer: Scorer,
+    latency: CachedLatency,
+    budget_ms: float,
+    cfg: SearchConfig,
+    state: SearchState | None = None,
+    on_generation: Callable[[SearchState], None] = lambda _: None,
+) -> SearchResult:
+    """Runs (or resumes) the search; ``on_generation`` gets the state after each
+    generation (save it to resume)."""
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    if state is None or not state.population:
+        state = SearchState(budget_ms)
+        population = _initial_population(space, latency, budget_ms, cfg, rng)
+    else:
+        rng.bit_generator.state = state.rng
+        population = [Architecture.from_dict(a) for a in state.population]
+
+    def feasible(arch: Architecture) -> bool:
+        return latency([arch])[0] <= budget_ms
+
+    parents: list[Architecture] = []
+    losses: list[float] = []
+    while state.generation < cfg.iterations:
+        losses = scorer.score_many(population)
+        ranked = sorted(range(len(population)), key=lambda i: (losses[i], arch_key(population[i])))
+        parents = [population[i] for i in ranked[: cfg.parents]]
+        best = ranked[0]
+        state.history.append(
+            {
+                "generation": state.generation + 1,
+                "best_loss": losses[best],
+                "best_latency_ms": latency([population[best]])[0],
+                "best_arch": population[best].to_dict(),
+                "population": [
+                    {"loss": losses[i], "latency_ms": latency([population[i]])[0]} for i in range(len(population))
+                ],
+            }
+        )
+        state.generation += 1
+        # Children of the last generation too: the saved state is then always the next
+        # population, so extending a finished search (more iterations) equals running longer.
+        population = parents + _children(space, parents, feasible, cfg, rng)
+        state.population = [a.to_dict() for a in population]
+        state.rng = rng.bit_generator.state
+        on_generation(state)
+
+    final = scorer.score_many(parents)
+    order = sorted(range(len(parents)), key=lambda i: (final[i], arch_key(parents[i])))
+    top = [(parents[i], final[i], latency([parents[i]])[0]) for i in order]
+    arch, loss, lat = top[0]
+    return SearchResult(arch, loss, lat, budget_ms, state.history, top)
+
+
+def _initial_population(
+    space: SearchSpace, latency: CachedLatency, budget_ms: float, cfg: SearchConfig, rng: np.random.Generator
+) -> list[Architecture]:
+    population: list[Architecture] = []
+    draws = 0
+    while len(population) < cfg.population and draws < cfg.population * cfg.max_tries:
+        batch = [space.sample(rng) for _ in range(cfg.population)]
+        draws += len(batch)
+        for arch, value in zip(batch, latency(batch)):
+            if value <= budget_ms and len(population) < cfg.population:
+                population.append(arch)
+    if not population:
+        smallest, fastest = fastest_found(space, latency, rng)
+        raise BudgetUnreachable(
+            f"no SubTransformer of space '{space.name}' is predicted under {budget_ms:g} ms: the smallest is "
+            f"predicted at {smallest:.1f} ms and the fastest found at {fastest:.1f} ms; raise the budget"
+        )
+    return population
+
+
+def _children(
+    space: SearchSpace,
+    parents: list[Architecture],
+    feasible: Callable[[Architecture], bool],
+    cfg: SearchConfig,
+    rng: np.random.Generator,
+) -> list[Architecture]:
+    children: list[Architecture] = []
+    for _ in range(cfg.mutations):
+        for _ in range(cfg.max_tries):
+            child = space.mutate(parents[rng.integers(len(parents))], rng, cfg.mutation_prob)
+            if feasible(child):
+                children.append(child)
+                break
+    for _ in range(cfg.crossovers):
+        for _ in range(cfg.max_tries):
+            i, j = rng.choice(len(parents), size=2, replace=len(parents) < 2)
+            child = space.crossover(parents[i], parents[j], rng)
+            if feasible(child):
+                children.append(child)
+                break
+    return children
+
+
+def random_search(
+    space: SearchSpace, scorer: Scorer, latency: CachedLatency, budget_ms: float, evaluations: int, seed: int
+) -> tuple[Architecture, float]:
+    """The baseline: the best of ``evaluations`` random feasible architectures."""
+    rng = np.random.default_rng(seed)
+    pool = _initial_population(space, latency, budget_ms, SearchConfig(population=evaluations, seed=seed), rng)
+    losses = scorer.score_many(pool)
+    best = int(np.argmin(losses))
+    return pool[best], losses[best]
+
+
+def state_from_json(text: str) -> SearchState:
+    return SearchState(**json.loads(text))

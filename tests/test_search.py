@@ -1,0 +1,157 @@
+"""Evolutionary search on a small supernet and a fitted predictor."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hatc.cost import count_flops
+from hatc.latency.dataset import append_rows, make_row
+from hatc.search.evolution import CachedLatency, SearchConfig, evolve, random_search
+from hatc.search.run import parse_budget
+from hatc.space import load_space
+
+SMALL = ["--iterations", "4", "--population", "16", "--parents", "4", "--mutations", "6", "--crossovers", "6",
+         "--valid-subset", "40"]  # fmt: skip
+
+
+def _synthetic_latency(arch, space):
+    # A stand-in device whose latency grows with FLOPs and decoder depth, as real ones do.
+    return count_flops(arch, space) / 2e6, 3.0 * arch.decoder_layers
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, shared_data):
+    """A briefly trained tiny supernet under WORKDIR and a registered x86 predictor."""
+    import os
+
+    from hatc.data.dataset import prepare
+    from hatc.latency.dataset import read_dataset
+    from hatc.latency.predictor import FitConfig, fit_predictor, register_predictor
+    from hatc.train.config import TrainConfig
+    from hatc.train.loop import TrainTask, train
+
+    root = tmp_path_factory.mktemp("search")
+    os.environ["HATC_CACHE_DIR"] = str(root / "cache")
+    m30k = shared_data / "multi30k"
+    data = root / "data"
+    prepare({"train": str(m30k / "train"), "valid": str(m30k / "val")}, "en", "de", data, vocab_size=600, subset=300)
+    space = load_space("tiny")
+    cfg = TrainConfig(max_updates=30, max_tokens=800, warmup_updates=5, lr=2e-3, save_every=1000)
+    train(TrainTask("supernet", space), cfg, data, root / "runs" / "supernet", False, lambda *_: None)
+
+    dataset = root / "lat.jsonl"
+    rng = np.random.default_rng(0)
+    rows = []
+    protocol = {"src_len": 30, "steps": 30, "beam": 4, "repeats": 10}
+    for arch in [space.sample(rng) for _ in range(300)] + [space.smallest(), space.largest()]:
+        enc, dec = _synthetic_latency(arch, space)
+        rows.append(make_row(arch, space, enc, dec, 0.1, 0.2, "synthetic", protocol, {}, target="x86"))
+    append_rows(dataset, rows)
+    predictor = fit_predictor(read_dataset(dataset), "x86", "tiny", FitConfig(models=("cost-linear",)))
+    register_predictor(predictor)
+    yield root
+    os.environ.pop("HATC_CACHE_DIR")
+
+
+def _latencies(space):
+    return [sum(_synthetic_latency(a, space)) for a in (space.smallest(), space.largest())]
+
+
+def test_search_finds_architectures_within_budget_deterministically(cli, workspace):
+    space = load_space("tiny")
+    low, high = _latencies(space)
+    budget = f"{(low + high) / 2:.0f}ms"
+    args = ["search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL, "--json"]
+    first = cli(*args, "--out", workspace / "s1")
+    assert first.code == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert result["predicted_latency_ms"] <= parse_budget(budget)
+    arch = space.validate(type(space.largest()).from_dict(result["arch"]))
+    assert arch != space.largest()
+    again = json.loads(cli(*args, "--out", workspace / "s2").stdout)
+    assert again["arch"] == result["arch"] and again["valid_loss"] == result["valid_loss"]
+    out = workspace / "s1"
+    names = (f"best-{budget}.json", f"best-{budget}.yml", "pareto.png", "search.json", f"generations-{budget}.jsonl")
+    for name in names:
+        assert (out / name).exists(), name
+    info = cli("arch", "info", out / f"best-{budget}.yml", "--space", "tiny", "--json")  # HAT YAML is valid
+    assert info.code == 0 and json.loads(info.stdout)["arch"] == result["arch"]
+    assert len((out / f"generations-{budget}.jsonl").read_text().splitlines()) == 4
+    # Refuses to clobber a finished search without --resume.
+    assert cli(*args, "--out", out).code == 2
+
+
+def test_budget_ladder_reuses_evaluations_and_respects_each_budget(cli, workspace):
+    space = load_space("tiny")
+    low, high = _latencies(space)
+    ladder = [low + f * (high - low) for f in (0.2, 0.5, 0.9)]
+    budgets = ",".join(f"{b:.0f}ms" for b in ladder)
+    result = cli("search", "--target", "x86", "--budgets", budgets, "--workdir", workspace / "runs", *SMALL,
+                 "--out", workspace / "ladder", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["results"]) == 3
+    for r in report["results"].values():
+        assert r["predicted_latency_ms"] <= r["budget_ms"]
+    losses = [r["valid_loss"] for r in sorted(report["results"].values(), key=lambda r: r["budget_ms"])]
+    assert losses[0] >= losses[-1] - 0.05  # more budget never buys much worse fitness
+
+
+def _inputs(workspace):
+    from hatc.search.run import SearchRequest, resolve_inputs
+
+    req = SearchRequest(target="x86", budgets_ms=[1e9], out=workspace / "unused", workdir=workspace / "runs",
+                        valid_subset=40)  # fmt: skip
+    return resolve_inputs(req)
+
+
+def test_resume_equals_uninterrupted(workspace):
+    inputs = _inputs(workspace)
+    space = inputs.supernet.space
+    latency = CachedLatency(inputs.predictor)
+    budget = sum(_latencies(space)) / 2
+    cfg = SearchConfig(iterations=5, population=12, parents=4, mutations=4, crossovers=4, seed=3)
+    straight = evolve(space, inputs.scorer, latency, budget, cfg)
+    saved = []
+    evolve(space, inputs.scorer, latency, budget, SearchConfig(**{**cfg.__dict__, "iterations": 2}),
+           on_generation=lambda s: saved.append(json.loads(json.dumps(s.to_dict()))))  # fmt: skip
+    from hatc.search.evolution import SearchState
+
+    resumed = evolve(space, inputs.scorer, latency, budget, cfg, SearchState(**saved[-1]))
+    assert resumed.arch == straight.arch and resumed.valid_loss == straight.valid_loss
+    assert [h["best_loss"] for h in resumed.history] == [h["best_loss"] for h in straight.history]
+
+
+def test_evolution_beats_random_search_with_the_same_evaluations(workspace):
+    inputs = _inputs(workspace)
+    space = inputs.supernet.space
+    latency = CachedLatency(inputs.predictor)
+    budget = sum(_latencies(space)) / 2
+    cfg = SearchConfig(iterations=8, population=20, parents=5, mutations=8, crossovers=7, seed=0)
+    before = len(inputs.scorer.cache)
+    evolved = evolve(space, inputs.scorer, latency, budget, cfg)
+    evaluations = len(inputs.scorer.cache) - before
+    best_random = min(random_search(space, inputs.scorer, latency, budget, evaluations, seed=s)[1] for s in (0,))
+    assert evolved.valid_loss < best_random
+
+
+@pytest.mark.parametrize("budget", ["200", "fast", "-5ms", "0ms", "5 parsecs"])
+def test_malformed_budgets(cli, workspace, budget):
+    result = cli("search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs")
+    assert result.code == 2 and "200ms, 6s, 0.2s" in result.stderr
+
+
+def test_unreachable_budget_names_the_lowest_latency(cli, workspace):
+    result = cli("search", "--target", "x86", "--budget", "1ms", "--workdir", workspace / "runs", *SMALL,
+                 "--out", workspace / "unreachable")  # fmt: skip
+    assert result.code == 2
+    assert "the smallest is predicted at" in result.stderr and "fastest found at" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_missing_checkpoint_or_predictor(cli, workspace, tmp_path):
+    none = cli("search", "--target", "x86", "--budget", "50ms", "--workdir", tmp_path)
+    assert none.code == 2 and "hatc train supernet" in none.stderr
+    nopred = cli("search", "--target", "rpi4", "--budget", "50ms", "--workdir", workspace / "runs")
+    assert nopred.code == 2 and "hatc latency fit" in nopred.stderr and "--target rpi4 --space tiny" in nopred.stderr
