@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,3 @@ def load_subtransformer(path: str | Path, arch_spec: str | None = None) -> Loade
         supernet.set_active_subnet(arch)
         model = supernet.get_active_subnet()
     return LoadedModel(model.eval(), arch, space, subword, state["kind"], state)
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -10,7 +10,6 @@ instead of looping.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -221,7 +220,3 @@ def random_search(
     losses = scorer.score_many(pool)
     best = int(np.argmin(losses))
     return pool[best], losses[best]
-
-
-def state_from_json(text: str) -> SearchState:
-    return SearchState(**json.loads(text))
