@@ -22,6 +22,10 @@ row schema (``ROW_FIELDS``)::
      "time": "2026-11-28T19:04:01+00:00",       # required: ISO 8601, when measured
      "drift": false,                            # optional: the reference arch drifted around
                                                 # this row; it is re-measured, so fit skips it
+     "reference": false,                        # optional: a drift check of the reference arch;
+                                                # fit skips it
+     "remeasured": false,                       # optional: measured again after a drift; a later
+                                                # row of the same arch supersedes earlier ones
      "host_cpu": "...", "hat_features": {...}, "layer_features": [...]}  # optional, informative
 
 Features are always recomputed from ``arch``; stored feature copies are only
@@ -64,7 +68,17 @@ ROW_FIELDS = (
     "versions",
     "time",
 )
-OPTIONAL_ROW_FIELDS = ("target", "drift", "host_cpu", "hat_features", "layer_features", "id", "latency_ms")
+OPTIONAL_ROW_FIELDS = (
+    "target",
+    "drift",
+    "reference",
+    "remeasured",
+    "host_cpu",
+    "hat_features",
+    "layer_features",
+    "id",
+    "latency_ms",
+)
 PROTOCOL_FIELDS = ("src_len", "steps", "beam", "repeats")
 # HAT measured its released data with eager PyTorch, decoder at fairseq's default beam 5.
 HAT_PROVENANCE = "HAT, eager PyTorch, beam 5"
@@ -171,8 +185,9 @@ def _csv_number(cell: str, path: Path, line: int, column: str) -> float:
 
 # ----- hatc's JSON lines -----------------------------------------------------------
 def read_hatc_jsonl(path: str | Path) -> LatencyTable:
-    """Reads hatc's JSON-lines dataset. Drift-flagged rows are skipped (the
-    collector re-measures them); a torn last line (a crash mid-write) is
+    """Reads hatc's JSON-lines dataset. Drift-flagged and reference rows are
+    skipped; of several rows of one architecture the last wins (the collector
+    re-measures after a drift); a torn last line (a crash mid-write) is
     skipped with a warning; any other malformed line is an error."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -201,6 +216,7 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
     targets: set[str] = set()
     devices: dict[str, None] = {}
     space_name, skipped = None, 0
+    position: dict[str, int] = {}  # arch -> its index in archs/values
     for number, row in rows:
         where = f"{path}:{number}"
         missing = [k for k in ROW_FIELDS if k not in row]
@@ -248,11 +264,16 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
             targets.add(row["target"])
         if row.get("drift", False) not in (True, False):
             raise DatasetError(f"{where}: field 'drift' must be true or false")
-        if row.get("drift", False):
-            skipped += 1
+        if row.get("drift", False) or row.get("reference", False):
+            skipped += 1  # drift checks and drifted rows are not training data
             continue
-        archs.append(arch)
-        values.append(measured)  # type: ignore[arg-type]
+        key = arch.to_json()
+        if key in position:  # re-measured after drift: the later row supersedes
+            values[position[key]] = measured  # type: ignore[assignment]
+        else:
+            position[key] = len(archs)
+            archs.append(arch)
+            values.append(measured)  # type: ignore[arg-type]
         devices[row["device"]] = None
     if len(targets) > 1:
         raise DatasetError(f"{path}: rows from several targets ({', '.join(sorted(targets))}); fit one per target")
