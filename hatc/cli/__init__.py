@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover
 
 from hatc.cli import arch, data, search, targets, train, translate
 from hatc.cli import latency as latency_cli
+from hatc.cli import rpc as rpc_cli
 from hatc.cli.common import fail
 from hatc.errors import HatcError
 
@@ -33,6 +34,7 @@ app.add_typer(latency_cli.app, name="latency")
 app.command("targets")(targets.list_targets)
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
+app.add_typer(rpc_cli.app, name="rpc")
 app.command()(translate.translate)
 app.command()(translate.evaluate)
 app.command()(search.search)

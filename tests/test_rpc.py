@@ -1,0 +1,260 @@
+"""RPC device tools on loopback: a real TVM tracker and a real ``hatc rpc server``
+(child processes), status, sessions and their failures, and the emulated rpi4
+running a cross-compiled library under qemu-user."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from hatc.rpc import RpcError, is_emulated_key, parse_tracker, request_session, tracker_summary
+from hatc.rpc.emulate import RPI4, EmulatorSetupError, find_qemu, prepare_emulator
+
+HATC = [sys.executable, "-m", "hatc"]
+CPU_KEY = "hatc-test-cpu"
+# Tools start slowly on a loaded 2-core machine (each imports TVM, twice under qemu).
+START_S = 120.0
+EMULATED_START_S = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def hatc_process(args: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """``hatc ARGS`` as a child in its own group, killed (whole group) on exit; output in ``log``."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*HATC, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        try:
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # hatc then stops the process groups it started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for child in family:  # only if hatc could not clean up after itself
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+
+
+def wait_until(check, proc: subprocess.Popen, log: Path, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what}: the process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            result = check()
+        except RpcError:
+            result = None
+        if result:
+            return result
+        time.sleep(1.0)
+    pytest.fail(f"{what}: not within {timeout_s:g} s:\n{log.read_text()[-3000:]}")
+
+
+def key_count(tracker: str, key: str) -> int:
+    status = tracker_summary(tracker, timeout_s=2.0)
+    return status.keys[key].total if key in status.keys else 0
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory) -> Iterator[str]:
+    """``hatc rpc tracker`` on a free loopback port."""
+    log = tmp_path_factory.mktemp("tracker") / "tracker.log"
+    addr = f"127.0.0.1:{free_port()}"
+    with hatc_process(["rpc", "tracker", "--port", addr.split(":")[1]], log) as proc:
+        wait_until(lambda: tracker_summary(addr, timeout_s=2.0), proc, log, START_S, "tracker")
+        yield addr
+
+
+@pytest.fixture(scope="module")
+def cpu_server(tracker, tmp_path_factory) -> Iterator[str]:
+    """``hatc rpc server`` with one thread, registered at the tracker under CPU_KEY."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = ["rpc", "server", "--tracker", tracker, "--key", CPU_KEY, "--threads", "1", "--port", str(free_port())]
+    with hatc_process(args, log) as proc:
+        wait_until(lambda: key_count(tracker, CPU_KEY) == 1, proc, log, START_S, "server registration")
+        yield CPU_KEY
+
+
+def test_parse_tracker():
+    assert parse_tracker("127.0.0.1:9190") == parse_tracker(" 127.0.0.1:9190 ")
+    assert (parse_tracker("pi.local:9190").host, parse_tracker("pi.local:9190").port) == ("pi.local", 9190)
+    assert parse_tracker("[::1]:9190").host == "::1" and str(parse_tracker("[::1]:9190")) == "[::1]:9190"
+    for bad in ("127.0.0.1", "127.0.0.1:", ":9190", "host:port", "host:0", "host:70000", ""):
+        with pytest.raises(RpcError, match="is not HOST:PORT"):
+            parse_tracker(bad)
+
+
+def test_emulated_keys():
+    assert RPI4.key == "rpi4-qemu" and is_emulated_key("rpi4-qemu")
+    assert not is_emulated_key("rpi4") and not is_emulated_key("qemu-rpi4")
+
+
+def test_status_json_lists_the_free_device(cli, tracker, cpu_server):
+    result = cli("rpc", "status", "--tracker", tracker, "--json")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["tracker"] == tracker
+    assert payload["keys"][cpu_server] == {"total": 1, "free": 1, "busy": 0, "pending": 0}
+    assert [s["key"] for s in payload["servers"]] == [cpu_server]
+    table = cli("rpc", "status", "--tracker", tracker)
+    assert table.code == 0 and cpu_server in table.stdout
+
+
+def test_session_runs_on_the_server_and_shows_busy(tracker, cpu_server):
+    import tvm
+
+    remote = request_session(tracker, cpu_server, timeout_s=30, session_timeout_s=60)
+    x = np.arange(6, dtype="float32").reshape(2, 3)
+    assert np.array_equal(tvm.runtime.tensor(x, remote.cpu()).numpy(), x)
+    assert tracker_summary(tracker).keys[cpu_server].busy == 1
+    del remote  # closing the session frees the device (the server re-registers)
+    deadline = time.monotonic() + 30
+    while tracker_summary(tracker).keys[cpu_server].free != 1:
+        assert time.monotonic() < deadline, tracker_summary(tracker)
+        time.sleep(0.5)
+
+
+def test_request_for_a_key_nobody_serves_fails_fast(tracker, cpu_server):
+    start = time.monotonic()
+    with pytest.raises(RpcError) as err:
+        request_session(tracker, "nobody-serves-this", timeout_s=2)
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "'nobody-serves-this'" in message and tracker in message and "within 2 s" in message
+    assert f"keys there: {cpu_server}" in message
+
+
+def test_unreachable_tracker_is_one_line_and_exit_2_quickly(cli):
+    port = free_port()  # closed again: nothing listens there
+    start = time.monotonic()
+    result = cli("rpc", "status", "--tracker", f"127.0.0.1:{port}")
+    assert result.code == 2 and time.monotonic() - start < 10
+    assert f"cannot reach the RPC tracker at 127.0.0.1:{port}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(RpcError, match="cannot reach the RPC tracker"):
+        request_session(f"127.0.0.1:{port}", "rpi4", timeout_s=60)
+    # A listener that never answers: the status times out instead of hanging.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        start = time.monotonic()
+        result = cli("rpc", "status", "--tracker", f"127.0.0.1:{silent.getsockname()[1]}", "--timeout", "1")
+        assert result.code == 2 and time.monotonic() - start < 10, result.stderr
+
+
+def test_bad_invocations_exit_2(cli, tracker):
+    port = tracker.split(":")[1]
+    result = cli("rpc", "tracker", "--port", port)
+    assert result.code == 2 and "in use" in result.stderr
+    result = cli("rpc", "server", "--tracker", f"127.0.0.1:{free_port()}", "--key", "x")
+    assert result.code == 2 and "cannot reach the RPC tracker" in result.stderr
+    result = cli("rpc", "server", "--tracker", "nohost", "--key", "x")
+    assert result.code == 2 and "is not HOST:PORT" in result.stderr
+    result = cli("rpc", "emulate", "rpi4")
+    assert result.code == 2 and "--tracker" in result.stderr
+    result = cli("rpc", "emulate", "rpi3", "--tracker", tracker)
+    assert result.code == 2 and "no emulated device 'rpi3'; known: rpi4" in result.stderr
+
+
+def test_missing_qemu_names_the_package(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(EmulatorSetupError, match=r"qemu-aarch64 is not on PATH; install it with `apt-get install"):
+        find_qemu(RPI4, install=False)
+
+
+def test_tracker_stops_cleanly_on_ctrl_c(tmp_path):
+    """SIGINT (Ctrl-C) ends the tracker with 130 and frees its port: no TVM worker is left behind."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    with hatc_process(["rpc", "tracker", "--port", str(port)], tmp_path / "log") as proc:
+        wait_until(lambda: tracker_summary(addr, timeout_s=2.0), proc, tmp_path / "log", START_S, "tracker")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    with pytest.raises(RpcError, match="connection refused"):
+        tracker_summary(addr)
+
+
+# ----- the emulated rpi4 --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def emulator():
+    """The emulated rpi4, built once into hatc's cache (about a minute and ~400 MB the first time)."""
+    try:
+        find_qemu(RPI4, install=False)
+    except EmulatorSetupError as e:
+        pytest.skip(f"emulated rpi4 unavailable: {e}")
+    try:
+        return prepare_emulator("rpi4")
+    except EmulatorSetupError as e:
+        pytest.skip(f"emulated rpi4 cannot be built here: {e}")
+
+
+def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulator, tmp_path):
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    from hatc.compile.tvm_build import EM_AARCH64, elf_machine, export_library, tvm_target_of
+    from hatc.targets import load_target
+
+    @I.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((4, 8), "float32"), w: R.Tensor((8, 3), "float32"), b: R.Tensor((3,), "float32")):
+            with R.dataflow():
+                y = R.nn.relu(R.matmul(x, w) + b)
+                z = R.nn.softmax(y, axis=-1)
+                R.output(y, z)
+            return (z, y)
+
+    rpi4 = load_target("rpi4")
+    if rpi4.missing_tools():
+        pytest.skip(f"no cross compiler: {rpi4.missing_tools()[0].hint}")
+    library = export_library(tvm.compile(Module, target=tvm_target_of(rpi4)), tmp_path / "tiny.so", rpi4)
+    assert elf_machine(library) == EM_AARCH64
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(shape).astype("float32") for shape in [(4, 8), (8, 3), (3,)]]
+    host = relax.VirtualMachine(tvm.compile(Module, target="llvm"), tvm.cpu())
+    expected = [t.numpy() for t in host["main"](*(tvm.runtime.tensor(a) for a in inputs))]
+
+    log = tmp_path / "emulate.log"
+    with hatc_process(["rpc", "emulate", "rpi4", "--tracker", tracker, "--threads", "1"], log) as proc:
+        wait_until(lambda: key_count(tracker, "rpi4-qemu") == 1, proc, log, EMULATED_START_S, "rpi4-qemu")
+        remote = request_session(tracker, "rpi4-qemu", timeout_s=60, session_timeout_s=600)
+        remote.upload(str(library))
+        vm = relax.VirtualMachine(remote.load_module(library.name), remote.cpu())
+        # A tuple result cannot be indexed over RPC: set_input / invoke_stateful / get_outputs.
+        vm.set_input("main", *(tvm.runtime.tensor(a, remote.cpu()) for a in inputs))
+        vm.invoke_stateful("main")
+        got = [t.numpy() for t in vm.get_outputs("main")]
+        del vm, remote
+        assert "emulated rpi4 ready in" in log.read_text()
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
