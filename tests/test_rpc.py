@@ -245,7 +245,8 @@ def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulator, tmp_path
     expected = [t.numpy() for t in host["main"](*(tvm.runtime.tensor(a) for a in inputs))]
 
     log = tmp_path / "emulate.log"
-    with hatc_process(["rpc", "emulate", "rpi4", "--tracker", tracker, "--threads", "1"], log) as proc:
+    args = ["rpc", "emulate", "rpi4", "--tracker", tracker, "--threads", "1", "--port", str(free_port())]
+    with hatc_process(args, log) as proc:
         wait_until(lambda: key_count(tracker, "rpi4-qemu") == 1, proc, log, EMULATED_START_S, "rpi4-qemu")
         remote = request_session(tracker, "rpi4-qemu", timeout_s=60, session_timeout_s=600)
         remote.upload(str(library))

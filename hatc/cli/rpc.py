@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +57,8 @@ def tracker(
     child = spawn(tracker_command(host, port), f"the RPC tracker at {addr}")
     with _owned(child):
         wait_tracker_ready(child, addr)
-        stderr.print(f"RPC tracker at {addr}; devices join with --tracker {addr}; Ctrl-C stops it", soft_wrap=True)
+        join = TrackerAddress(socket.getfqdn(), port) if host in ("0.0.0.0", "::") else addr
+        stderr.print(f"RPC tracker at {addr}; devices join with --tracker {join}; Ctrl-C stops it", soft_wrap=True)
         _wait_foreground(child)
 
 
@@ -75,6 +77,7 @@ def server(
     """
     addr = parse_tracker(tracker)
     tracker_summary(addr)  # fail now, not after TVM's 60 s of retries
+    _warn_if_unreachable(host, addr)
     port = _server_port(host, port)
     env = server_env(threads or host_cores())
     child = spawn(server_command(addr, key, host, port), f"the RPC server '{key}' on {host}:{port}", env=env)
@@ -148,6 +151,7 @@ def emulate(
     if addr is None:
         return
     key = emulator.device.key
+    _warn_if_unreachable(host, addr)
     port = _server_port(host, port)
     env = server_env(threads or host_cores())
     command = server_command(addr, key, host, port, python=emulator.python())
@@ -170,6 +174,18 @@ def _server_port(host: str, port: int | None) -> int:
     if not port_free(host, port):
         raise RpcError(f"cannot bind {host}:{port}: the port is in use; choose another --port")
     return port
+
+
+def _warn_if_unreachable(host: str, tracker: TrackerAddress) -> None:
+    # The tracker hands clients the address it sees the server at; a loopback-bound
+    # server is then reachable only from its own machine.
+    loopback = ("127.0.0.1", "localhost", "::1")
+    if host in loopback and tracker.host not in loopback:
+        stderr.print(
+            f"[yellow]warning:[/] the server binds {host}, so only clients on this machine can use it; "
+            "pass --host 0.0.0.0 to serve clients of a remote tracker",
+            soft_wrap=True,
+        )
 
 
 def _interrupt(signum: int, frame: Any) -> None:

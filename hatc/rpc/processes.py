@@ -142,7 +142,7 @@ def _wait(child: Child, ready: Callable[[], bool], timeout_s: float, what: str, 
         time.sleep(poll_s)
 
 
-def wait_tracker_ready(child: Child, addr: TrackerAddress, timeout_s: float = 60.0) -> None:
+def wait_tracker_ready(child: Child, addr: TrackerAddress, timeout_s: float = 300.0) -> None:
     """Returns once the tracker answers a summary request; RpcError if it exits or times out."""
 
     def answers() -> bool:
@@ -156,7 +156,7 @@ def wait_tracker_ready(child: Child, addr: TrackerAddress, timeout_s: float = 60
 
 
 def wait_server_registered(
-    child: Child, tracker: TrackerAddress, key: str, port: int, timeout_s: float = 60.0, poll_s: float = 0.5
+    child: Child, tracker: TrackerAddress, key: str, port: int, timeout_s: float = 300.0, poll_s: float = 0.5
 ) -> None:
     """Returns once the tracker lists a server of ``key`` on ``port``; RpcError if it exits or times out."""
 
