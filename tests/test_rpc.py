@@ -189,6 +189,71 @@ def test_missing_qemu_names_the_package(monkeypatch):
         find_qemu(RPI4, install=False)
 
 
+FAKE_TOOLS = {
+    # apt-get download PKG:arm64 ... writes PKG_1_arm64.deb per package into the current directory.
+    "apt-get": 'shift; for p in "$@"; do touch "${p%%:*}_1_arm64.deb"; done; echo apt >> "$FAKE_LOG"',
+    "apt-cache": "exit 0",
+    # dpkg -x DEB DIR "unpacks" (a marker per package); it fails on the package named in $FAKE_FAIL.
+    "dpkg": 'if [ "$1" = --print-foreign-architectures ]; then echo arm64; exit 0; fi\n'
+    'case "$2" in *"/${FAKE_FAIL:-none}_"*) echo "E: broken $2" >&2; exit 1;; esac\n'
+    'mkdir -p "$3/usr/bin" "$3/pkgs" && touch "$3/usr/bin/python3.11" "$3/pkgs/$(basename "$2")"\n'
+    'echo "x $(basename "$2")" >> "$FAKE_LOG"',
+    "qemu-aarch64": "exit 0",
+}
+
+
+def test_an_interrupted_emulator_build_resumes(tmp_path, monkeypatch):
+    """Pieces done are kept, the rest is finished, and only a verified build is used (fake apt, dpkg, pip)."""
+    import zipfile
+
+    from hatc.rpc import emulate
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for name, body in FAKE_TOOLS.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+
+    def fake_wheels(emulator, state, progress):
+        (emulator.root / "wheels").mkdir(exist_ok=True)
+        with zipfile.ZipFile(emulator.root / "wheels" / "tvm-0-py3-none-any.whl", "w") as z:
+            z.writestr("tvm/__init__.py", "")
+        state["wheels"] = ["tvm-0-py3-none-any.whl"]
+        log.open("a").write("pip\n")
+
+    verified = []
+    monkeypatch.setattr(emulate, "_download_wheels", fake_wheels)
+    monkeypatch.setattr(emulate, "_verify", lambda em: verified.append(em) or {"python": "3.11", "tvm": "0"})
+    root = tmp_path / "rpi4"
+    debs = emulate.RPI4.debs
+
+    monkeypatch.setenv("FAKE_FAIL", debs[5])  # a damaged download, found while unpacking
+    with pytest.raises(EmulatorSetupError, match=f"dpkg -x {debs[5]}_1_arm64.deb failed"):
+        prepare_emulator("rpi4", root)
+    state = json.loads((root / "state.json").read_text())
+    assert state["unpacked"] == list(debs[:5]) and debs[5] not in state["debs"] and not verified
+
+    monkeypatch.delenv("FAKE_FAIL")
+    log.write_text("")
+    emulator = prepare_emulator("rpi4", root)
+    calls = log.read_text().split("\n")
+    # Only the damaged package is fetched again, and only the packages not yet unpacked are unpacked.
+    assert calls.count("apt") == 1 and calls.count("pip") == 1
+    assert [c for c in calls if c.startswith("x ")] == [f"x {p}_1_arm64.deb" for p in debs[5:]]
+    assert len(verified) == 1 and emulator.state()["verified"]["tvm"] == "0"
+    assert sorted(p.name for p in (emulator.sysroot / "pkgs").iterdir()) == sorted(f"{p}_1_arm64.deb" for p in debs)
+    assert "qemu-aarch64" in emulator.wrapper.read_text() and os.access(emulator.wrapper, os.X_OK)
+
+    log.write_text("")
+    prepare_emulator("rpi4", root)  # built: nothing is fetched, unpacked or verified again
+    assert log.read_text() == "" and len(verified) == 1
+    (emulator.site / "tvm" / "__init__.py").unlink()  # broken behind hatc's back: rebuilt
+    prepare_emulator("rpi4", root)
+    assert log.read_text().count("apt") == 1 and len(verified) == 2
+
+
 def test_tracker_stops_cleanly_on_ctrl_c(tmp_path):
     """SIGINT (Ctrl-C) ends the tracker with 130 and frees its port: no TVM worker is left behind."""
     port = free_port()
