@@ -177,6 +177,8 @@ def test_bad_invocations_exit_2(cli, tracker):
     assert result.code == 2 and "cannot reach the RPC tracker" in result.stderr
     result = cli("rpc", "server", "--tracker", "nohost", "--key", "x")
     assert result.code == 2 and "is not HOST:PORT" in result.stderr
+    result = cli("rpc", "server", "--tracker", tracker, "--key", "two words")
+    assert result.code == 2 and "must be a non-empty word" in result.stderr
     result = cli("rpc", "emulate", "rpi4")
     assert result.code == 2 and "--tracker" in result.stderr
     result = cli("rpc", "emulate", "rpi3", "--tracker", tracker)

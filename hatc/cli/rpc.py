@@ -29,7 +29,15 @@ from hatc.rpc.processes import (
     wait_server_registered,
     wait_tracker_ready,
 )
-from hatc.rpc.tracker import DEFAULT_TRACKER_PORT, RpcError, TrackerAddress, parse_tracker, tracker_summary
+from hatc.rpc.tracker import (
+    DEFAULT_TRACKER_PORT,
+    RpcError,
+    TrackerAddress,
+    check_key,
+    is_emulated_key,
+    parse_tracker,
+    tracker_summary,
+)
 
 app = typer.Typer(
     help="RPC device farm: TVM's tracker and servers, their status, emulated devices.", no_args_is_help=True
@@ -39,9 +47,9 @@ Tracker = Annotated[str, typer.Option("--tracker", help="The tracker's HOST:PORT
 Host = Annotated[
     str, typer.Option("--host", help="Address to bind (0.0.0.0 to serve other machines; default loopback only).")
 ]
-ServerPort = Annotated[int | None, typer.Option("--port", help="Port to bind [default: the first free from 9090].")]
+ServerPort = Annotated[int | None, typer.Option("--port", help="Port to bind (default: the first free from 9090).")]
 Threads = Annotated[
-    int | None, typer.Option("--threads", min=1, help="TVM_NUM_THREADS of the server [default: all cores here].")
+    int | None, typer.Option("--threads", min=1, help="TVM_NUM_THREADS of the server (default: all cores here).")
 ]
 
 
@@ -75,7 +83,7 @@ def server(
     A real board runs TVM's stock server instead:
     python -m tvm.exec.rpc_server --tracker HOST:9190 --key rpi4
     """
-    addr = parse_tracker(tracker)
+    addr, key = parse_tracker(tracker), check_key(key)
     tracker_summary(addr)  # fail now, not after TVM's 60 s of retries
     _warn_if_unreachable(host, addr)
     port = _server_port(host, port)
@@ -107,7 +115,7 @@ def status(
         return
     table = Table("key", "total", "free", "busy", "pending", title=f"tracker {summary.tracker}")
     for key, s in summary.keys.items():
-        name = f"{key} (emulated: timings meaningless)" if key.endswith("-qemu") else key
+        name = f"{key} (emulated: timings meaningless)" if is_emulated_key(key) else key
         table.add_row(name, str(s.total), str(s.free), str(s.busy), str(s.pending))
     stdout.print(table)
 
@@ -120,7 +128,7 @@ def emulate(
     ] = None,
     sysroot_dir: Annotated[
         Path | None,
-        typer.Option("--sysroot-dir", help="Where the emulated device is built [default: hatc's cache dir]."),
+        typer.Option("--sysroot-dir", help="Where the emulated device is built (default: in hatc's cache dir)."),
     ] = None,
     host: Host = "127.0.0.1",
     port: ServerPort = None,

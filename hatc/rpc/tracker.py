@@ -33,6 +33,13 @@ def is_emulated_key(key: str) -> bool:
     return key.endswith(EMULATED_SUFFIX)
 
 
+def check_key(key: str) -> str:
+    """A device key as TVM's protocol can carry it (no spaces; it splits messages on them)."""
+    if not key or any(c.isspace() for c in key):
+        raise RpcError(f"device key {key!r} must be a non-empty word (for example rpi4)")
+    return key
+
+
 @dataclass(frozen=True)
 class TrackerAddress:
     """Where a tracker listens."""
@@ -194,7 +201,7 @@ def request_session(
             ``timeout_s`` (naming the key, the tracker and what it has), or the
             device did not accept the session.
     """
-    addr = parse_tracker(tracker)
+    addr, key = parse_tracker(tracker), check_key(key)
     deadline = time.monotonic() + timeout_s
     sock = _open(addr, min(timeout_s, CONNECT_TIMEOUT_S))
     from tvm import rpc
