@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from hatc.cli import arch, data, search, targets, train, translate
+from hatc.cli import compile as compile_cli
 from hatc.cli import latency as latency_cli
 from hatc.cli import rpc as rpc_cli
 from hatc.cli.common import fail
@@ -35,6 +36,7 @@ app.command("targets")(targets.list_targets)
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.add_typer(rpc_cli.app, name="rpc")
+app.command("compile")(compile_cli.compile_command)
 app.command()(translate.translate)
 app.command()(translate.evaluate)
 app.command()(search.search)

@@ -12,7 +12,6 @@ from rich.table import Table
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.errors import HatcError
 from hatc.search.evolution import SearchConfig, SearchState
-from hatc.search.run import SearchRequest, parse_budget, run_search
 
 
 def search(
@@ -40,6 +39,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Find the SubTransformer with the lowest validation loss under a latency budget."""
+    from hatc.search.run import SearchRequest, parse_budget, run_search  # imports torch: only when searching
+
     if (budget is None) == (budgets is None):
         raise HatcError("give --budget B or --budgets B1,B2,... (forms: 200ms, 6s, 0.2s)")
     budget_list = [parse_budget(b) for b in (budgets.split(",") if budgets else [budget])]

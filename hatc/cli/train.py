@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hatc.checkpoint import read_checkpoint, space_of
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.errors import HatcError
 from hatc.space import load_space, resolve_arch
 from hatc.train.config import TrainConfig
-from hatc.train.loop import TrainResult, TrainTask, UpdateStats, train
+
+if TYPE_CHECKING:  # the loop imports torch: only a training command loads it
+    from hatc.train.loop import TrainResult, TrainTask, UpdateStats
 
 app = typer.Typer(help="Train the SuperTransformer or a SubTransformer.", no_args_is_help=True)
 
@@ -37,6 +38,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object at the
 
 
 def _run(task: TrainTask, cfg: TrainConfig, data: Path, out: Path, resume: bool, as_json: bool) -> None:
+    from hatc.train.loop import train
+
     rank0 = int(os.environ.get("RANK", "0")) == 0
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -97,6 +100,8 @@ def supernet(
     as_json: Json = False,
 ) -> None:
     """Train the weight-sharing SuperTransformer: one sampled SubTransformer per update."""
+    from hatc.train.loop import TrainTask
+
     cfg = TrainConfig(
         max_updates=max_updates,
         minutes=minutes,
@@ -138,6 +143,9 @@ def subnet(
     as_json: Json = False,
 ) -> None:
     """Train one fixed SubTransformer, from scratch or fine-tuning inherited weights."""
+    from hatc.checkpoint import read_checkpoint, space_of
+    from hatc.train.loop import TrainTask
+
     if from_scratch == (inherit is not None):
         raise HatcError("give exactly one of --from-scratch or --inherit SUPERNET_CKPT")
     search_space = load_space(space) if space else (space_of(read_checkpoint(inherit)) if inherit else None)

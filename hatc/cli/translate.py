@@ -1,21 +1,28 @@
-"""``hatc translate`` and ``hatc evaluate``: decode with a checkpoint, score with sacreBLEU."""
+"""``hatc translate`` and ``hatc evaluate``: decode with a checkpoint or an artifact, score with sacreBLEU.
+
+Torch is imported only on the checkpoint path (inside the functions): with
+``--artifact`` this module, and everything it loads, stays torch-free.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from hatc.checkpoint import LoadedModel, load_subtransformer
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.data.corpus import read_lines
 from hatc.data.dataset import DataDir
-from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions, translate_lines
 from hatc.errors import DataError, HatcError
 from hatc.evaluate import score
+from hatc.runtime.search import DEFAULT_BEAM, DEFAULT_LENPEN
+
+if TYPE_CHECKING:
+    from hatc.checkpoint import LoadedModel
+    from hatc.decode import DecodeOptions
 
 Checkpoint = Annotated[Path, typer.Option(help="Supernet or SubTransformer checkpoint.")]
 Arch = Annotated[
@@ -39,10 +46,14 @@ def _read_input(path: Path | None) -> list[str]:
     return lines
 
 
+def _progress() -> Progress:
+    return Progress(TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr)
+
+
 def _translate_with_progress(loaded: LoadedModel, lines: list[str], options: DecodeOptions) -> list[str]:
-    progress = Progress(
-        TextColumn("translating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=stderr
-    )
+    from hatc.decode import translate_lines
+
+    progress = _progress()
     with progress:
         bar = progress.add_task("translate", total=len(lines))
         return translate_lines(
@@ -50,18 +61,50 @@ def _translate_with_progress(loaded: LoadedModel, lines: list[str], options: Dec
         )
 
 
+def _translate_artifact(
+    path: Path, input: Path | None, beam: int | None, lenpen: float | None, max_len: int
+) -> list[str]:
+    from hatc.runtime import Translator  # torch-free: numpy, the TVM runtime or onnxruntime
+
+    with Translator(path) as translator:
+        options = translator.resolve_options(beam, lenpen, max_len)  # a bad --beam fails before reading stdin
+        sources = translator.encode(_read_input(input))  # a too-long line fails before any work
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("translate", total=len(sources))
+            return translator.translate_sources(sources, options, on_sentence=lambda n: progress.advance(bar, n))
+
+
 def translate(
-    checkpoint: Checkpoint,
+    checkpoint: Annotated[Path | None, typer.Option(help="Supernet or SubTransformer checkpoint.")] = None,
+    artifact: Annotated[
+        Path | None, typer.Option(help="Artifact directory or .tar.gz from 'hatc compile' (runs without PyTorch).")
+    ] = None,
     arch: Arch = None,
     input: Annotated[Path | None, typer.Option("--input", help="Sentences, one a line [default: stdin].")] = None,
-    beam: Beam = DEFAULT_BEAM,
-    lenpen: Lenpen = DEFAULT_LENPEN,
+    beam: Annotated[int | None, typer.Option(min=1, help="Beam size (1 = greedy) [4, or the artifact's].")] = None,
+    lenpen: Annotated[float | None, typer.Option(help="Length penalty: score / length ** lenpen [0.6].")] = None,
     max_len: MaxLen = 256,
 ) -> None:
     """Translate sentences (one a line) and print one translation a line."""
-    loaded = load_subtransformer(checkpoint, arch)
-    lines = _read_input(input)
-    for line in _translate_with_progress(loaded, lines, DecodeOptions(beam=beam, lenpen=lenpen, max_len=max_len)):
+    if (checkpoint is None) == (artifact is None):
+        raise HatcError("give exactly one of --checkpoint CKPT or --artifact DIR|TAR.GZ")
+    if artifact is not None:
+        if arch is not None:
+            raise HatcError("--arch applies to checkpoints; an artifact holds one SubTransformer")
+        translations = _translate_artifact(artifact, input, beam, lenpen, max_len)
+    else:
+        from hatc.checkpoint import load_subtransformer
+        from hatc.decode import DecodeOptions
+
+        loaded = load_subtransformer(checkpoint, arch)
+        options = DecodeOptions(
+            beam=DEFAULT_BEAM if beam is None else beam,
+            lenpen=DEFAULT_LENPEN if lenpen is None else lenpen,
+            max_len=max_len,
+        )
+        translations = _translate_with_progress(loaded, _read_input(input), options)
+    for line in translations:
         sys.stdout.write(line + "\n")
 
 
@@ -91,6 +134,9 @@ def evaluate(
         sources, references = read_lines(src), read_lines(ref)
         if len(sources) != len(references):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(references)}")
+    from hatc.checkpoint import load_subtransformer
+    from hatc.decode import DecodeOptions
+
     loaded = load_subtransformer(checkpoint, arch)
     hypotheses = _translate_with_progress(loaded, sources, DecodeOptions(beam=beam, lenpen=lenpen, max_len=max_len))
     if output is not None:

@@ -1,0 +1,114 @@
+"""``hatc compile``: a checkpoint's SubTransformer as a deployable artifact.
+
+The library (``hatc.compile.artifact``) is imported inside the command: it
+imports torch, and ``hatc translate --artifact`` must not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hatc.cli.common import emit_json, stderr, stdout
+
+DEFAULT_BEAM, DEFAULT_LENPEN = 4, 0.6  # hatc.decode's (not imported here: it loads torch)
+
+
+def compile_command(
+    checkpoint: Annotated[Path, typer.Option(help="Supernet or SubTransformer checkpoint.")],
+    target: Annotated[str, typer.Option(help="Target name (see 'hatc targets') or a target .toml file.")],
+    out: Annotated[Path, typer.Option(help="Artifact directory to write (and OUT.tar.gz beside it).")],
+    arch: Annotated[
+        str | None,
+        typer.Option(help="SubTransformer of a supernet checkpoint (file, inline JSON, largest, smallest) [largest]."),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="tvm (compiled libraries) or onnxruntime (ONNX graphs).")] = "tvm",
+    db: Annotated[
+        Path | None, typer.Option(help="Tuning database [default: the target's, if 'hatc tune' made one].")
+    ] = None,
+    beam: Annotated[
+        int, typer.Option(min=1, help="Default beam, and the widest the artifact can search.")
+    ] = DEFAULT_BEAM,
+    lenpen: Annotated[float, typer.Option(help="Default length penalty.")] = DEFAULT_LENPEN,
+    buckets: Annotated[
+        str | None, typer.Option(help="Source length buckets to build, e.g. 16,32 [16,32,64,128,256].")
+    ] = None,
+    sentences: Annotated[
+        Path | None, typer.Option(help="Sentences (one a line) whose greedy translations are checked [built-in].")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing artifact.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compile a SubTransformer into an artifact: libraries, weights, subword model, manifest."""
+    from hatc.compile.artifact import CompileEvent, CompileRequest, compile_artifact, parse_buckets
+    from hatc.compile.signature import BUCKETS
+    from hatc.data.corpus import read_lines
+
+    request = CompileRequest(
+        checkpoint=checkpoint,
+        target=target,
+        out=out,
+        arch=arch,
+        backend=backend,
+        db=db,
+        beam=beam,
+        lenpen=lenpen,
+        buckets=parse_buckets(buckets) if buckets else BUCKETS,
+        force=force,
+        **({"sentences": tuple(read_lines(sentences))} if sentences else {}),
+    )
+    progress = Progress(
+        TextColumn("compile"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=stderr, transient=True,
+    )  # fmt: skip
+
+    with progress:
+        bar = progress.add_task("", total=None)
+
+        def on_event(event: CompileEvent) -> None:
+            if event.kind == "warning":
+                progress.console.print(f"[yellow]warning:[/] {event.message}", soft_wrap=True)
+            else:
+                progress.update(bar, completed=event.done, total=event.total, description=event.message)
+
+        result = compile_artifact(request, on_event)
+    manifest = result.manifest
+    parity = {k: v for k, v in manifest["parity"].items() if k != "greedy"}
+    worst = {k: max(v.values()) for k, v in parity.items()}
+    if as_json:
+        emit_json(
+            {
+                "artifact": str(result.directory),
+                "archive": str(result.archive),
+                "backend": manifest["backend"],
+                "target": manifest["target"]["name"],
+                "buckets": manifest["buckets"],
+                "beam": manifest["decoding"]["beam"],
+                "tuned": manifest["tuned"],
+                "parity": manifest["parity"],
+                "max_abs_diff": worst,
+                "files": len(manifest["files"]),
+                "seconds": round(result.seconds, 1),
+                "warnings": result.warnings,
+            }
+        )
+        return
+    size = sum(p.stat().st_size for p in result.directory.rglob("*") if p.is_file())
+    stdout.print(f"artifact {result.directory} ({len(manifest['files']) + 1} files, {size / 1e6:.1f} MB)")
+    stdout.print(f"archive  {result.archive} ({result.archive.stat().st_size / 1e6:.1f} MB)")
+    stdout.print(
+        f"target {manifest['target']['name']}, backend {manifest['backend']}, buckets "
+        f"{','.join(map(str, manifest['buckets']))}, beam {manifest['decoding']['beam']}, "
+        f"{'tuned' if manifest['tuned'] else 'untuned'}"
+    )
+    for name, diff in worst.items():
+        stdout.print(f"parity   {name} vs PyTorch: max abs diff {diff:.2e}")
+    greedy = manifest["parity"]["greedy"]
+    stdout.print(
+        f"greedy   {greedy['sentences']} sentences through every bucket that holds them ({greedy['checks']} runs): "
+        "the same tokens as PyTorch"
+    )
+    stdout.print(f"done in {result.seconds:.1f} s")

@@ -1,0 +1,386 @@
+"""``hatc compile``: a checkpoint's SubTransformer as a deployable artifact.
+
+For every length bucket: export the encoder and decoder-step graphs to ONNX,
+check ONNX Runtime against PyTorch, import into TVM Relax, build for the
+target (with the target's tuning database when there is one), and build the
+same Relax module for this host to check that it runs and matches PyTorch.
+Then greedy translations of a few real sentences through the host build must
+equal PyTorch's. Only then is the artifact written (``hatc.runtime.artifact``
+describes the layout): into a temp directory renamed into place, and a
+.tar.gz of it through a temp file. Any mismatch refuses to write and says by
+how much.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import hatc
+from hatc.checkpoint import LoadedModel, load_subtransformer
+from hatc.compile import verify
+from hatc.compile.export import export_onnx
+from hatc.compile.signature import BUCKETS, target_capacity
+from hatc.compile.verify import CompileEvent
+from hatc.compile.weights import WeightTable, externalize_onnx
+from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
+from hatc.errors import HatcError
+from hatc.runtime.artifact import FORMAT, MANIFEST, SUBWORD, WEIGHTS, sha256_file, write_archive
+from hatc.targets import Target, load_target
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("tvm", "onnxruntime")
+ONNX_WEIGHTS = "graphs/weights.bin"
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    """What ``hatc compile`` was asked for."""
+
+    checkpoint: Path
+    target: str
+    out: Path
+    arch: str | None = None
+    backend: str = "tvm"
+    db: Path | None = None  # tuning database; default: the target's, if it exists
+    beam: int = DEFAULT_BEAM  # decoder batch = the widest beam the artifact can search
+    lenpen: float = DEFAULT_LENPEN
+    buckets: tuple[int, ...] = BUCKETS
+    sentences: tuple[str, ...] = verify.SENTENCES  # greedy translations that must equal PyTorch's
+    force: bool = False  # replace an existing artifact
+
+
+@dataclass
+class CompileResult:
+    directory: Path
+    archive: Path
+    manifest: dict[str, Any]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_buckets(text: str) -> tuple[int, ...]:
+    """``"16,32"`` -> (16, 32); each must be one of hatc's buckets."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise HatcError(f"--buckets {text!r}: expected comma-separated integers, e.g. 16,32") from None
+    bad = [v for v in values if v not in BUCKETS]
+    if not values or bad:
+        raise HatcError(
+            f"--buckets {text!r}: each bucket must be one of {', '.join(map(str, BUCKETS))}"
+            + (f" (got {', '.join(map(str, bad))})" if bad else "")
+        )
+    return tuple(values)
+
+
+def _tuning_database(target: Target, db: Path | None) -> tuple[Any, Path | None, str | None]:
+    """(database or None, its path, a warning) for ``target``.
+
+    Without a database for the target (``hatc tune`` makes them) the build is
+    untuned and says so; a ``--db`` that holds none is an error.
+    """
+    try:
+        from hatc.compile import tuning
+    except ImportError:  # a hatc without tuning
+        return None, db, 'tuning is not available in this hatc; building untuned (the artifact says "tuned": false)'
+    path = Path(db) if db is not None else Path(tuning.tuning_db_path(target.name))
+    try:
+        return tuning.load_database(path), path, None
+    except HatcError:
+        if db is not None:
+            raise HatcError(f"--db {db}: no tuning database there (make one with 'hatc tune --db {db}')") from None
+    return (
+        None,
+        path,
+        (
+            f"no tuning database for target '{target.name}' at {path} (run 'hatc tune --target {target.name}'); "
+            'building untuned: the artifact says "tuned": false and is never used for a latency number'
+        ),
+    )
+
+
+def _missing_workloads(graph: Any, target: Target, database: Any) -> list[str]:
+    """Tunable workloads of ``graph`` that ``database`` has no record for (empty if it cannot tell)."""
+    from hatc.compile import tuning
+
+    check = getattr(tuning, "missing_workloads", None)
+    return list(check(graph, target, database)) if check is not None else []
+
+
+def _versions(backend: str) -> dict[str, str | None]:
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    out = {"hatc": hatc.__version__, "python": platform.python_version(), "numpy": np.__version__}
+    for name, dist in (("torch", "torch"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime")):
+        out[name] = version(dist)
+    out["sentencepiece"] = version("sentencepiece")
+    out["tvm"] = version("apache-tvm") if backend == "tvm" else None
+    out["tvm_ffi"] = version("apache-tvm-ffi") if backend == "tvm" else None
+    return out
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def _check_request(request: CompileRequest) -> Target:
+    if request.backend not in BACKENDS:
+        raise HatcError(f"unknown backend '{request.backend}'; known backends: {', '.join(BACKENDS)}")
+    target = load_target(request.target)
+    if request.backend == "tvm":
+        target.check_tools()
+    elif target.device != "cpu":
+        raise HatcError(f"the onnxruntime backend runs on CPUs; target '{target.name}' is a {target.device} target")
+    if request.beam < 1:
+        raise HatcError(f"--beam must be >= 1, got {request.beam}")
+    out = Path(request.out)
+    archive = out.with_name(out.name + ".tar.gz")
+    for path in (out, archive):
+        if path.exists() and not request.force:
+            raise HatcError(f"{path} exists; pass --force to replace it")
+    return target
+
+
+def compile_artifact(
+    request: CompileRequest, on_event: Callable[[CompileEvent], None] = lambda e: None
+) -> CompileResult:
+    """Builds, verifies and writes the artifact ``request`` describes.
+
+    Raises:
+        HatcError: bad input (target, arch, checkpoint, buckets), missing tools,
+            or a verification mismatch (nothing is written then).
+    """
+    start = time.perf_counter()
+    target = _check_request(request)
+    warnings: list[str] = []
+    loaded = load_subtransformer(request.checkpoint, request.arch)
+    if target_capacity(max(request.buckets)) > loaded.model.cfg.max_positions:
+        raise HatcError(
+            f"bucket {max(request.buckets)} needs more positions than the model's {loaded.model.cfg.max_positions}"
+        )
+    database, db_path = None, None
+    if request.backend == "tvm":
+        database, db_path, warning = _tuning_database(target, request.db)
+        if warning:
+            warnings.append(warning)
+            on_event(CompileEvent("warning", warning))
+    out = Path(request.out).absolute()
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="hatc-compile-") as work:
+            stages = verify.Stages(on_event, total=len(request.buckets) * (4 if request.backend == "tvm" else 3) + 2)
+            build = _build_tvm if request.backend == "tvm" else _build_onnxruntime
+            graphs, runners, parity, missing = build(request, target, loaded, database, staging, Path(work), stages)
+            if missing:
+                warning = (
+                    f"the tuning database {db_path} lacks {len(missing)} workload(s) of this SubTransformer "
+                    f'(e.g. {missing[0]}): those kernels are untuned and the artifact says "tuned": false'
+                )
+                warnings.append(warning)
+                on_event(CompileEvent("warning", warning))
+            stages.next("greedy translations against PyTorch")
+            options = DecodeOptions(beam=1, lenpen=request.lenpen, max_len=min(256, loaded.model.cfg.max_positions))
+            parity["greedy"] = verify.check_greedy(loaded, runners, request.sentences, options)
+            stages.next("writing the artifact")
+            (staging / SUBWORD).write_bytes(loaded.subword.model_bytes)
+            tuning = {
+                "database": str(db_path) if db_path else None,
+                "applied": database is not None,
+                "missing": missing,
+            }
+            manifest = _manifest(request, target, loaded, graphs, parity, tuning, options)
+            manifest["files"] = _file_hashes(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        archive = out.with_name(out.name + ".tar.gz")
+        write_archive(staging, archive)
+        _replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return CompileResult(out, archive, manifest, time.perf_counter() - start, warnings)
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Renames ``staging`` to ``out``, moving an old ``out`` aside first (never half-replaced)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_tvm(
+    request: CompileRequest,
+    target: Target,
+    loaded: LoadedModel,
+    database: Any,
+    staging: Path,
+    work: Path,
+    stages: verify.Stages,
+) -> tuple[dict, dict, dict, list[str]]:
+    from hatc.compile.tvm_build import build_module, export_library, import_graphs
+    from hatc.runtime.backends import TvmLibRunner, WeightStore
+
+    host = load_target("x86")
+    host_is_target = not target.is_cross and target.device == "cpu"
+    weights, graphs, host_libs, signatures, missing = WeightTable(), {}, {}, {}, []
+    parity: dict[str, dict[str, float]] = {"onnxruntime": {}, "tvm_host": {}}
+    for bucket in request.buckets:
+        stages.next(f"bucket {bucket}: ONNX export and ONNX Runtime parity")
+        exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
+        parity["onnxruntime"][str(bucket)] = verify.ort_parity(exported, loaded.model, bucket)
+        stages.next(f"bucket {bucket}: TVM import and build for {target.name}" + (" (tuned)" if database else ""))
+        relax_graphs = import_graphs(exported)
+        entry: dict[str, Any] = {"signature": exported.signature.to_dict()}
+        libs = []
+        for graph in relax_graphs:
+            if database is not None:
+                missing += [f"{graph.name}.s{bucket}: {name}" for name in _missing_workloads(graph, target, database)]
+            executable = build_module(graph, target, **({"database": database} if database is not None else {}))
+            lib = export_library(executable, staging / "lib" / f"{graph.name}.s{bucket}.so", target)
+            params = weights.add_all([p.numpy() for p in graph.params])
+            entry[graph.name] = {"file": lib.relative_to(staging).as_posix(), "params": params}
+            libs.append(lib)
+        stages.next(f"bucket {bucket}: the same Relax module built for this host")
+        if host_is_target:
+            host_libs[bucket] = libs  # the artifact's own libraries are what gets checked
+        else:
+            host_libs[bucket] = [
+                export_library(build_module(graph, host), work / f"host.{graph.name}.s{bucket}.so", host)
+                for graph in relax_graphs
+            ]
+        graphs[str(bucket)], signatures[bucket] = entry, exported.signature
+    weights.save(staging / WEIGHTS)
+    # Checked with the weights as written (weights.npz), so a storage slip cannot pass unnoticed.
+    store, runners = WeightStore(staging / WEIGHTS), {}
+    for bucket in request.buckets:
+        stages.next(f"bucket {bucket}: host build against PyTorch")
+        entry = graphs[str(bucket)]
+        runner = TvmLibRunner(
+            *host_libs[bucket],
+            signatures[bucket],
+            store.get(entry["encoder"]["params"], staging),
+            store.get(entry["decoder_step"]["params"], staging),
+        )
+        parity["tvm_host"][str(bucket)] = verify.runner_parity(runner, loaded.model, bucket, "TVM host build")
+        runners[bucket] = runner
+    return graphs, runners, parity, missing
+
+
+def _build_onnxruntime(
+    request: CompileRequest,
+    target: Target,
+    loaded: LoadedModel,
+    database: Any,
+    staging: Path,
+    work: Path,
+    stages: verify.Stages,
+) -> tuple[dict, dict, dict, list[str]]:
+    from hatc.compile.runners import OrtRunner
+
+    exported_all = []
+    for bucket in request.buckets:
+        stages.next(f"bucket {bucket}: ONNX export")
+        exported_all.append(export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam))
+    stages.next("moving the weights out of the graphs")
+    (staging / "graphs").mkdir()
+    pairs, graphs = [], {}
+    for exported in exported_all:
+        bucket = exported.signature.src_len
+        entry: dict[str, Any] = {"signature": exported.signature.to_dict()}
+        for name, path in (("encoder", exported.encoder), ("decoder_step", exported.decoder)):
+            dst = staging / "graphs" / f"{name}.s{bucket}.onnx"
+            pairs.append((path, dst))
+            entry[name] = {"file": dst.relative_to(staging).as_posix()}
+        graphs[str(bucket)] = entry
+    externalize_onnx(pairs, staging / ONNX_WEIGHTS)
+    runners, parity = {}, {"onnxruntime": {}}
+    for exported in exported_all:
+        bucket = exported.signature.src_len
+        stages.next(f"bucket {bucket}: ONNX Runtime against PyTorch")
+        files = graphs[str(bucket)]
+        runner = OrtRunner(
+            staging / files["encoder"]["file"], staging / files["decoder_step"]["file"], exported.signature
+        )
+        parity["onnxruntime"][str(bucket)] = verify.runner_parity(runner, loaded.model, bucket, "ONNX Runtime")
+        runners[bucket] = runner
+    return graphs, runners, parity, []
+
+
+def _manifest(
+    request: CompileRequest,
+    target: Target,
+    loaded: LoadedModel,
+    graphs: dict[str, Any],
+    parity: dict[str, Any],
+    tuning: dict[str, Any],
+    options: DecodeOptions,
+) -> dict[str, Any]:
+    checkpoint = Path(request.checkpoint)
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "backend": request.backend,
+        "arch": loaded.arch.to_dict(),
+        "space": loaded.space.to_dict(),
+        "model": {
+            "vocab_size": loaded.model.cfg.vocab_size,
+            "pad_idx": loaded.model.cfg.pad_idx,
+            "qkv_dim": loaded.model.cfg.qkv_dim,
+            "max_positions": loaded.model.cfg.max_positions,
+        },
+        "target": {
+            "name": target.name,
+            "description": target.description,
+            "tvm_target": target.resolved_tvm_target() if request.backend == "tvm" else target.tvm_target,
+            "device": target.device,
+            "cross_compiler": target.cross_compiler,
+            "rpc_key": target.rpc_key,
+        },
+        "versions": _versions(request.backend),
+        "decoding": {
+            "beam": request.beam,
+            "lenpen": request.lenpen,
+            "max_len_a": options.max_len_a,
+            "max_len_b": options.max_len_b,
+            "max_len": options.max_len,
+            "max_source_len": max(request.buckets),
+            "subword": SUBWORD,
+        },
+        "buckets": list(request.buckets),
+        "graphs": graphs,
+        "weights": WEIGHTS if request.backend == "tvm" else ONNX_WEIGHTS,
+        "tuned": tuning["applied"] and not tuning["missing"],
+        "tuning": tuning,
+        "latency": None,
+        "parity": parity,
+        "source": {
+            "checkpoint": str(checkpoint.absolute()),
+            "checkpoint_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+            "kind": loaded.kind,
+        },
+    }

@@ -1,0 +1,17 @@
+"""Running a compiled artifact without PyTorch.
+
+Imports only numpy, the subword library, and (when an artifact is loaded) the
+TVM runtime or onnxruntime; a test runs it in a process where importing torch
+fails. The modules:
+
+- ``artifact``: the artifact layout, opening a directory or .tar.gz, sha256 checks.
+- ``backends``: runners over the artifact's TVM libraries (local or RPC) or ONNX graphs.
+- ``search``: greedy and beam search in numpy, with ``hatc.decode``'s rules.
+- ``translator``: text in, text out.
+"""
+
+from hatc.runtime.artifact import Artifact, ArtifactError, open_artifact
+from hatc.runtime.search import SearchOptions
+from hatc.runtime.translator import SourceTooLong, Translator
+
+__all__ = ["Artifact", "ArtifactError", "SearchOptions", "SourceTooLong", "Translator", "open_artifact"]

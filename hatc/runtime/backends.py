@@ -1,0 +1,184 @@
+"""Runners over an artifact's files: TVM libraries (local or through an RPC
+session) and ONNX Runtime graphs. Each satisfies ``hatc.compile.runners.GraphRunner``.
+
+TVM and onnxruntime are imported inside the functions, so a process loads
+only the one its artifact needs (and never torch).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hatc.compile.runners import GraphRunner, OrtRunner
+from hatc.compile.signature import GraphSignature
+from hatc.runtime.artifact import Artifact, ArtifactError
+
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+_HOST_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def elf_arch(path: Path) -> str | None:
+    """The machine an ELF library is for (x86_64, aarch64, ...), None if not ELF."""
+    header = Path(path).read_bytes()[:20]
+    if header[:4] != b"\x7fELF":
+        return None
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine, f"e_machine {machine}")
+
+
+def _import_tvm() -> Any:
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401  (registers the VM)
+    except ImportError:
+        raise ArtifactError("this artifact needs the TVM runtime: pip install apache-tvm") from None
+    return tvm
+
+
+class TvmLibRunner:
+    """Runs an artifact's encoder and decoder-step libraries with ``relax.VirtualMachine``.
+
+    ``session`` (an RPC session from ``tvm.rpc``) runs them on a remote device:
+    the libraries are uploaded, and outputs are fetched with invoke_stateful /
+    get_outputs, because a returned tuple cannot be indexed over RPC.
+    """
+
+    name = "tvm"
+
+    def __init__(
+        self,
+        encoder_lib: Path,
+        decoder_lib: Path,
+        signature: GraphSignature,
+        encoder_params: list[np.ndarray],
+        decoder_params: list[np.ndarray],
+        device_kind: str = "cpu",
+        device: Any = None,
+        session: Any = None,
+    ):
+        tvm = _import_tvm()
+        from tvm import relax
+
+        self._tvm, self.signature, self._remote = tvm, signature, session is not None
+        if session is not None:
+            libs = []
+            for lib in (encoder_lib, decoder_lib):
+                session.upload(str(lib))
+                libs.append(session.load_module(lib.name))
+            default = session.cuda() if device_kind == "cuda" else session.cpu()
+        else:
+            libs = [tvm.runtime.load_module(str(lib)) for lib in (encoder_lib, decoder_lib)]
+            default = tvm.cuda() if device_kind == "cuda" else tvm.cpu()
+        self.device = device if device is not None else default
+        self._enc = relax.VirtualMachine(libs[0], self.device)
+        self._dec = relax.VirtualMachine(libs[1], self.device)
+        # Weights move to the device once; every call passes them after the inputs.
+        self._enc_params = [tvm.runtime.tensor(p, self.device) for p in encoder_params]
+        self._dec_params = [tvm.runtime.tensor(p, self.device) for p in decoder_params]
+        self._enc_io = (list(signature.encoder_inputs()), list(signature.encoder_outputs()))
+        self._dec_io = (list(signature.decoder_inputs()), list(signature.decoder_outputs()))
+
+    def _call(self, vm: Any, io: tuple[list[str], list[str]], params: list[Any], feeds: dict[str, Any]) -> dict:
+        args = [feeds[name] for name in io[0]] + params
+        if self._remote:
+            vm.set_input("main", *args)
+            vm.invoke_stateful("main")
+            out = vm.get_outputs("main")
+        else:
+            out = vm["main"](*args)
+        if hasattr(out, "numpy"):  # one output comes back bare, several as a tvm Array
+            out = [out]
+        return dict(zip(io[1], out))
+
+    def encode(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._enc, self._enc_io, self._enc_params, feeds)
+
+    def step(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self._dec, self._dec_io, self._dec_params, feeds)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value.numpy()
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        return self._tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
+
+
+class WeightStore:
+    """The artifact's ``weights.npz``, read lazily, each array once."""
+
+    def __init__(self, path: Path):
+        self._npz = np.load(path, allow_pickle=False)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def get(self, keys: list[str], source: Path) -> list[np.ndarray]:
+        out = []
+        for key in keys:
+            if key not in self._cache:
+                if key not in self._npz.files:
+                    raise ArtifactError(f"{source}: weights.npz has no array '{key}' that the manifest names")
+                self._cache[key] = self._npz[key]
+            out.append(self._cache[key])
+        return out
+
+
+def check_runs_here(artifact: Artifact, library: Path) -> None:
+    """Refuses, with one line, a library built for another machine (e.g. rpi4 on x86)."""
+    lib_arch = elf_arch(library)
+    host = _HOST_MACHINES.get(platform.machine().lower(), platform.machine())
+    if lib_arch is not None and lib_arch != host:
+        raise ArtifactError(
+            f"{artifact.source}: built for target '{artifact.target_name}' ({lib_arch}); this machine is {host}. "
+            "Run it on that device (through an RPC tracker) or compile for this machine's target"
+        )
+
+
+def load_runner(
+    artifact: Artifact,
+    bucket: int,
+    weights: WeightStore | None = None,
+    device: Any = None,
+    session: Any = None,
+    threads: int | None = None,
+) -> GraphRunner:
+    """The runner of one length bucket of ``artifact``.
+
+    Args:
+        weights: a shared store (so buckets share arrays); opened here if None.
+        device: a TVM device to run on (default: the target's device, local or the session's).
+        session: a TVM RPC session; the libraries then run on the remote device.
+        threads: ONNX Runtime's intra-op threads (default: the CPUs this process may use).
+    """
+    entry = artifact.graph(bucket)
+    sig = GraphSignature.from_dict(entry["signature"])
+    if artifact.backend == "onnxruntime":
+        if session is not None:
+            raise ArtifactError(f"{artifact.source}: an onnxruntime artifact runs locally only")
+        try:
+            return OrtRunner(
+                artifact.path(entry["encoder"]["file"]),
+                artifact.path(entry["decoder_step"]["file"]),
+                sig,
+                threads=threads or len(os.sched_getaffinity(0)),
+            )
+        except ImportError:
+            raise ArtifactError("this artifact needs onnxruntime: pip install onnxruntime") from None
+    encoder_lib, decoder_lib = artifact.path(entry["encoder"]["file"]), artifact.path(entry["decoder_step"]["file"])
+    if session is None:
+        check_runs_here(artifact, encoder_lib)
+    weights = weights or WeightStore(artifact.path(artifact.manifest["weights"]))
+    return TvmLibRunner(
+        encoder_lib,
+        decoder_lib,
+        sig,
+        weights.get(entry["encoder"]["params"], artifact.source),
+        weights.get(entry["decoder_step"]["params"], artifact.source),
+        device_kind=artifact.manifest["target"].get("device", "cpu"),
+        device=device,
+        session=session,
+    )

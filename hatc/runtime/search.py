@@ -1,0 +1,131 @@
+"""Greedy and beam search in numpy over the exported graphs (no torch).
+
+The same rules as ``hatc.decode`` (fairseq's, which HAT's BLEU numbers come
+from), one sentence at a time, so that an artifact translates exactly as its
+checkpoint does:
+
+- a sentence of n source tokens (EOS included) may produce at most
+  ``min(max_len, int(max_len_a * n + max_len_b))`` target tokens, the last of
+  which must be EOS (only EOS is allowed at the limit);
+- PAD and BOS are never generated;
+- beam search keeps the ``beam`` best unfinished hypotheses per step, chosen
+  from the top 2 x beam candidates; a hypothesis that emits EOS is finished
+  with score ``sum(log p) / len ** lenpen`` (len counts the EOS); the sentence
+  is done at ``beam`` finished hypotheses and the best finished one wins;
+- scores accumulate in float32, as PyTorch's do, so ties break identically.
+
+The decoder graph's batch B is the compiled beam; a smaller beam uses the
+first rows and feeds PAD to the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hatc.compile.runners import Decoding
+from hatc.data.subword import BOS, EOS, PAD
+
+DEFAULT_BEAM = 4  # the same defaults as hatc.decode (a test checks they agree)
+DEFAULT_LENPEN = 0.6  # HAT's WMT setting
+NEG_INF = np.float32(-np.inf)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Decoding settings; ``limit`` is ``hatc.decode.DecodeOptions.limit``."""
+
+    beam: int = DEFAULT_BEAM
+    lenpen: float = DEFAULT_LENPEN
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    max_len: int = 256
+
+    def limit(self, src_len: int) -> int:
+        return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
+
+
+def _mask(log_probs: np.ndarray, step: int, limit: int) -> np.ndarray:
+    """A float32 copy with PAD/BOS forbidden, and only EOS allowed at the limit."""
+    lp = np.array(log_probs, dtype=np.float32)
+    lp[:, PAD] = lp[:, BOS] = NEG_INF
+    if step + 1 >= limit:
+        eos = lp[:, EOS].copy()
+        lp[:] = NEG_INF
+        lp[:, EOS] = eos
+    return lp
+
+
+def _top(candidates: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest values, best first, ties to the lower index."""
+    n = min(n, candidates.size)
+    part = np.argpartition(-candidates, n - 1)[:n] if n < candidates.size else np.arange(candidates.size)
+    return part[np.lexsort((part, -candidates[part]))]
+
+
+def greedy(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
+    """Arg-max decoding of one source (ids ending in EOS) -> target ids without EOS."""
+    limit = options.limit(len(src))
+    decoding.start(np.asarray([src], dtype=np.int64))
+    tokens = np.full(decoding.sig.batch, BOS, dtype=np.int64)
+    out: list[int] = []
+    for step in range(limit):
+        lp = _mask(decoding.advance(tokens)[:1], step, limit)
+        token = int(np.argmax(lp[0]))
+        if token == EOS:
+            break
+        out.append(token)
+        tokens[:] = token
+    return out
+
+
+def beam_search(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
+    """Beam search of one source (ids ending in EOS) -> the best target ids without EOS."""
+    rows, k = decoding.sig.batch, options.beam
+    if k > rows:
+        raise ValueError(f"beam {k} exceeds the decoder graph's {rows} rows")
+    limit = options.limit(len(src))
+    decoding.start(np.asarray([src], dtype=np.int64))
+    tokens = np.full(rows, BOS, dtype=np.int64)
+    history = np.zeros((k, 0), dtype=np.int64)
+    scores = np.full(k, NEG_INF, dtype=np.float32)
+    scores[0] = 0.0  # all beams start identical: expand only the first
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(limit):
+        lp = _mask(decoding.advance(tokens)[:k], step, limit)
+        vocab = lp.shape[1]
+        candidates = (scores[:, None] + lp).reshape(-1)  # float32, as PyTorch adds them
+        new_scores = np.full(k, NEG_INF, dtype=np.float32)
+        origin = np.zeros(k, dtype=np.int64)
+        new_tokens = np.full(k, PAD, dtype=np.int64)
+        kept = 0
+        for flat in _top(candidates, 2 * k).tolist():  # enough to keep k non-EOS
+            score = float(candidates[flat])
+            if score == float("-inf"):
+                break
+            beam, token = divmod(flat, vocab)
+            if token == EOS:
+                if len(finished) < k:
+                    hyp = history[beam].tolist()
+                    finished.append((score / (len(hyp) + 1) ** options.lenpen, hyp))
+                continue
+            new_scores[kept], origin[kept], new_tokens[kept] = score, beam, token
+            kept += 1
+            if kept == k:
+                break
+        if len(finished) >= k:
+            break
+        order = np.zeros(rows, dtype=np.int64)
+        order[:k] = origin
+        decoding.reorder(order)
+        history = np.concatenate([history[origin], new_tokens[:, None]], axis=1)
+        tokens = np.full(rows, PAD, dtype=np.int64)
+        tokens[:k] = new_tokens
+        scores = new_scores
+    return max(finished, key=lambda pair: pair[0])[1] if finished else []
+
+
+def decode(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
+    """Greedy for beam 1 (as ``hatc translate`` does), beam search otherwise."""
+    return greedy(decoding, src, options) if options.beam == 1 else beam_search(decoding, src, options)
