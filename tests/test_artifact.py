@@ -175,6 +175,17 @@ def test_beams_differ_on_this_model(cli, checkpoint, sentences):
     assert greedy != cli("translate", "--checkpoint", checkpoint, "--input", sentences).stdout
 
 
+def test_runtime_runs_through_an_rpc_session(compiled, sentences):
+    """The hook remote devices use: libraries uploaded to a session, outputs fetched statefully."""
+    from tvm import rpc
+
+    from hatc.runtime import Translator
+
+    lines = sentences.read_text().splitlines()[:3]
+    with Translator(compiled[0]) as local, Translator(f"{compiled[0]}.tar.gz", session=rpc.LocalSession()) as remote:
+        assert remote.translate(lines, beam=2) == local.translate(lines, beam=2)
+
+
 def test_onnxruntime_backend_round_trip(cli, tmp_path, checkpoint, sentences):
     out = tmp_path / "ort"
     built = cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--backend", "onnxruntime",
