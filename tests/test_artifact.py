@@ -329,6 +329,23 @@ def test_rpi4_artifact_holds_aarch64_libraries(cli, checkpoint, tmp_path, senten
     one_line_error(cli("translate", "--artifact", out, "--input", sentences), "rpi4", "aarch64")
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found; the cuda target builds only where it is")
+def test_cuda_artifact_builds_and_runs_only_on_a_gpu(cli, checkpoint, tmp_path, sentences):
+    import tvm
+
+    out = tmp_path / "cuda"
+    built = cli("compile", "--checkpoint", checkpoint, "--target", "cuda", "--out", out, "--buckets", "16")
+    assert built.code == 0, built.stderr
+    assert json.loads((out / "manifest.json").read_text())["target"]["device"] == "cuda"
+    short = tmp_path / "short.en"
+    short.write_text("A dog runs.\n")
+    if tvm.runtime.enabled("cuda") and tvm.cuda().exist:  # a GPU machine with a CUDA build of TVM
+        got = hatc_without_torch("translate", "--artifact", out, "--input", short)
+        assert got.stdout == cli("translate", "--checkpoint", checkpoint, "--input", short).stdout
+    else:
+        one_line_error(cli("translate", "--artifact", out, "--input", short), "CUDA")
+
+
 def test_runtime_defaults_match_hatc_decode():
     from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
     from hatc.runtime import search

@@ -41,6 +41,17 @@ def _import_tvm() -> Any:
     return tvm
 
 
+def _check_local_cuda(tvm: Any) -> None:
+    """A CUDA artifact needs a TVM runtime built with CUDA and a GPU; say which is missing."""
+    if not tvm.runtime.enabled("cuda"):
+        raise ArtifactError(
+            "this artifact was compiled for CUDA, but this TVM runtime has no CUDA support "
+            "(install a CUDA build of TVM on the GPU machine)"
+        )
+    if not tvm.cuda().exist:
+        raise ArtifactError("this artifact was compiled for CUDA, and no CUDA GPU is visible here")
+
+
 class TvmLibRunner:
     """Runs an artifact's encoder and decoder-step libraries with ``relax.VirtualMachine``.
 
@@ -73,6 +84,8 @@ class TvmLibRunner:
                 libs.append(session.load_module(lib.name))
             default = session.cuda() if device_kind == "cuda" else session.cpu()
         else:
+            if device_kind == "cuda" and device is None:
+                _check_local_cuda(tvm)
             libs = [tvm.runtime.load_module(str(lib)) for lib in (encoder_lib, decoder_lib)]
             default = tvm.cuda() if device_kind == "cuda" else tvm.cpu()
         self.device = device if device is not None else default

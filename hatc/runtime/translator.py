@@ -18,7 +18,7 @@ from hatc.compile.runners import Decoding, GraphRunner
 from hatc.compile.signature import bucket_for
 from hatc.data.subword import EOS, SubwordModel
 from hatc.runtime.artifact import SUBWORD, Artifact, ArtifactError, open_artifact
-from hatc.runtime.backends import WeightStore, check_runs_here, load_runner
+from hatc.runtime.backends import WeightStore, load_runner
 from hatc.runtime.search import SearchOptions, decode
 
 
@@ -63,9 +63,9 @@ class Translator:
             else None
         )
         self._runners: dict[int, GraphRunner] = {}
-        if self.artifact.backend == "tvm" and session is None:  # an rpi4 library on x86: say so before any work
-            first = self.artifact.graph(self.artifact.buckets[0])["encoder"]["file"]
-            check_runs_here(self.artifact, self.artifact.path(first))
+        if self.artifact.backend == "tvm" and session is None and device is None:
+            # An rpi4 library on x86, a CUDA one without a GPU: say so before any work.
+            self.runner(self.artifact.buckets[0])
 
     @property
     def compiled_beam(self) -> int:
