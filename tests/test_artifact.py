@@ -186,6 +186,29 @@ def test_runtime_runs_through_an_rpc_session(compiled, sentences):
         assert remote.translate(lines, beam=2) == local.translate(lines, beam=2)
 
 
+def test_numpy_beam_search_equals_pytorch_token_for_token(compiled, checkpoint):
+    """Random sources, beams narrower than the compiled 4, another lenpen, a bucket larger than needed."""
+    import numpy as np
+
+    from hatc.checkpoint import load_subtransformer
+    from hatc.data.subword import EOS
+    from hatc.decode import DecodeOptions, beam_search, greedy
+    from hatc.runtime import SearchOptions, Translator
+
+    model = load_subtransformer(checkpoint).model
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(4, 600, rng.integers(2, 30)).tolist() + [EOS] for _ in range(6)]
+    with Translator(compiled[0]) as translator:
+        for i, src in enumerate(sources):
+            beam, lenpen = (2, 3, 1)[i % 3], (0.6, 1.0)[i % 2]
+            search = greedy if beam == 1 else beam_search
+            expected = search(model, torch.tensor([src]), DecodeOptions(beam=beam, lenpen=lenpen))[0]
+            options = SearchOptions(beam=beam, lenpen=lenpen)
+            assert translator.translate_ids(src, options) == expected, (i, beam, lenpen)
+            if len(src) <= 16:
+                assert translator.translate_ids(src, options, bucket=32) == expected
+
+
 def test_onnxruntime_backend_round_trip(cli, tmp_path, checkpoint, sentences):
     out = tmp_path / "ort"
     built = cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--backend", "onnxruntime",
@@ -296,6 +319,18 @@ def test_arch_not_matching_a_subtransformer_checkpoint(cli, checkpoint, tmp_path
     result = cli("compile", "--checkpoint", checkpoint, "--arch", "largest", "--target", "x86", "--out", tmp_path / "a")
     one_line_error(result, "--arch largest")
     assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_mismatch_refuses_to_write(cli, checkpoint, tmp_path, monkeypatch):
+    import hatc.compile.verify as verify
+
+    strict = verify.check_parity
+    monkeypatch.setattr(verify, "check_parity", lambda *a, **k: strict(*a, **{**k, "tolerance": 0.0}))
+    args = ("--target", "x86", "--out", tmp_path / "a", "--buckets", "16", "--backend", "onnxruntime")
+    one_line_error(
+        cli("compile", "--checkpoint", checkpoint, *args), "bucket 16", "differs from PyTorch by", "not written"
+    )
+    assert not list(tmp_path.iterdir())  # no artifact, no archive, no temp directory left
 
 
 def test_a_db_without_a_database_is_refused(cli, checkpoint, tmp_path):
