@@ -27,7 +27,7 @@ def compile_command(
     ] = None,
     backend: Annotated[str, typer.Option(help="tvm (compiled libraries) or onnxruntime (ONNX graphs).")] = "tvm",
     db: Annotated[
-        Path | None, typer.Option(help="Tuning database [default: the target's, if 'hatc tune' made one].")
+        Path | None, typer.Option(help="Tuning database (default: the target's, if 'hatc tune' made one).")
     ] = None,
     beam: Annotated[
         int, typer.Option(min=1, help="Default beam, and the widest the artifact can search.")
@@ -37,7 +37,10 @@ def compile_command(
         str | None, typer.Option(help="Source length buckets to build, e.g. 16,32 [16,32,64,128,256].")
     ] = None,
     sentences: Annotated[
-        Path | None, typer.Option(help="Sentences (one a line) whose greedy translations are checked [built-in].")
+        Path | None,
+        typer.Option(
+            help="Sentences (one a line) whose greedy translations are checked (default: five built-in ones)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing artifact.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
