@@ -155,3 +155,18 @@ def test_missing_checkpoint_or_predictor(cli, workspace, tmp_path):
     assert none.code == 2 and "hatc train supernet" in none.stderr
     nopred = cli("search", "--target", "rpi4", "--budget", "50ms", "--workdir", workspace / "runs")
     assert nopred.code == 2 and "hatc latency fit" in nopred.stderr and "--target rpi4 --space tiny" in nopred.stderr
+
+
+def test_cli_resume_continues_to_the_same_result(cli, workspace):
+    space = load_space("tiny")
+    budget = f"{sum(_latencies(space)) / 2:.0f}ms"
+    base = ["search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL, "--json"]
+    straight = json.loads(cli(*base, "--out", workspace / "r-straight").stdout)
+    short = [*base, "--out", workspace / "r-split"]
+    short[short.index("--iterations") + 1] = "2"
+    assert cli(*short).code == 0
+    assert (workspace / "r-split" / "evaluations.json").exists()
+    resumed = cli(*base, "--out", workspace / "r-split", "--resume")
+    assert resumed.code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["arch"] == straight["arch"]
+    assert json.loads(resumed.stdout)["valid_loss"] == straight["valid_loss"]

@@ -80,7 +80,8 @@ class SearchState:
 
     budget_ms: float
     generation: int = 0  # generations completed
-    population: list[dict] = field(default_factory=list)
+    population: list[dict] = field(default_factory=list)  # the next generation to score
+    parents: list[dict] = field(default_factory=list)  # the last generation's best, best first
     rng: dict | None = None
     history: list[dict] = field(default_factory=list)
 
@@ -124,18 +125,18 @@ def evolve(
     generation (save it to resume)."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
+    parents: list[Architecture] = []
     if state is None or not state.population:
         state = SearchState(budget_ms)
         population = _initial_population(space, latency, budget_ms, cfg, rng)
     else:
         rng.bit_generator.state = state.rng
         population = [Architecture.from_dict(a) for a in state.population]
+        parents = [Architecture.from_dict(a) for a in state.parents]
 
     def feasible(arch: Architecture) -> bool:
         return latency([arch])[0] <= budget_ms
 
-    parents: list[Architecture] = []
-    losses: list[float] = []
     while state.generation < cfg.iterations:
         losses = scorer.score_many(population)
         ranked = sorted(range(len(population)), key=lambda i: (losses[i], arch_key(population[i])))
@@ -157,9 +158,13 @@ def evolve(
         # population, so extending a finished search (more iterations) equals running longer.
         population = parents + _children(space, parents, feasible, cfg, rng)
         state.population = [a.to_dict() for a in population]
+        state.parents = [a.to_dict() for a in parents]
         state.rng = rng.bit_generator.state
         on_generation(state)
 
+    if not parents:  # a state saved without its parents: rank the population it holds
+        losses = scorer.score_many(population)
+        parents = sorted(population, key=lambda a: (losses[population.index(a)], arch_key(a)))[: cfg.parents]
     final = scorer.score_many(parents)
     order = sorted(range(len(parents)), key=lambda i: (final[i], arch_key(parents[i])))
     top = [(parents[i], final[i], latency([parents[i]])[0]) for i in order]

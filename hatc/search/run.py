@@ -4,6 +4,7 @@ budget (sharing evaluations), write the results.
 Outputs in OUT (each written atomically):
     best-{budget}.json / .yml   the winner, hatc's format and HAT's YAML
     state-{budget}.json         the search state after each generation (--resume)
+    evaluations.json            every fitness computed so far (resume reuses them)
     generations-{budget}.jsonl  one line per generation
     pareto.png                  predicted latency vs validation loss of every evaluated arch
     search.json                 the summary: settings, inputs, per-budget results
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hatc
-from hatc.arch import write_arch_file
+from hatc.arch import Architecture, write_arch_file
 from hatc.checkpoint import model_config_of, read_checkpoint, space_of
 from hatc.data.dataset import DataDir
 from hatc.elastic.supernet import SuperTransformer
@@ -121,6 +122,13 @@ def run_search(
         raise HatcError(f"{req.out} holds a search already; pass --resume to continue it, or choose another --out")
     inputs = resolve_inputs(req, on_scored)
     space = inputs.supernet.space
+    evaluations_path = req.out / "evaluations.json"
+    fitness_id = {"checkpoint": str(Path(inputs.checkpoint).resolve()), "valid_subset": req.valid_subset}
+    if evaluations_path.exists():  # only with --resume (checked above): reuse every loss computed so far
+        saved = json.loads(evaluations_path.read_text())
+        if saved["fitness"] != fitness_id:
+            raise HatcError(f"{req.out} was searched with {saved['fitness']}; resume with the same inputs")
+        inputs.scorer.cache.update(saved["losses"])
     latency = CachedLatency(inputs.predictor)
     started = time.monotonic()
     results: dict[str, SearchResult] = {}
@@ -135,15 +143,25 @@ def run_search(
         def save(state: SearchState, label: str = label, state_path: Path = state_path, log: Path = log_path) -> None:
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: v for k, v in state.history[-1].items() if k != "population"}) + "\n")
+            _write_json(evaluations_path, {"fitness": fitness_id, "losses": inputs.scorer.cache})
             _write_json(state_path, state.to_dict())
             on_generation(label, state)
 
-        result = evolve(space, inputs.scorer, latency, budget, req.cfg, state, save)
-        results[label] = result
+        results[label] = evolve(space, inputs.scorer, latency, budget, req.cfg, state, save)
+
+    # A ladder shares its evaluations: another budget's search may have scored a
+    # better architecture that also fits this budget.
+    scored = [(Architecture.from_dict(json.loads(k)), loss) for k, loss in inputs.scorer.cache.items()]
+    evaluated = [(a, loss, lat) for (a, loss), lat in zip(scored, latency([a for a, _ in scored]))]
+    for label, result in results.items():
+        fitting = [e for e in evaluated if e[2] <= result.budget_ms]
+        arch, loss, lat = min(fitting, key=lambda e: (e[1], e[0].to_json()))
+        if loss < result.valid_loss:
+            result.arch, result.valid_loss, result.predicted_latency_ms = arch, loss, lat
         write_arch_file(result.arch, req.out / f"best-{label}.json", space=space.name)
         write_arch_file(result.arch, req.out / f"best-{label}.yml")
 
-    points = [(latency.cache[k], loss) for k, loss in inputs.scorer.cache.items()]
+    points = [(lat, loss) for _, loss, lat in evaluated]
     chosen = [(label, r.budget_ms, r.predicted_latency_ms, r.valid_loss) for label, r in results.items()]
     plot_pareto(points, chosen, req.out / "pareto.png", f"{space.name} on {req.target}: {len(points)} evaluated")
     summary = {
