@@ -241,9 +241,9 @@ def test_manifest_and_layout(compiled, checkpoint):
     assert manifest["backend"] == "tvm" and manifest["buckets"] == [16, 32]
     assert manifest["target"]["name"] == "x86" and manifest["target"]["tvm_target"]["kind"] == "llvm"
     assert manifest["decoding"] == {
-        "beam": 4, "lenpen": 0.6, "max_len_a": 1.2, "max_len_b": 10, "max_len": 256, "max_source_len": 32,
-        "subword": "subword.model",
+        "beam": 4, "lenpen": 0.6, "max_len_a": 1.2, "max_len_b": 10, "max_len": 256, "max_source_len": 32
     }  # fmt: skip
+    assert manifest["tokenizer"]["file"] == "subword.model" and manifest["tokenizer"]["vocab_size"] == 600
     assert manifest["arch"]["decoder_ende_layers"] == [1, 2] and manifest["space"]["name"] == "tiny"
     for key in ("hatc", "tvm", "onnx", "onnxruntime", "torch"):
         assert manifest["versions"][key]

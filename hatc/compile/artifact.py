@@ -36,6 +36,7 @@ from hatc.compile.export import export_onnx
 from hatc.compile.signature import BUCKETS, target_capacity
 from hatc.compile.verify import CompileEvent
 from hatc.compile.weights import WeightTable, externalize_onnx
+from hatc.data.subword import BOS, EOS, PAD, UNK
 from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 from hatc.errors import HatcError
 from hatc.runtime.artifact import FORMAT, MANIFEST, SUBWORD, WEIGHTS, sha256_file, write_archive
@@ -369,7 +370,13 @@ def _manifest(
             "max_len_b": options.max_len_b,
             "max_len": options.max_len,
             "max_source_len": max(request.buckets),
-            "subword": SUBWORD,
+        },
+        "tokenizer": {
+            "kind": "sentencepiece",
+            "file": SUBWORD,
+            "vocab_size": len(loaded.subword),
+            "special_ids": {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS},
+            "source": "subword ids + [eos]",
         },
         "buckets": list(request.buckets),
         "graphs": graphs,

@@ -55,7 +55,8 @@ class Translator:
         self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         self.options = options_of(self.artifact)
         self.max_source_len = max(self.artifact.buckets)
-        self.subword = SubwordModel(self.artifact.path(SUBWORD).read_bytes())
+        tokenizer = self.artifact.manifest.get("tokenizer", {}).get("file", SUBWORD)
+        self.subword = SubwordModel(self.artifact.path(tokenizer).read_bytes())
         self._device, self._session, self._threads = device, session, threads
         self._weights = (
             WeightStore(self.artifact.path(self.artifact.manifest["weights"]))
