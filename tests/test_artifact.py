@@ -156,6 +156,12 @@ def test_torch_is_really_blocked():
     assert probe.returncode != 0 and b"torch is blocked" in probe.stderr
 
 
+def test_the_cli_loads_without_torch():
+    """Every command module is imported by ``hatc``; none may import torch at import time."""
+    result = hatc_without_torch("translate", "--help")
+    assert result.returncode == 0 and "--artifact" in result.stdout, result.stderr
+
+
 @pytest.mark.parametrize("beam", [["--beam", "1"], []], ids=["beam1", "default-beam4"])
 def test_artifact_translates_like_its_checkpoint_without_torch(cli, compiled, checkpoint, sentences, beam):
     out, _, _ = compiled
