@@ -339,6 +339,19 @@ def test_a_mismatch_refuses_to_write(cli, checkpoint, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no artifact, no archive, no temp directory left
 
 
+def test_a_database_that_lacks_the_workloads_is_applied_but_not_called_tuned(cli, checkpoint, tmp_path):
+    tuning = pytest.importorskip("hatc.compile.tuning")
+    db = tmp_path / "db"
+    tuning.load_database(db, create=True)  # an empty database: every workload missing
+    out = tmp_path / "a"
+    built = cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--buckets", "16", "--db", db)
+    assert built.code == 0, built.stderr
+    assert "lacks" in built.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tuned"] is False and manifest["tuning"]["applied"] is True
+    assert manifest["tuning"]["database"] == str(db) and manifest["tuning"]["missing"]
+
+
 def test_a_db_without_a_database_is_refused(cli, checkpoint, tmp_path):
     result = cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", tmp_path / "a", "--db", tmp_path)
     one_line_error(result, "no tuning database there")
