@@ -20,6 +20,7 @@ from hatc.cli import arch, data, search, targets, train, translate
 from hatc.cli import compile as compile_cli
 from hatc.cli import latency as latency_cli
 from hatc.cli import rpc as rpc_cli
+from hatc.cli import tune as tune_cli
 from hatc.cli.common import fail
 from hatc.errors import HatcError
 
@@ -37,6 +38,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.add_typer(rpc_cli.app, name="rpc")
 app.command("compile")(compile_cli.compile_command)
+app.command("tune")(tune_cli.tune_command)
 app.command()(translate.translate)
 app.command()(translate.evaluate)
 app.command()(search.search)

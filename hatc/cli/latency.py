@@ -176,3 +176,65 @@ def predict(
         pred.provenance,
     )
     stdout.print(table)
+
+
+@app.command()
+def measure(
+    arch: Annotated[
+        str,
+        typer.Option(
+            "--arch", help="Architecture file (hatc or HAT YAML; - for stdin), inline JSON, largest, smallest."
+        ),
+    ],
+    target: Annotated[str, typer.Option("--target", help="hatc target (x86, rpi4, ...).")],
+    space: SpaceOption = None,
+    tracker: Annotated[
+        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker [default: measure here].")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker [default: the target's].")] = None,
+    beam: Annotated[int | None, typer.Option("--beam", help="Decoder batch [default: the target's, 4].")] = None,
+    repeats: Annotated[int | None, typer.Option("--repeats", help="Measured runs [default: the target's].")] = None,
+    warmup: Annotated[int | None, typer.Option("--warmup", help="Discarded runs [default: the target's].")] = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Tuning database [default: <cache>/tuning/<target>/].")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")] = 8000,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure an architecture's latency under HAT's protocol, tuned, here or on an RPC device.
+
+    Random weights; source of the space's length (30 tokens; 23 for iwslt), the
+    encoder once, then as many incremental decoder steps at batch = beam;
+    trimmed mean of the repeats. Refuses untuned builds and emulated (*-qemu) keys."""
+    from hatc.latency.measure import check_key, measure_latency, protocol_for
+    from hatc.targets import load_target
+
+    tgt = load_target(target)
+    check_key(tgt, tracker, key)  # refuse before parsing or building anything
+    if tracker is not None:
+        from hatc.rpc import parse_tracker
+
+        parse_tracker(tracker)
+    architecture, space_obj = resolve_arch(arch, load_space(space) if space is not None else None)
+    protocol = protocol_for(space_obj, tgt, beam=beam, repeats=repeats, warmup=warmup)
+
+    def say(line: str) -> None:
+        stderr.print(f"[dim]{line}[/]")
+
+    result = measure_latency(
+        architecture, space_obj, tgt, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size, progress=say
+    )
+    if as_json:
+        emit_json({**result.to_dict(), "target": tgt.name, "space": space_obj.name})
+        return
+    table = Table("encoder ms", "decoder ms", "latency ms", "device", "protocol")
+    p = protocol
+    table.add_row(
+        f"{result.encoder_ms:.2f} ± {result.encoder_std_ms:.2f}",
+        f"{result.decoder_ms:.2f} ± {result.decoder_std_ms:.2f}",
+        f"{result.latency_ms:.2f}",
+        result.device,
+        f"src {p.src_len} (bucket {p.bucket}), {p.steps} steps, beam {p.beam}, "
+        f"{p.warmup}+{p.repeats} runs, trimmed {p.trim:.0%}, tuned",
+    )
+    stdout.print(table)

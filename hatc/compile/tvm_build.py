@@ -6,8 +6,9 @@ training and search) never load it. Weights stay Relax function parameters
 instead of the model's size, and the weights travel beside it.
 
 Untuned builds use TVM's default pipeline for the target (on CPU: plain
-legalized loops; on CUDA: dlight's GPU rules). Applying a MetaSchedule tuning
-database belongs in ``build_module`` (``relax_pipeline``) once tuning exists.
+legalized loops; on CUDA: dlight's GPU rules). ``database=`` (a directory
+written by ``hatc tune``, or a database from ``hatc.compile.tuning.load_database``)
+applies MetaSchedule's tuned schedules instead (``hatc.compile.tuning_db``).
 """
 
 from __future__ import annotations
@@ -93,22 +94,41 @@ def tvm_target_of(target: Target) -> Any:
         raise HatcError(f"{target.source}: TVM rejects the target {config}: {e}") from e
 
 
-def build_module(graph: RelaxGraph, target: Target) -> Any:
-    """Compiles one Relax graph for ``target`` (untuned) into a ``tvm.runtime.Executable``.
+def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any:
+    """Compiles one Relax graph for ``target`` into a ``tvm.runtime.Executable``.
 
-    Needs the target's tools (nvcc for CUDA: TVM calls it while building).
+    Args:
+        graph: an imported graph.
+        target: the hatc target. Needs its tools (nvcc for CUDA: TVM calls it while building).
+        database: None for an untuned build; else a tuning database directory or a
+            loaded database (``hatc.compile.tuning.load_database``), whose schedules
+            replace every workload it holds. Whether it holds them all:
+            ``hatc.compile.tuning.missing_workloads(graph, target, database)``.
     """
     target.check_tools()
     import tvm
 
-    return tvm.compile(graph.module, target=tvm_target_of(target))
+    tvm_target = tvm_target_of(target)
+    if database is None:
+        return tvm.compile(graph.module, target=tvm_target)
+    from hatc.compile import tuning_db
+
+    if isinstance(database, (str, Path)):
+        database = tuning_db.load_database(database)
+    with tvm_target, tvm.transform.PassContext(opt_level=3):
+        pipeline = tuning_db.tuned_pipeline(tvm_target, database)
+        return tvm.compile(graph.module, target=tvm_target, relax_pipeline=pipeline)
 
 
-def build_graphs(graphs: ExportedGraphs, target: Target) -> BuiltGraphs:
-    """Imports and builds both graphs of one export for ``target``."""
+def build_graphs(graphs: ExportedGraphs, target: Target, database: Any = None) -> BuiltGraphs:
+    """Imports and builds both graphs of one export for ``target`` (tuned with ``database``, if given)."""
     start = time.perf_counter()
+    if isinstance(database, (str, Path)):
+        from hatc.compile.tuning_db import load_database
+
+        database = load_database(database)
     encoder, decoder = import_graphs(graphs)
-    built_enc, built_dec = build_module(encoder, target), build_module(decoder, target)
+    built_enc, built_dec = build_module(encoder, target, database), build_module(decoder, target, database)
     seconds = time.perf_counter() - start
     log.info("built %s for %s in %.1f s", graphs.directory, target.name, seconds)
     return BuiltGraphs(

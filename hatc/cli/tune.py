@@ -1,0 +1,159 @@
+"""``hatc tune``: MetaSchedule tuning of every distinct operator a design space can produce on a target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hatc.cli.common import emit_json, stderr, stdout
+from hatc.compile.signature import BUCKETS
+from hatc.compile.tuning import (
+    DEFAULT_TRIALS_PER_TASK,
+    DEFAULT_VOCAB,
+    TuneConfig,
+    TuneProgress,
+    TuneReport,
+    check_tunable,
+    tune,
+)
+from hatc.errors import HatcError
+from hatc.space import SearchSpace, load_space
+from hatc.targets import Target, load_target
+
+
+def parse_ints(text: str, what: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """``"16,32"`` -> (16, 32); HatcError naming ``what`` on anything else."""
+    try:
+        values = tuple(sorted({int(part) for part in text.replace(" ", "").split(",") if part}))
+    except ValueError:
+        raise HatcError(f"{what} must be comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise HatcError(f"{what} must be positive integers, got '{text}'")
+    if allowed is not None and set(values) - set(allowed):
+        bad = ", ".join(map(str, sorted(set(values) - set(allowed))))
+        raise HatcError(f"{what}: {bad} is not a length bucket; buckets are {', '.join(map(str, allowed))}")
+    return values
+
+
+def tune_command(
+    target: Annotated[str, typer.Option("--target", help="hatc target (x86, ...; see 'hatc targets').")],
+    space: Annotated[
+        str | None, typer.Option("--space", help="Design space name or YAML file [default: the checkpoint's].")
+    ] = None,
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            "--trials",
+            help=f"Total measured trials, split over the workloads by sqrt(FLOPs), at least one each "
+            f"[default: {DEFAULT_TRIALS_PER_TASK} x workloads].",
+        ),
+    ] = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Database directory [default: <cache>/tuning/<target>/].")
+    ] = None,
+    buckets: Annotated[str, typer.Option("--buckets", help="Source length buckets, comma-separated.")] = ",".join(
+        map(str, BUCKETS)
+    ),
+    beam: Annotated[
+        str | None, typer.Option("--beam", help="Decoder batch sizes, comma-separated [default: the target's beam].")
+    ] = None,
+    vocab_size: Annotated[
+        int | None,
+        typer.Option("--vocab-size", help=f"Vocabulary size (output projection) [default: {DEFAULT_VOCAB}]."),
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="Take the vocabulary (and space) from this checkpoint.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the search.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Tune every distinct operator workload of a space's SubTransformers for a target (MetaSchedule).
+
+    Resumable: workloads already in the database with this run's trials are skipped.
+    'hatc compile' and 'hatc latency measure' use the database."""
+    tgt = load_target(target)
+    if trials is not None and trials < 1:
+        raise HatcError(f"--trials must be at least 1, got {trials}")
+    pad_idx, max_positions = 0, 1024
+    space_obj = load_space(space) if space is not None else None
+    if checkpoint is not None:
+        from hatc.checkpoint import model_config_of, read_checkpoint, space_of
+
+        state = read_checkpoint(checkpoint)
+        cfg = model_config_of(state)
+        if vocab_size is not None and vocab_size != cfg.vocab_size:
+            raise HatcError(f"--vocab-size {vocab_size} contradicts the checkpoint's vocabulary ({cfg.vocab_size})")
+        vocab_size, pad_idx, max_positions = cfg.vocab_size, cfg.pad_idx, cfg.max_positions
+        space_obj = space_obj or space_of(state)
+    if space_obj is None:
+        raise HatcError("give --space (a space name or YAML file) or --checkpoint")
+    if vocab_size is not None and vocab_size < 2:
+        raise HatcError(f"--vocab-size must be at least 2, got {vocab_size}")
+    config = TuneConfig(
+        buckets=parse_ints(buckets, "--buckets", BUCKETS),
+        beams=parse_ints(beam, "--beam") if beam is not None else (tgt.latency.beam,),
+        vocab_size=vocab_size or DEFAULT_VOCAB,
+        pad_idx=pad_idx,
+        max_positions=max_positions,
+        trials=trials,
+        seed=seed,
+    )
+    check_tunable(tgt)
+    report = _tune_with_progress(space_obj, tgt, config, db)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    _print_report(report)
+
+
+def _tune_with_progress(space: SearchSpace, target: Target, config: TuneConfig, db: Path | None) -> TuneReport:
+    """A live bar on a terminal; otherwise one line per exported graph pair and per finished task."""
+    if not stderr.is_terminal:
+        last = {"done": -1}
+
+        def line(event: TuneProgress) -> None:
+            if event.done != last["done"]:
+                last["done"] = event.done
+                what = "planned" if event.stage == "plan" else "tuned"
+                trials = f", trials {event.trials}/{event.trials_total}" if event.stage == "tune" else ""
+                stderr.print(f"{event.stage}: {event.done}/{event.total} {what}{trials}  {event.task}".rstrip())
+
+        return tune(space, target, config, db, line)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    ) as bar:
+        plan = bar.add_task("exporting covering archs", total=None, info="")
+        work = bar.add_task("tuning tasks", total=None, info="", visible=False)
+
+        def show(event: TuneProgress) -> None:
+            if event.stage == "plan":
+                bar.update(plan, completed=event.done, total=event.total, info=event.task)
+            else:
+                bar.update(plan, visible=False)
+                info = f"trials {event.trials}/{event.trials_total}  {event.task}"
+                bar.update(work, completed=event.done, total=event.total, info=info, visible=True)
+
+        return tune(space, target, config, db, show)
+
+
+def _print_report(r: TuneReport) -> None:
+    shapes = f"buckets {','.join(map(str, r.config['buckets']))}, beam {','.join(map(str, r.config['beams']))}"
+    stdout.print(
+        f"space '{r.space}' on '{r.target}' ({shapes}, vocabulary {r.config['vocab_size']}): "
+        f"{r.workloads} distinct workloads from {r.covering_archs} covering architectures"
+        + (" (plan cached)" if r.plan_cached else f" (planned in {r.plan_seconds:.0f} s)")
+    )
+    stdout.print(
+        f"tuned {r.tuned} ({r.trials} measured trials, {r.trials_per_task[0]}-{r.trials_per_task[1]} per workload) in "
+        f"{r.tune_seconds:.0f} s; {r.skipped} already in the database"
+    )
+    stdout.print(f"database: {r.database}")

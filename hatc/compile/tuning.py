@@ -1,0 +1,415 @@
+"""MetaSchedule tuning, once per target, for every operator a design space can produce.
+
+What is tuned are the *distinct operator workloads* of a space, never subnets:
+``hatc.compile.workloads`` enumerates them (a few covering architectures,
+exported for every length bucket and beam, tasks deduplicated), and ``tune``
+runs MetaSchedule on each into the target's database (``hatc.compile.tuning_db``),
+appending records as they are measured. Only tasks whose name holds
+``TUNED_OPS`` (matmul, softmax, layer norm) are tuned; reshapes, transposes and
+gathers stay plain loops.
+
+Resumable: each workload has a trial goal (the budget split by sqrt(FLOPs), at
+least one); a workload whose database records already reach it is skipped, so a
+second run with the same budget tunes nothing and a larger budget tops up.
+
+This module also re-exports what builds need (``tuning_db_path``,
+``load_database``, ``missing_workloads``); see ``hatc.compile.tuning_db``.
+TVM is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hatc.compile.tuning_db import (
+    MODULE_EQUALITY,
+    RECORD_FILE,
+    TUNED_OPS,
+    WORKLOAD_FILE,
+    TuningError,
+    apply_database,
+    load_database,
+    measured_trials,
+    missing_workloads,
+    tuned_pipeline,
+    tuning_db_path,
+)
+from hatc.compile.workloads import Workload, covering_archs, plan_workloads
+from hatc.space import SearchSpace
+from hatc.targets import Target
+
+__all__ = [
+    "RECORD_FILE",
+    "TUNED_OPS",
+    "WORKLOAD_FILE",
+    "TuneConfig",
+    "TuneProgress",
+    "TuneReport",
+    "TuningError",
+    "Workload",
+    "allocate_trials",
+    "apply_database",
+    "check_tunable",
+    "covering_archs",
+    "load_database",
+    "missing_workloads",
+    "plan_workloads",
+    "tune",
+    "tuned_pipeline",
+    "tuning_db_path",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRIALS_PER_TASK = 32
+DEFAULT_VOCAB = 8000  # hatc's data default (``hatc data prepare``)
+
+
+def lazy_tensor_intrinsics(target: Any) -> None:
+    """Stops ``import tvm.s_tir.tensor_intrin`` from loading every vendor's intrinsics.
+
+    MetaSchedule imports that package for each tuning context and each build
+    worker; its CUDA module alone takes 95 s on one busy core here. The package
+    only imports submodules, so it is replaced by an empty package with the same
+    path (any submodule still imports on demand) and the target's own CPU
+    intrinsics are imported now.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        import tvm.s_tir
+
+        spec = importlib.util.find_spec(name)
+        package = types.ModuleType(name, "tensor intrinsics, imported on demand by hatc")
+        package.__path__ = list(spec.submodule_search_locations or [])  # type: ignore[union-attr]
+        package.__package__ = name
+        sys.modules[name] = package
+        tvm.s_tir.tensor_intrin = package  # type: ignore[attr-defined]
+    kind = str(target.kind.name)
+    triple = str(target.attrs.get("mtriple", ""))
+    if kind == "llvm":
+        importlib.import_module(name + (".arm_cpu" if triple.startswith("aarch64") else ".x86"))
+    elif kind == "cuda":
+        importlib.import_module(name + ".cuda")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """What to tune for, and how hard.
+
+    ``trials`` is the total measured-trial budget over all workloads, split in
+    proportion to the square root of each workload's FLOPs (the FFN and output
+    projections get more than a 4x1x64 attention product), at least one each: a
+    workload without a measured trial would stay untuned and every build using
+    it would be refused.
+    """
+
+    buckets: tuple[int, ...]  # source length buckets (hatc.compile.signature.BUCKETS)
+    beams: tuple[int, ...]  # decoder batch sizes
+    vocab_size: int = DEFAULT_VOCAB
+    pad_idx: int = 0
+    max_positions: int = 1024
+    trials: int | None = None  # None: DEFAULT_TRIALS_PER_TASK x the number of workloads
+    seed: int = 0
+
+
+def allocate_trials(flops: list[float], total: int | None) -> list[int]:
+    """Per-workload trial targets: ``total`` split by sqrt(FLOPs), at least one each."""
+    if not flops:
+        return []
+    total = DEFAULT_TRIALS_PER_TASK * len(flops) if total is None else total
+    weights = [math.sqrt(max(f, 1.0)) for f in flops]
+    scale = total / sum(weights)
+    return [max(1, int(w * scale)) for w in weights]
+
+
+@dataclass(frozen=True)
+class TuneProgress:
+    """One progress report: ``stage`` is plan (exporting/extracting) or tune."""
+
+    stage: str
+    done: int  # plan: graphs extracted; tune: tasks finished (tuned or skipped)
+    total: int
+    trials: int = 0  # measured trials so far in this run
+    trials_total: int = 0  # this run's planned trials
+    task: str = ""
+
+
+ProgressFn = Callable[[TuneProgress], None]
+
+
+@dataclass
+class TuneReport:
+    """What a tuning run did."""
+
+    target: str
+    space: str
+    database: Path
+    workloads: int  # distinct workloads of the space for these buckets and beams
+    tuned: int  # tasks tuned in this run
+    skipped: int  # already in the database to this budget
+    trials: int  # measured trials in this run
+    trials_planned: int  # the budget's trials over all workloads (what a fresh database would get)
+    trials_per_task: tuple[int, int]  # (fewest, most) trials a workload gets
+    plan_seconds: float
+    tune_seconds: float
+    plan_cached: bool
+    covering_archs: int
+    per_graph: dict[str, int]  # "encoder S=32 B=4" -> distinct workloads in that graph
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["database"] = str(self.database)
+        return out
+
+
+def _builder(target: Target) -> Any:
+    """Builds candidates in this process: MetaSchedule's LocalBuilder starts a fresh
+    worker process per batch, and each worker's TVM import (plus tensor_intrin)
+    costs more than its 30 s timeout on a busy core."""
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs: list[Any]) -> list[Any]:
+            results = []
+            for item in build_inputs:
+                try:
+                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
+                    lib = tvm.tirx.build(mod, target=item.target)
+                    path = os.path.join(tempfile.mkdtemp(prefix="hatc-ms-"), "tvm_tmp_mod." + tar.output_format)
+                    lib.export_library(path, fcompile=tar)
+                    results.append(BuilderResult(path, None))
+                except Exception as e:  # a candidate that does not build is a failed trial, not a crash
+                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            return results
+
+    return InProcessBuilder()
+
+
+def _progress_callback(on_batch: Callable[[int], None]) -> Any:
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Report(PyMeasureCallback):
+        def apply(self, task_scheduler: Any, task_id: int, candidates: list, builds: list, runs: list) -> None:
+            on_batch(len(candidates))
+
+    return Report()
+
+
+def _search_strategy(trials: int) -> Any:
+    """Evolutionary search sized to the budget: its defaults (a population of 512)
+    cost more per task than a few trials do on a small machine. Below 4 trials its
+    untrained cost model picks at random anyway, so candidates are sampled directly
+    (replay-trace), which halves the time per task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if trials < 4:
+        return ms.search_strategy.ReplayTrace()
+    population = min(512, max(32, 16 * trials))
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population,
+        init_min_unmeasured=min(50, population),
+        genetic_num_iters=4 if trials >= 16 else 2,
+    )
+
+
+def _num_cores(target: Target, tvm_target: Any) -> int:
+    cores = tvm_target.attrs.get("num-cores")
+    if cores is None:
+        raise TuningError(
+            f"{target.source}: tuning needs 'num-cores' in the TVM target (or detect_host = true); "
+            "MetaSchedule sizes its parallel loops by it"
+        )
+    return int(cores)
+
+
+def check_tunable(target: Target) -> None:
+    """Raises TuningError for a target this machine cannot tune (it must run the candidates)."""
+    if target.is_cross or target.device != "cpu":
+        raise TuningError(
+            f"target '{target.name}' runs on another device; tuning it needs that device "
+            "(remote tuning through the RPC tracker is not implemented yet); tune a host target such as x86"
+        )
+
+
+def tune(
+    space: SearchSpace,
+    target: Target,
+    config: TuneConfig,
+    db_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> TuneReport:
+    """Tunes every distinct workload of ``space`` on ``target`` into a MetaSchedule database.
+
+    Resumable: workloads that already hold this run's per-task trials are skipped,
+    and records are appended as they are measured, so an interrupted run loses at
+    most the batch in flight. Runs on this machine: the target must be the host
+    CPU (a cross target is tuned on its device, which this does not do yet).
+
+    Args:
+        space: the design space.
+        target: a host target (``x86``).
+        config: buckets, beams, vocabulary and the trial budget.
+        db_dir: the database directory; default ``tuning_db_path(target)``.
+        progress: called with plan and tune progress.
+    """
+    check_tunable(target)
+    from hatc.compile.tvm_build import tvm_target_of
+
+    db_dir = Path(db_dir) if db_dir is not None else tuning_db_path(target)
+    tvm_target = tvm_target_of(target)
+    cores = _num_cores(target, tvm_target)
+    lazy_tensor_intrinsics(tvm_target)
+
+    def planned(done: int, total: int, what: str) -> None:
+        if progress:
+            progress(TuneProgress("plan", done, total, task=what))
+
+    start = time.perf_counter()
+    workloads, per_graph, n_archs, cached = plan_workloads(space, target, config, db_dir, planned)
+    plan_seconds = time.perf_counter() - start
+
+    database = load_database(db_dir, create=True)
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    goals = allocate_trials([float(estimate_tir_flops(w.mod)) for w in workloads], config.trials)
+    needs = [goal - measured_trials(database, w.mod, goal) for w, goal in zip(workloads, goals)]
+    trials_total = sum(n for n in needs if n > 0)
+    state = {"trials": 0, "done": 0}
+
+    def report(task: str = "") -> None:
+        if progress:
+            progress(TuneProgress("tune", state["done"], len(workloads), state["trials"], trials_total, task=task))
+
+    start = time.perf_counter()
+    tuned = 0
+    if trials_total:
+        tuned = _tune_workloads(workloads, needs, database, target, tvm_target, cores, config, db_dir, state, report)
+    state["done"] = len(workloads)
+    report()
+    report = TuneReport(
+        target=target.name,
+        space=space.name,
+        database=db_dir,
+        workloads=len(workloads),
+        tuned=tuned,
+        skipped=sum(1 for n in needs if n <= 0),
+        trials=state["trials"],
+        trials_planned=sum(goals),
+        trials_per_task=(min(goals, default=0), max(goals, default=0)),
+        plan_seconds=plan_seconds,
+        tune_seconds=time.perf_counter() - start,
+        plan_cached=cached,
+        covering_archs=n_archs,
+        per_graph=per_graph,
+        config={**asdict(config), "tvm_target": target.resolved_tvm_target()},
+    )
+    _log_run(db_dir, report)
+    return report
+
+
+def _log_run(db_dir: Path, report: TuneReport) -> None:
+    """Appends the run to ``<db>/runs.jsonl``: where the database's records came from."""
+    import tvm
+
+    import hatc
+
+    entry = {
+        **report.to_dict(),
+        "time": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": {"hatc": hatc.__version__, "tvm": tvm.__version__},
+    }
+    entry.pop("per_graph")
+    with open(db_dir / "runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tune_workloads(
+    workloads: list[Workload],
+    needs: list[int],
+    database: Any,
+    target: Target,
+    tvm_target: Any,
+    cores: int,
+    config: TuneConfig,
+    db_dir: Path,
+    state: dict[str, int],
+    report: Callable[[str], None],
+) -> int:
+    """One MetaSchedule run per workload that still needs trials; returns how many ran."""
+    from tvm.s_tir import meta_schedule as ms
+
+    def on_batch(n: int) -> None:
+        state["trials"] += n
+        report(current["name"])
+
+    current = {"name": ""}
+    runner = ms.runner.LocalRunner(
+        timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50)
+    )
+    builder = _builder(target)
+    cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)  # shared: what one task teaches helps the next
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(on_batch)]
+    tuned = 0
+    try:
+        for i, (workload, need) in enumerate(zip(workloads, needs)):
+            if need > 0:
+                current["name"] = workload.describe()
+                report(current["name"])
+                context = ms.TuneContext(
+                    mod=workload.mod,
+                    target=tvm_target,
+                    space_generator="post-order-apply",
+                    search_strategy=_search_strategy(need),
+                    task_name=workload.name,
+                    rand_state=config.seed + i,
+                    num_threads=cores,
+                ).clone()
+                ms.tune_tasks(
+                    tasks=[context],
+                    task_weights=[1.0],
+                    work_dir=str(db_dir / "logs"),
+                    max_trials_global=need,
+                    max_trials_per_task=need,
+                    num_trials_per_iter=min(need, 64),
+                    builder=builder,
+                    runner=runner,
+                    database=database,
+                    cost_model=cost_model,
+                    measure_callbacks=callbacks,
+                    task_scheduler="round-robin",
+                    module_equality=MODULE_EQUALITY,
+                )
+                tuned += 1
+                if not measured_trials(database, workload.mod, 1):
+                    log.warning("no candidate of %s built and ran; it stays untuned", workload.describe())
+            state["done"] = i + 1
+            report(current["name"])
+    finally:
+        pool = getattr(runner, "pool", None)
+        if pool is not None:
+            pool.shutdown()
+    return tuned

@@ -1,0 +1,301 @@
+"""Tuning databases: where they live, and applying one to a build.
+
+A database is a MetaSchedule JSONDatabase directory (``database_workload.json``,
+``database_tuning_record.json``) per target, written by ``hatc tune``
+(``hatc.compile.tuning``) at ``tuning_db_path(target)`` =
+``cache_dir()/tuning/<target>/`` unless chosen. Workloads are told apart with
+MetaSchedule's ``anchor-block`` equality: two fused functions with the same
+matmul / softmax / layer-norm block are one workload, whatever elementwise ops
+were fused around it (fusion differs with context: a mask feeding one layer is
+fused into that layer's matmul, one feeding three is not).
+
+How ``hatc compile`` and ``hatc latency measure`` use one::
+
+    from hatc.compile.tuning import load_database, missing_workloads, tuning_db_path
+    db = load_database(tuning_db_path("x86"))       # TuningError (a HatcError) if absent
+    missing_workloads(graph, target, db)            # [] when the build is fully tuned
+    build_module(graph, target, database=db)        # hatc.compile.tvm_build
+
+TVM is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hatc.errors import HatcError
+from hatc.paths import cache_dir
+from hatc.targets import Target
+
+log = logging.getLogger(__name__)
+
+TUNED_OPS = ("matmul", "softmax", "layer_norm")  # fused functions whose names hold these are tuned
+MODULE_EQUALITY = "anchor-block"  # how workloads are told apart (see the module docstring)
+PIPELINE = "fuse-transpose-matmul+fuse-ops/1"  # bump when _fuse_passes changes: workloads change with it
+WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
+
+
+class TuningError(HatcError):
+    """No usable tuning database, or a build that lacks tuned workloads."""
+
+
+# ----- where databases live ------------------------------------------------------
+
+
+def tuning_db_path(target: str | Target) -> Path:
+    """The default database directory of a target: ``cache_dir()/tuning/<target>/``."""
+    name = target.name if isinstance(target, Target) else str(target)
+    return cache_dir() / "tuning" / name
+
+
+def load_database(path: str | Path, create: bool = False) -> Any:
+    """The MetaSchedule JSONDatabase in directory ``path`` (anchor-block equality).
+
+    Args:
+        path: a directory written by ``hatc tune`` (``database_workload.json`` and
+            ``database_tuning_record.json``).
+        create: make an empty database if there is none (tuning does; readers don't).
+
+    Raises:
+        TuningError: no database there (and ``create`` is False).
+    """
+    path = Path(path)
+    if not create and not (path / WORKLOAD_FILE).is_file():
+        raise TuningError(f"no tuning database in {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    _ensure_threads()
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.database.JSONDatabase(
+        path_workload=str(path / WORKLOAD_FILE),
+        path_tuning_record=str(path / RECORD_FILE),
+        allow_missing=True,
+        module_equality=MODULE_EQUALITY,
+    )
+
+
+def _ensure_threads() -> None:
+    # TVM takes half the hardware threads on x86 unless told (see tvm_build).
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+
+# ----- what a tuned build sees ------------------------------------------------
+def _fuse_passes(target: Any) -> list[Any]:
+    """Relax passes up to fused TIR: what extraction sees and what a tuned build applies
+    the database to. The two must be the same, or database lookups miss."""
+    from tvm import relax
+
+    try:
+        dispatch = relax.pipeline.library_dispatch_passes(target)
+    except (ValueError, AttributeError):
+        dispatch = []
+    return [
+        *dispatch,
+        # x @ W^T as one kernel: the tied output projection and attention scores would
+        # otherwise copy a transposed weight/key every decoder step (half the step, untuned).
+        relax.transform.FuseTransposeMatmul(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+@contextlib.contextmanager
+def _native_warnings_dropped() -> Iterator[None]:
+    """TVM's C++ code writes warnings straight to file descriptor 2 (LegalizeOps warns
+    'Fast mode segfaults when there are out-of-bounds indices' for every gather);
+    the library never prints, so that one is dropped and anything else passed on."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if "Fast mode segfaults" in line:
+                    log.debug("tvm: %s", line.strip())
+                else:
+                    sys.stderr.write(line)
+
+
+def _fused(module: Any, target: Any) -> Any:
+    """``module`` lowered to fused TIR (``_fuse_passes``)."""
+    import tvm
+
+    with target, _native_warnings_dropped():
+        return tvm.transform.Sequential(_fuse_passes(target))(module)
+
+
+def graph_tasks(module: Any, target: Any) -> list[Any]:
+    """MetaSchedule tasks of one Relax module that hatc tunes (``TUNED_OPS``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    fused = _fused(module, target)
+    tasks = ms.relax_integration.extract_tasks(fused, target, module_equality=MODULE_EQUALITY)
+    return [t for t in tasks if any(op in t.task_name for op in TUNED_OPS)]
+
+
+# ----- the database's contents ---------------------------------------------------
+def measured_trials(database: Any, mod: Any, limit: int) -> int:
+    """Valid measured records for ``mod``'s workload, up to ``limit`` (no side effects)."""
+    if not database.has_workload(mod):
+        return 0
+    return len(database.get_top_k(database.commit_workload(mod), limit))  # an existing workload: no write
+
+
+def _same_function(a: Any, b: Any) -> bool:
+    import tvm_ffi
+
+    return bool(tvm_ffi.structural_equal(a, b, map_free_vars=True))
+
+
+def _inline_prologue(sch: Any) -> None:
+    """Inlines the spatial blocks that the anchor block does not feed into their consumers."""
+    from tvm.s_tir.analysis import find_anchor_sblock
+
+    anchor = find_anchor_sblock(sch.mod).name_hint
+    downstream: set[str] = {anchor}
+    frontier = [sch.get_sblock(anchor)]
+    while frontier:
+        for consumer in sch.get_consumers(frontier.pop()):
+            if sch.get(consumer).name_hint not in downstream:
+                downstream.add(sch.get(consumer).name_hint)
+                frontier.append(consumer)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        node = sch.get(block)
+        if node.name_hint in downstream or node.init is not None:
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - a block that cannot be inlined stays; the transfer may still work
+            log.debug("cannot inline %s", node.name_hint)
+
+
+def _schedule(record: Any, tir_mod: Any, target: Any) -> Any:
+    """The tuned schedule of ``tir_mod`` from a database record: MetaSchedule's own
+    ``MetaScheduleApplyDatabase`` logic, plus one fallback.
+
+    Same fused function as the record's: replay the trace. Same anchor block in
+    another fusion context: transfer the trace (``schedule_using_anchor_trace``).
+    TVM's transfer handles extra elementwise epilogues but not a prologue (e.g. an
+    attention mask computed inside the function, which happens when only one
+    layer uses it), so on failure the prologue is inlined first and the transfer
+    retried. Raises whatever TVM raises when that fails too.
+    """
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    if _same_function(tir_mod, record.workload.mod):
+        sch = Schedule(record.workload.mod, debug_mask=0)
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        return sch
+    try:
+        sch = Schedule(tir_mod, debug_mask=0)
+        schedule_using_anchor_trace(sch, record.trace, target)
+        return sch
+    except Exception:  # noqa: BLE001 - TVM raises ScheduleError or InternalError here
+        log.debug("anchor transfer failed as is; retrying with the prologue inlined")
+    sch = Schedule(tir_mod, debug_mask=0)
+    _inline_prologue(sch)
+    schedule_using_anchor_trace(sch, record.trace, target)
+    return sch
+
+
+def apply_database(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]]:
+    """Replaces every fused TIR function of ``mod`` that ``database`` knows by its tuned schedule.
+
+    Returns:
+        (the module, names of functions hatc tunes (``TUNED_OPS``) left unscheduled:
+        no record, or a record whose schedule does not transfer)
+    """
+    import tvm
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    functions, missing = {}, []
+    for gv, func in mod.functions.items():
+        functions[gv] = func
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        tunable = any(op in gv.name_hint for op in TUNED_OPS)
+        tir_mod = _normalize_mod(func)
+        record = database.query_tuning_record(tir_mod, target, gv.name_hint)
+        if record is None:
+            missing += [gv.name_hint] if tunable else []
+            continue
+        try:
+            scheduled = _schedule(record, tir_mod, target).mod["main"]
+        except Exception as e:  # noqa: BLE001 - an untransferable schedule leaves the function untuned
+            log.debug("no tuned schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
+            missing += [gv.name_hint] if tunable else []
+            continue
+        # Keep the original attributes (MetaScheduleApplyDatabase does the same).
+        new = tvm.tirx.PrimFunc(scheduled.params, scheduled.body, scheduled.ret_type, attrs=func.attrs)
+        functions[gv] = new.with_attr("tirx.is_scheduled", True)
+    return tvm.IRModule(functions, attrs=mod.attrs), missing
+
+
+def missing_workloads(graph: Any, target: Target, database: Any) -> list[str]:
+    """Functions of a graph (``RelaxGraph`` or IRModule) that hatc tunes but ``database`` cannot schedule.
+
+    Empty when a build of that graph with the database is fully tuned.
+    """
+    from hatc.compile.tvm_build import tvm_target_of
+
+    tvm_target = tvm_target_of(target)
+    return apply_database(_fused(getattr(graph, "module", graph), tvm_target), tvm_target, database)[1]
+
+
+def tuned_pipeline(target: Any, database: Any) -> Any:
+    """The Relax pipeline of a tuned build: fuse exactly as extraction did, schedule
+    every fused function the database knows (``apply_database``), let dlight schedule
+    the rest on GPUs, then lower as TVM's default pipeline does."""
+    import tvm
+    from tvm import relax
+    from tvm.relax import pipeline as relax_pipeline
+
+    try:
+        lower = relax_pipeline.dataflow_lower_passes(target) + relax_pipeline.finalize_passes(target)
+    except (ValueError, AttributeError):  # this wheel's CPU backend does not export them: TVM's CPU lists
+        t = relax.transform
+        lower = [
+            *(t.RewriteDataflowReshape(), t.ToNonDataflow(), t.RemovePurityChecking(), t.CallTIRRewrite()),
+            *(t.StaticPlanBlockMemory(), t.LowerAllocTensor(), t.KillAfterLastUse(), t.LowerRuntimeBuiltin()),
+            *(t.ComputePrimValue(), t.VMShapeLower(), t.AttachGlobalSymbol()),
+        ]
+    gpu = relax_pipeline.BackendDispatcher.is_gpu_target(target)
+
+    @tvm.transform.module_pass(opt_level=3, name="HatcTunedPipeline")
+    def pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            mod, _ = apply_database(_fused(mod, target), target, database)
+            if gpu:
+                from tvm.s_tir import dlight as dl
+
+                rules = (
+                    dl.gpu.Matmul(),
+                    dl.gpu.GEMV(),
+                    dl.gpu.Reduction(),
+                    dl.gpu.GeneralReduction(),
+                    dl.gpu.Fallback(),
+                )
+                mod = dl.ApplyDefaultSchedule(*rules)(mod)
+            return tvm.transform.Sequential(lower)(mod)
+
+    return pipeline
