@@ -31,8 +31,14 @@ def elf_arch(path: Path) -> str | None:
     return _ELF_MACHINES.get(machine, f"e_machine {machine}")
 
 
+def _cpus() -> int:
+    """CPUs this process may use (a container's or taskset's limit, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _import_tvm() -> Any:
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    # TVM would take half the hardware threads; a deployed model wants all it is given.
+    os.environ.setdefault("TVM_NUM_THREADS", str(_cpus()))
     try:
         import tvm
         from tvm import relax  # noqa: F401  (registers the VM)
@@ -177,7 +183,7 @@ def load_runner(
                 artifact.path(entry["encoder"]["file"]),
                 artifact.path(entry["decoder_step"]["file"]),
                 sig,
-                threads=threads or len(os.sched_getaffinity(0)),
+                threads=threads or _cpus(),
             )
         except ImportError:
             raise ArtifactError("this artifact needs onnxruntime: pip install onnxruntime") from None
