@@ -21,7 +21,7 @@ SpaceOption = Annotated[
     typer.Option(
         "--space",
         help=f"Design space: {', '.join(BUILTIN_SPACES)} or a space YAML file "
-        "[default: the space the file names, else wmt].",
+        "(default: the space the file names, else wmt).",
     ),
 ]
 

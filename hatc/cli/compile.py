@@ -23,7 +23,7 @@ def compile_command(
     out: Annotated[Path, typer.Option(help="Artifact directory to write (and OUT.tar.gz beside it).")],
     arch: Annotated[
         str | None,
-        typer.Option(help="SubTransformer of a supernet checkpoint (file, inline JSON, largest, smallest) [largest]."),
+        typer.Option(help="Supernet SubTransformer: file, inline JSON, largest or smallest (default: largest)."),
     ] = None,
     backend: Annotated[str, typer.Option(help="tvm (compiled libraries) or onnxruntime (ONNX graphs).")] = "tvm",
     db: Annotated[

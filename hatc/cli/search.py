@@ -19,13 +19,13 @@ def search(
     budget: Annotated[str | None, typer.Option(help="Latency budget: 200ms, 6s, 0.2s.")] = None,
     budgets: Annotated[str | None, typer.Option(help="A ladder of budgets in one run: 100ms,150ms,200ms.")] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Supernet checkpoint [default: newest supernet best.pt under --workdir].")
+        Path | None, typer.Option(help="Supernet checkpoint (default: newest supernet best.pt under --workdir).")
     ] = None,
-    data: Annotated[Path | None, typer.Option(help="Data directory [default: the checkpoint's].")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data directory (default: the checkpoint's).")] = None,
     predictor: Annotated[
-        Path | None, typer.Option(help="Predictor file [default: the one registered for target and space].")
+        Path | None, typer.Option(help="Predictor file (default: the one registered for target and space).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory [default: WORKDIR/search-TARGET].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: WORKDIR/search-TARGET).")] = None,
     workdir: Annotated[Path, typer.Option(help="Workspace searched for checkpoints.")] = Path("runs"),
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 1,
     iterations: Annotated[int, typer.Option(min=1, help="Generations.")] = 30,

@@ -126,7 +126,7 @@ def subnet(
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Start from random weights.")] = False,
     inherit: Annotated[Path | None, typer.Option(help="Start from this supernet checkpoint's weights.")] = None,
     space: Annotated[
-        str | None, typer.Option(help="Design space [default: the inherited supernet's, else the arch file's].")
+        str | None, typer.Option(help="Design space (default: the inherited supernet's, else the arch file's).")
     ] = None,
     max_updates: MaxUpdates = None,
     minutes: Minutes = None,

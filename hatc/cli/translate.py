@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 Checkpoint = Annotated[Path, typer.Option(help="Supernet or SubTransformer checkpoint.")]
 Arch = Annotated[
     str | None,
-    typer.Option(help="SubTransformer of a supernet checkpoint (file, inline JSON, largest, smallest) [largest]."),
+    typer.Option(help="Supernet SubTransformer: file, inline JSON, largest or smallest (default: largest)."),
 ]
 Beam = Annotated[int, typer.Option(min=1, help="Beam size (1 = greedy).")]
 Lenpen = Annotated[float, typer.Option(help="Length penalty: score / length ** lenpen.")]
@@ -81,7 +81,7 @@ def translate(
         Path | None, typer.Option(help="Artifact directory or .tar.gz from 'hatc compile' (runs without PyTorch).")
     ] = None,
     arch: Arch = None,
-    input: Annotated[Path | None, typer.Option("--input", help="Sentences, one a line [default: stdin].")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="Sentences, one a line (default: stdin).")] = None,
     beam: Annotated[int | None, typer.Option(min=1, help="Beam size (1 = greedy) [4, or the artifact's].")] = None,
     lenpen: Annotated[float | None, typer.Option(help="Length penalty: score / length ** lenpen [0.6].")] = None,
     max_len: MaxLen = 256,
