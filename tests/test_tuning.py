@@ -97,6 +97,16 @@ def test_tune_writes_a_database_and_resumes(tuned):
     assert second["tuned"] == 0 and second["skipped"] == first["workloads"] and second["trials"] == 0
 
 
+def test_one_tuning_run_per_database(tuned):
+    from hatc.compile.tuning_db import writer_lock
+
+    db, _, _ = tuned
+    with writer_lock(db):  # as if another `hatc tune` were writing
+        result = run_cli(*tune_args(db))
+    assert result.code == 2 and "is being tuned by pid" in result.stderr
+    assert run_cli(*tune_args(db)).code == 0  # released
+
+
 def test_tuned_build_is_applied_and_matches_pytorch(tuned, tmp_path):
     from hatc.compile.export import export_onnx
     from hatc.compile.parity import check_parity

@@ -189,14 +189,14 @@ def measure(
     target: Annotated[str, typer.Option("--target", help="hatc target (x86, rpi4, ...).")],
     space: SpaceOption = None,
     tracker: Annotated[
-        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker [default: measure here].")
+        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker (default: measure here).")
     ] = None,
-    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker [default: the target's].")] = None,
-    beam: Annotated[int | None, typer.Option("--beam", help="Decoder batch [default: the target's, 4].")] = None,
-    repeats: Annotated[int | None, typer.Option("--repeats", help="Measured runs [default: the target's].")] = None,
-    warmup: Annotated[int | None, typer.Option("--warmup", help="Discarded runs [default: the target's].")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (default: the target's).")] = None,
+    beam: Annotated[int | None, typer.Option("--beam", help="Decoder batch (default: the target's, 4).")] = None,
+    repeats: Annotated[int | None, typer.Option("--repeats", help="Measured runs (default: the target's).")] = None,
+    warmup: Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")] = None,
     db: Annotated[
-        Path | None, typer.Option("--db", help="Tuning database [default: <cache>/tuning/<target>/].")
+        Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")
     ] = None,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")] = 8000,
     as_json: JsonOption = False,

@@ -41,7 +41,7 @@ def parse_ints(text: str, what: str, allowed: tuple[int, ...] | None = None) -> 
 def tune_command(
     target: Annotated[str, typer.Option("--target", help="hatc target (x86, ...; see 'hatc targets').")],
     space: Annotated[
-        str | None, typer.Option("--space", help="Design space name or YAML file [default: the checkpoint's].")
+        str | None, typer.Option("--space", help="Design space name or YAML file (default: the checkpoint's).")
     ] = None,
     trials: Annotated[
         int | None,
@@ -52,17 +52,17 @@ def tune_command(
         ),
     ] = None,
     db: Annotated[
-        Path | None, typer.Option("--db", help="Database directory [default: <cache>/tuning/<target>/].")
+        Path | None, typer.Option("--db", help="Database directory (default: <cache>/tuning/<target>/).")
     ] = None,
     buckets: Annotated[str, typer.Option("--buckets", help="Source length buckets, comma-separated.")] = ",".join(
         map(str, BUCKETS)
     ),
     beam: Annotated[
-        str | None, typer.Option("--beam", help="Decoder batch sizes, comma-separated [default: the target's beam].")
+        str | None, typer.Option("--beam", help="Decoder batch sizes, comma-separated (default: the target's beam).")
     ] = None,
     vocab_size: Annotated[
         int | None,
-        typer.Option("--vocab-size", help=f"Vocabulary size (output projection) [default: {DEFAULT_VOCAB}]."),
+        typer.Option("--vocab-size", help=f"Vocabulary size (output projection) (default: {DEFAULT_VOCAB})."),
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="Take the vocabulary (and space) from this checkpoint.")
@@ -119,7 +119,8 @@ def _tune_with_progress(space: SearchSpace, target: Target, config: TuneConfig, 
                 last["done"] = event.done
                 what = "planned" if event.stage == "plan" else "tuned"
                 trials = f", trials {event.trials}/{event.trials_total}" if event.stage == "tune" else ""
-                stderr.print(f"{event.stage}: {event.done}/{event.total} {what}{trials}  {event.task}".rstrip())
+                text = f"{event.stage}: {event.done}/{event.total} {what}{trials}  {event.task}".rstrip()
+                stderr.print(text, soft_wrap=True)
 
         return tune(space, target, config, db, line)
     with Progress(

@@ -47,6 +47,7 @@ from hatc.compile.tuning_db import (
     missing_workloads,
     tuned_pipeline,
     tuning_db_path,
+    writer_lock,
 )
 from hatc.compile.workloads import Workload, covering_archs, plan_workloads
 from hatc.space import SearchSpace
@@ -164,6 +165,7 @@ class TuneReport:
     trials: int  # measured trials in this run
     trials_planned: int  # the budget's trials over all workloads (what a fresh database would get)
     trials_per_task: tuple[int, int]  # (fewest, most) trials a workload gets
+    search: str  # the MetaSchedule search strategy used
     plan_seconds: float
     tune_seconds: float
     plan_cached: bool
@@ -217,20 +219,22 @@ def _progress_callback(on_batch: Callable[[int], None]) -> Any:
     return Report()
 
 
-def _search_strategy(trials: int) -> Any:
-    """Evolutionary search sized to the budget: its defaults (a population of 512)
-    cost more per task than a few trials do on a small machine. Below 4 trials its
-    untrained cost model picks at random anyway, so candidates are sampled directly
-    (replay-trace), which halves the time per task."""
+def _search_strategy(trials: int, smoke: bool) -> Any:
+    """Evolutionary search sized to the budget (its default population of 512 costs
+    minutes per task on one core). Even for one trial it beats random sampling: the
+    cost model is shared across tasks, so later tasks pick from what earlier ones
+    measured (random picks gave a 2 ms layer norm). Only a smoke-test budget (under
+    two trials per workload on average) samples at random (replay-trace), which
+    halves the time per task."""
     from tvm.s_tir import meta_schedule as ms
 
-    if trials < 4:
+    if smoke:
         return ms.search_strategy.ReplayTrace()
-    population = min(512, max(32, 16 * trials))
+    population = min(256, max(32, 8 * trials))
     return ms.search_strategy.EvolutionarySearch(
         population_size=population,
         init_min_unmeasured=min(50, population),
-        genetic_num_iters=4 if trials >= 16 else 2,
+        genetic_num_iters=3 if trials >= 16 else 2,
     )
 
 
@@ -286,6 +290,20 @@ def tune(
         if progress:
             progress(TuneProgress("plan", done, total, task=what))
 
+    with writer_lock(db_dir):
+        return _tune_locked(space, target, config, db_dir, progress, planned, tvm_target, cores)
+
+
+def _tune_locked(
+    space: SearchSpace,
+    target: Target,
+    config: TuneConfig,
+    db_dir: Path,
+    progress: ProgressFn | None,
+    planned: Callable[[int, int, str], None],
+    tvm_target: Any,
+    cores: int,
+) -> TuneReport:
     start = time.perf_counter()
     workloads, per_graph, n_archs, cached = plan_workloads(space, target, config, db_dir, planned)
     plan_seconds = time.perf_counter() - start
@@ -295,6 +313,7 @@ def tune(
 
     goals = allocate_trials([float(estimate_tir_flops(w.mod)) for w in workloads], config.trials)
     needs = [goal - measured_trials(database, w.mod, goal) for w, goal in zip(workloads, goals)]
+    smoke = sum(goals) < 2 * len(workloads)  # a smoke-test budget: random candidates (see _search_strategy)
     trials_total = sum(n for n in needs if n > 0)
     state = {"trials": 0, "done": 0}
 
@@ -305,7 +324,9 @@ def tune(
     start = time.perf_counter()
     tuned = 0
     if trials_total:
-        tuned = _tune_workloads(workloads, needs, database, target, tvm_target, cores, config, db_dir, state, report)
+        tuned = _tune_workloads(
+            workloads, needs, smoke, database, target, tvm_target, cores, config, db_dir, state, report
+        )
     state["done"] = len(workloads)
     report()
     report = TuneReport(
@@ -318,6 +339,7 @@ def tune(
         trials=state["trials"],
         trials_planned=sum(goals),
         trials_per_task=(min(goals, default=0), max(goals, default=0)),
+        search="replay-trace (smoke-test budget)" if smoke else "evolutionary, shared xgboost cost model",
         plan_seconds=plan_seconds,
         tune_seconds=time.perf_counter() - start,
         plan_cached=cached,
@@ -350,6 +372,7 @@ def _log_run(db_dir: Path, report: TuneReport) -> None:
 def _tune_workloads(
     workloads: list[Workload],
     needs: list[int],
+    smoke: bool,
     database: Any,
     target: Target,
     tvm_target: Any,
@@ -383,7 +406,7 @@ def _tune_workloads(
                     mod=workload.mod,
                     target=tvm_target,
                     space_generator="post-order-apply",
-                    search_strategy=_search_strategy(need),
+                    search_strategy=_search_strategy(need, smoke),
                     task_name=workload.name,
                     rand_state=config.seed + i,
                     num_threads=cores,

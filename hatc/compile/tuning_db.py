@@ -64,7 +64,8 @@ def load_database(path: str | Path, create: bool = False) -> Any:
         create: make an empty database if there is none (tuning does; readers don't).
 
     Raises:
-        TuningError: no database there (and ``create`` is False).
+        TuningError: no database there (and ``create`` is False), or files MetaSchedule
+            cannot read (e.g. written by two tuning runs at once, which ``writer_lock`` prevents).
     """
     path = Path(path)
     if not create and not (path / WORKLOAD_FILE).is_file():
@@ -73,12 +74,49 @@ def load_database(path: str | Path, create: bool = False) -> Any:
     _ensure_threads()
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.database.JSONDatabase(
-        path_workload=str(path / WORKLOAD_FILE),
-        path_tuning_record=str(path / RECORD_FILE),
-        allow_missing=True,
-        module_equality=MODULE_EQUALITY,
-    )
+    try:
+        return ms.database.JSONDatabase(
+            path_workload=str(path / WORKLOAD_FILE),
+            path_tuning_record=str(path / RECORD_FILE),
+            allow_missing=True,
+            module_equality=MODULE_EQUALITY,
+        )
+    except Exception as e:  # TVM raises RuntimeError / its own errors with C++ detail
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise TuningError(
+            f"the tuning database in {path} is unreadable ({first}); move it aside and run 'hatc tune' again"
+        ) from e
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path) -> Iterator[None]:
+    """Holds ``<path>/.lock`` exclusively: one tuning run writes a database at a time.
+
+    Records point at workloads by their line number in the workload file, so two
+    writers appending at once leave records pointing at the wrong workloads.
+
+    Raises:
+        TuningError: another process holds the lock.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise TuningError(f"{path} is being tuned by {holder}; wait for it, or tune into another --db") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _ensure_threads() -> None:

@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ class Protocol:
     warmup: int  # full runs discarded
     repeats: int  # full runs kept (then trimmed)
     trim: float = TRIM
-    threads: int = 1  # TVM_NUM_THREADS on the measuring host
+    threads: int | None = 1  # TVM_NUM_THREADS when measured here; None on an RPC device (its server's own)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,6 +267,7 @@ def measure_latency(
             say(f"requesting a '{key}' device from {tracker}")
             session = request_session(tracker, key, request_timeout_s, session_timeout_s=session_timeout_s)
             device_name = f"{parse_tracker(tracker)}/{key}"
+            protocol = replace(protocol, threads=None)
         runner = _Runner(libs, (encoder, decoder), graphs.signature, target, session, Path(tmp), protocol.src_len)
         say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}")
         runs = [runner.run(protocol) for _ in range(protocol.warmup + protocol.repeats)][protocol.warmup :]
