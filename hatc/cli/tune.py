@@ -47,8 +47,8 @@ def tune_command(
         int | None,
         typer.Option(
             "--trials",
-            help=f"Total measured trials, split over the workloads by sqrt(FLOPs), at least one each "
-            f"[default: {DEFAULT_TRIALS_PER_TASK} x workloads].",
+            help="Total measured trials, split over the workloads by sqrt(FLOPs x calls per sentence), "
+            f"at least one each (default: {DEFAULT_TRIALS_PER_TASK} x workloads).",
         ),
     ] = None,
     db: Annotated[

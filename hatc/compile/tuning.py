@@ -6,11 +6,14 @@ exported for every length bucket and beam, tasks deduplicated), and ``tune``
 runs MetaSchedule on each into the target's database (``hatc.compile.tuning_db``),
 appending records as they are measured. Only tasks whose name holds
 ``TUNED_OPS`` (matmul, softmax, layer norm) are tuned; reshapes, transposes and
-gathers stay plain loops.
+gathers stay plain loops. Each workload's plain loops are measured too (a
+"baseline" record with an empty trace), so a build never picks a schedule that
+measured slower than no schedule.
 
-Resumable: each workload has a trial goal (the budget split by sqrt(FLOPs), at
-least one); a workload whose database records already reach it is skipped, so a
-second run with the same budget tunes nothing and a larger budget tops up.
+Resumable: each workload has a trial goal (the budget split by sqrt(FLOPs x calls
+per sentence), at least one); a workload whose database records already reach
+it is skipped, so a second run with the same budget tunes nothing and a larger
+budget tops up.
 
 This module also re-exports what builds need (``tuning_db_path``,
 ``load_database``, ``missing_workloads``); see ``hatc.compile.tuning_db``.
@@ -40,6 +43,7 @@ from hatc.compile.tuning_db import (
     RECORD_FILE,
     TUNED_OPS,
     WORKLOAD_FILE,
+    Baselines,
     TuningError,
     apply_database,
     load_database,
@@ -112,10 +116,10 @@ class TuneConfig:
     """What to tune for, and how hard.
 
     ``trials`` is the total measured-trial budget over all workloads, split in
-    proportion to the square root of each workload's FLOPs (the FFN and output
-    projections get more than a 4x1x64 attention product), at least one each: a
-    workload without a measured trial would stay untuned and every build using
-    it would be refused.
+    proportion to sqrt(FLOPs x calls per sentence) (``allocate_trials``: the
+    output projection, run at every decoder step, gets more than a 4x1x64
+    attention product), at least one each: a workload without a measured trial
+    would stay untuned and every build using it would be refused.
     """
 
     buckets: tuple[int, ...]  # source length buckets (hatc.compile.signature.BUCKETS)
@@ -127,12 +131,18 @@ class TuneConfig:
     seed: int = 0
 
 
-def allocate_trials(flops: list[float], total: int | None) -> list[int]:
-    """Per-workload trial targets: ``total`` split by sqrt(FLOPs), at least one each."""
+def allocate_trials(flops: list[float], total: int | None, calls: list[int] | None = None) -> list[int]:
+    """Per-workload trial goals: ``total`` split by sqrt(FLOPs x calls), at least one each.
+
+    ``calls`` is how often a workload runs per translated sentence (a decoder step's
+    run once per target token, the encoder's once), so trials follow the time at
+    stake: the square root keeps some for the many small workloads.
+    """
     if not flops:
         return []
     total = DEFAULT_TRIALS_PER_TASK * len(flops) if total is None else total
-    weights = [math.sqrt(max(f, 1.0)) for f in flops]
+    calls = calls or [1] * len(flops)
+    weights = [math.sqrt(max(f, 1.0) * c) for f, c in zip(flops, calls)]
     scale = total / sum(weights)
     return [max(1, int(w * scale)) for w in weights]
 
@@ -205,6 +215,37 @@ def _builder(target: Target) -> Any:
             return results
 
     return InProcessBuilder()
+
+
+def _measure_baseline(
+    workload: Workload, builder: Any, runner: Any, database: Any, baselines: Baselines, tvm_target: Any
+) -> None:
+    """Measures the workload as it is (plain loops) and records it with an empty trace.
+
+    Builds then pick the faster of it and the tuned schedules: a few trials can land
+    on a schedule far worse than no schedule at all (a layer norm recomputing its
+    mean for every element: 400x slower), and this makes tuning never worse than
+    not tuning, kernel by kernel.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.schedule import Trace
+
+    args_info = ms.arg_info.ArgInfo.from_prim_func(workload.mod["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(workload.mod, tvm_target)])
+    if built.error_msg:
+        log.warning("the baseline of %s does not build: %s", workload.describe(), built.error_msg)
+        return
+    device = "cuda" if str(tvm_target.kind.name) == "cuda" else "cpu"  # the runner's device names
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
+    result = future.result()
+    if result.error_msg or not result.run_secs:
+        log.warning("the baseline of %s does not run: %s", workload.describe(), result.error_msg)
+        return
+    committed = database.commit_workload(workload.mod)
+    database.commit_tuning_record(
+        ms.database.TuningRecord(Trace([], {}), committed, result.run_secs, tvm_target, args_info)
+    )
+    baselines.add(committed, sum(float(t) for t in result.run_secs) / len(result.run_secs))
 
 
 def _progress_callback(on_batch: Callable[[int], None]) -> Any:
@@ -311,7 +352,9 @@ def _tune_locked(
     database = load_database(db_dir, create=True)
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    goals = allocate_trials([float(estimate_tir_flops(w.mod)) for w in workloads], config.trials)
+    flops = [float(estimate_tir_flops(w.mod)) for w in workloads]
+    calls = [space.target_tokens if w.graph == "decoder_step" else 1 for w in workloads]  # per sentence
+    goals = allocate_trials(flops, config.trials, calls)
     needs = [goal - measured_trials(database, w.mod, goal) for w, goal in zip(workloads, goals)]
     smoke = sum(goals) < 2 * len(workloads)  # a smoke-test budget: random candidates (see _search_strategy)
     trials_total = sum(n for n in needs if n > 0)
@@ -323,9 +366,10 @@ def _tune_locked(
 
     start = time.perf_counter()
     tuned = 0
-    if trials_total:
+    baselines = Baselines(database)
+    if trials_total or any(baselines.seconds(w.mod) is None for w in workloads):
         tuned = _tune_workloads(
-            workloads, needs, smoke, database, target, tvm_target, cores, config, db_dir, state, report
+            workloads, needs, smoke, database, baselines, target, tvm_target, cores, config, db_dir, state, report
         )
     state["done"] = len(workloads)
     report()
@@ -374,6 +418,7 @@ def _tune_workloads(
     needs: list[int],
     smoke: bool,
     database: Any,
+    baselines: Baselines,
     target: Target,
     tvm_target: Any,
     cores: int,
@@ -399,6 +444,8 @@ def _tune_workloads(
     tuned = 0
     try:
         for i, (workload, need) in enumerate(zip(workloads, needs)):
+            if baselines.seconds(workload.mod) is None:
+                _measure_baseline(workload, builder, runner, database, baselines, tvm_target)
             if need > 0:
                 current["name"] = workload.describe()
                 report(current["name"])

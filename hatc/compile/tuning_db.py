@@ -191,11 +191,56 @@ def graph_tasks(module: Any, target: Any) -> list[Any]:
 
 
 # ----- the database's contents ---------------------------------------------------
-def measured_trials(database: Any, mod: Any, limit: int) -> int:
-    """Valid measured records for ``mod``'s workload, up to ``limit`` (no side effects)."""
+def _records(database: Any, mod: Any, limit: int) -> list[Any]:
     if not database.has_workload(mod):
-        return 0
-    return len(database.get_top_k(database.commit_workload(mod), limit))  # an existing workload: no write
+        return []
+    return list(database.get_top_k(database.commit_workload(mod), limit))  # an existing workload: no write
+
+
+def is_baseline(record: Any) -> bool:
+    """A record of the function as it was, unscheduled (an empty trace; see ``hatc tune``)."""
+    return len(record.trace.insts) == 0
+
+
+def measured_trials(database: Any, mod: Any, limit: int) -> int:
+    """Valid tuned records for ``mod``'s workload, up to ``limit`` (no side effects).
+
+    MetaSchedule's queries never return baseline records (empty traces), so this
+    counts tuned ones only."""
+    return sum(1 for r in _records(database, mod, limit) if not is_baseline(r))
+
+
+class Baselines:
+    """The measured time of each workload's plain loops (baseline records).
+
+    MetaSchedule's ``get_top_k`` and ``query_tuning_record`` skip records with an
+    empty trace, so they are indexed here from all records, once per database.
+    """
+
+    def __init__(self, database: Any):
+        import tvm_ffi
+
+        self._database, self._hash = database, tvm_ffi.structural_hash
+        self._seconds: dict[int, list[tuple[Any, float]]] = {}
+        for record in database.get_all_tuning_records():
+            if is_baseline(record) and record.run_secs:
+                self.add(record.workload, _mean(record.run_secs))
+
+    def add(self, workload: Any, seconds: float) -> None:
+        self._seconds.setdefault(self._hash(workload.mod), []).append((workload, seconds))
+
+    def seconds(self, mod: Any) -> float | None:
+        """The fastest baseline of ``mod``'s workload, None if never measured."""
+        if not self._database.has_workload(mod):
+            return None
+        workload = self._database.commit_workload(mod)  # the database's own object: no write
+        times = [t for w, t in self._seconds.get(self._hash(workload.mod), []) if w.same_as(workload)]
+        return min(times) if times else None
+
+
+def _mean(values: Any) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values)
 
 
 def _same_function(a: Any, b: Any) -> bool:
@@ -267,6 +312,7 @@ def apply_database(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     functions, missing = {}, []
+    baselines = Baselines(database)
     for gv, func in mod.functions.items():
         functions[gv] = func
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -277,6 +323,9 @@ def apply_database(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]
         if record is None:
             missing += [gv.name_hint] if tunable else []
             continue
+        baseline = baselines.seconds(tir_mod)
+        if baseline is not None and baseline < _mean(record.run_secs):
+            continue  # tuned, and the plain loops measured fastest: keep them
         try:
             scheduled = _schedule(record, tir_mod, target).mod["main"]
         except Exception as e:  # noqa: BLE001 - an untransferable schedule leaves the function untuned
