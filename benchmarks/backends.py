@@ -10,8 +10,10 @@ included, each step feeding the argmax tokens back. Backends:
 - ``onnxruntime``: the exported encoder and decoder-step graphs (source padded
   to the 32-token bucket, fixed 64-slot cache), as a deployment runs them;
 - ``tvm-untuned``: the same graphs through TVM Relax, default pipeline, no tuning;
-- ``tvm-tuned``: not yet; it lands with ``hatc tune`` (MetaSchedule database,
-  see issue 4), as another entry of BACKENDS below.
+- ``tvm-tuned``: the same graphs built with the target's MetaSchedule database
+  (``hatc tune``; ``--db``); the tuning runs (trials, time) are copied into the
+  JSON from the database's ``runs.jsonl``. A database lacking a case's workloads
+  stops the benchmark with the ``hatc tune`` command to run.
 
 Backends run interleaved (one run of each per round) so machine noise hits all
 alike; medians of the rounds (untuned TVM gets fewer rounds: it is slow).
@@ -20,6 +22,8 @@ a shared 2-core machine, PyTorch with 2 threads slows down up to 100x as soon
 as another process holds a core (its workers spin at barriers), which would
 make every ratio meaningless. Prints a table, writes JSON:
 
+    hatc tune --target x86 --space tiny --buckets 32 --beam 1,4 --trials 500
+    hatc tune --target x86 --space wmt --buckets 32 --beam 1,4 --trials 500 --vocab-size 32768
     python benchmarks/backends.py --out benchmarks/results/backends.json
 """
 
@@ -38,7 +42,7 @@ from typing import Any
 SOURCE_TOKENS, TARGET_TOKENS, BUCKET = 30, 30, 32
 VOCAB = {"tiny": 8000, "wmt": 32768}  # hatc's data default; HAT's WMT'14 joint BPE dictionary size
 CASES = (("tiny", "largest"), ("tiny", "smallest"), ("wmt", "smallest"))
-BACKENDS = ("eager", "onnxruntime", "tvm-untuned")  # "tvm-tuned" joins once tuning exists
+BACKENDS = ("eager", "onnxruntime", "tvm-untuned", "tvm-tuned")
 
 
 def _eager_run(model, src, beam: int) -> tuple[float, float]:
@@ -79,7 +83,8 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
     from hatc.compile.export import export_onnx
     from hatc.compile.parity import check_parity
     from hatc.compile.runners import OrtRunner
-    from hatc.compile.tvm_build import TvmRunner, build_graphs
+    from hatc.compile.tuning import load_database, missing_workloads
+    from hatc.compile.tvm_build import TvmRunner, build_graphs, import_graphs
     from hatc.cost import count_flops, count_params
     from hatc.space import load_space
     from hatc.static.model import ModelConfig, SubTransformer
@@ -94,10 +99,21 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
     export_s = time.perf_counter() - start
     ort = OrtRunner(graphs.encoder, graphs.decoder, graphs.signature, threads=args.threads)
     runners: dict[str, Any] = {"eager": None, "onnxruntime": ort}
-    built = None
+    built = tuned = None
     if not args.skip_tvm:
         built = build_graphs(graphs, load_target("x86"))
         runners["tvm-untuned"] = TvmRunner(built)
+    if not args.skip_tuned:
+        target, database = load_target("x86"), load_database(args.db)
+        missing = [m for g in import_graphs(graphs) for m in missing_workloads(g, target, database)]
+        if missing:
+            raise SystemExit(
+                f"{args.db} lacks {len(missing)} workloads of {space_name} {arch_name} at beam {beam}: run "
+                f"`hatc tune --target x86 --space {space_name} --buckets {BUCKET} --beam {beam} "
+                f"--vocab-size {VOCAB[space_name]} --db {args.db}`"
+            )
+        tuned = build_graphs(graphs, target, database=database)  # a warm database: compile time per subnet
+        runners["tvm-tuned"] = TvmRunner(tuned)
     parity = {name: check_parity(r, model, steps=3).max_abs_diff for name, r in runners.items() if r is not None}
 
     src_np = np.random.default_rng(0).integers(4, VOCAB[space_name], (1, SOURCE_TOKENS))
@@ -134,10 +150,31 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
         "gflops": count_flops(arch, space) / 1e9,
         "export_s": export_s,
         "tvm_build_s": built.seconds if built else None,
+        "tvm_tuned_build_s": tuned.seconds if tuned else None,
         "backends": backends,
         "speedup_vs_eager": {n: eager_total / b["total_ms"] for n, b in backends.items()},
         "slowdown_vs_onnxruntime": {n: b["total_ms"] / ort_total for n, b in backends.items()},
         "arch_config": arch.to_dict(),
+    }
+
+
+def _tuning_provenance(db: Path) -> dict[str, Any]:
+    """What the tuned column was tuned with: the database's records and its tuning runs."""
+    runs = []
+    if (db / "runs.jsonl").is_file():
+        runs = [json.loads(line) for line in (db / "runs.jsonl").read_text().splitlines() if line.strip()]
+    records = db / "database_tuning_record.json"
+    return {
+        "database": str(db),
+        "records": sum(1 for line in records.read_text().splitlines() if line.strip()) if records.is_file() else 0,
+        "runs": runs,  # one entry per `hatc tune` run: space, buckets, beams, trials, seconds
+        "trials_by_space": {
+            space: sum(r["trials"] for r in runs if r["space"] == space) for space in {r["space"] for r in runs}
+        },
+        "tuning_seconds_by_space": {
+            space: sum(r["plan_seconds"] + r["tune_seconds"] for r in runs if r["space"] == space)
+            for space in {r["space"] for r in runs}
+        },
     }
 
 
@@ -150,11 +187,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tvm-repeats", type=int, default=3, help="measured rounds for untuned TVM")
-    parser.add_argument("--skip-tvm", action="store_true")
+    parser.add_argument("--skip-tvm", action="store_true", help="skip untuned TVM (slow)")
+    parser.add_argument("--skip-tuned", action="store_true", help="skip tuned TVM")
+    parser.add_argument("--db", type=Path, default=None, help="tuning database [default: the x86 target's]")
     parser.add_argument("--cases", default=",".join(f"{s}:{a}" for s, a in CASES), help="space:arch,...")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/backends.json"))
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM loads
+    from hatc.compile.tuning import tuning_db_path
+
+    args.db = args.db or tuning_db_path("x86")
 
     import numpy
     import onnxruntime
@@ -175,21 +217,21 @@ def main() -> None:
 
     names = list(rows[0]["backends"])
     header = f"{'space':5} {'arch':8} {'beam':>4} " + " ".join(f"{n + ' enc/dec ms':>26}" for n in names)
-    header += "  ORT/eager speedup  TVM/ORT slowdown"
+    header += "  ORT/eager speedup  TVM (tuned if run)/ORT time"
     print(header)
     for r in rows:
         cells = " ".join(
             f"{b['encoder_ms']:>12.1f} / {b['decoder_ms']:>9.1f}" + " " * 2 for b in r["backends"].values()
         )
-        tvm = r["slowdown_vs_onnxruntime"].get("tvm-untuned")
+        tvm = r["slowdown_vs_onnxruntime"].get("tvm-tuned") or r["slowdown_vs_onnxruntime"].get("tvm-untuned")
         print(
             f"{r['space']:5} {r['arch']:8} {r['beam']:>4} {cells} {r['speedup_vs_eager']['onnxruntime']:>12.2f}x"
-            + (f" {tvm:>15.1f}x" if tvm else "")
+            + (f" {tvm:>15.2f}x" if tvm else "")
         )
 
     versions = {"hatc": hatc.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     versions["numpy"] = numpy.__version__
-    if not args.skip_tvm:
+    if not (args.skip_tvm and args.skip_tuned):
         import tvm
 
         versions["tvm"] = tvm.__version__
@@ -215,11 +257,11 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "threads": args.threads,
             "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
-            "target": load_target("x86").resolved_tvm_target() if not args.skip_tvm else None,
+            "target": load_target("x86").resolved_tvm_target() if not (args.skip_tvm and args.skip_tuned) else None,
         },
         "versions": versions,
         "weights": "random (seed 0)",
-        "tvm_tuned": None,  # pending: hatc tune (MetaSchedule), trials to be stated here
+        "tvm_tuned": None if args.skip_tuned else _tuning_provenance(args.db),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
