@@ -111,6 +111,20 @@ def test_parse_tracker():
             parse_tracker(bad)
 
 
+def test_tracker_protocol_constants_match_tvm():
+    """hatc speaks the tracker protocol without importing TVM; its constants must be TVM's."""
+    from tvm.rpc import base
+
+    from hatc.rpc import tracker
+
+    assert tracker.TRACKER_MAGIC == base.RPC_TRACKER_MAGIC
+    assert (tracker.SUCCESS, tracker.REQUEST, tracker.SUMMARY) == (
+        base.TrackerCode.SUCCESS,
+        base.TrackerCode.REQUEST,
+        base.TrackerCode.SUMMARY,
+    )
+
+
 def test_emulated_keys():
     assert RPI4.key == "rpi4-qemu" and is_emulated_key("rpi4-qemu")
     assert not is_emulated_key("rpi4") and not is_emulated_key("qemu-rpi4")

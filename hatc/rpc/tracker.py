@@ -6,11 +6,15 @@ unreachable tracker or a key nobody serves is one clear error instead of a hang
 (TVM's client retries a refused connection for 60 s and waits for a device
 forever), and a summary with free, busy and pending devices per key.
 
-TVM is imported only after the tracker answered, so a wrong address fails fast.
+The tracker's wire protocol (a magic number, then length-prefixed JSON) is
+spoken here in plain Python, so status and readiness checks never load TVM:
+a tool that is Ctrl-C'd while libtvm loads can abort instead of exiting 130.
+TVM is imported only to open a device session.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
@@ -18,6 +22,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hatc.errors import HatcError
+
+# TVM's tracker protocol (tvm/rpc/base.py), pinned here so clients need not import TVM.
+TRACKER_MAGIC = 0x2F271
+SUCCESS, REQUEST, SUMMARY = 0, 4, 6
+
+
+def _send_json(sock: socket.socket, value: Any) -> None:
+    data = json.dumps(value).encode("utf-8")
+    sock.sendall(struct.pack("<i", len(data)) + data)
+
+
+def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    chunks, got = [], 0
+    while got < nbytes:
+        chunk = sock.recv(min(nbytes - got, 65536))
+        if not chunk:
+            raise OSError("connection reset")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_json(sock: socket.socket) -> Any:
+    size = struct.unpack("<i", _recv_exactly(sock, 4))[0]
+    return json.loads(_recv_exactly(sock, size).decode("utf-8"))
 
 DEFAULT_TRACKER_PORT = 9190
 CONNECT_TIMEOUT_S = 5.0  # a tracker on a reachable network answers far sooner
@@ -113,15 +142,13 @@ def _open(addr: TrackerAddress, timeout_s: float) -> socket.socket:
         raise RpcError(f"cannot reach the RPC tracker at {addr}: no answer within {timeout_s:g} s") from e
     except OSError as e:
         raise RpcError(f"cannot reach the RPC tracker at {addr}: {e.strerror or e}") from e
-    from tvm.rpc import base  # lazy: only once something answered
-
     try:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+        sock.sendall(struct.pack("<i", TRACKER_MAGIC))
+        magic = struct.unpack("<i", _recv_exactly(sock, 4))[0]
     except OSError as e:
         sock.close()
         raise RpcError(f"{addr} accepted a connection but did not answer as a TVM RPC tracker ({e})") from e
-    if magic != base.RPC_TRACKER_MAGIC:
+    if magic != TRACKER_MAGIC:
         sock.close()
         raise RpcError(f"{addr} is not a TVM RPC tracker (wrong handshake)")
     return sock
@@ -153,16 +180,14 @@ def tracker_summary(tracker: str | TrackerAddress, timeout_s: float = CONNECT_TI
     """
     addr = parse_tracker(tracker)
     sock = _open(addr, timeout_s)
-    from tvm.rpc import base
-
     try:
-        base.sendjson(sock, [base.TrackerCode.SUMMARY])
-        reply = base.recvjson(sock)
+        _send_json(sock, [SUMMARY])
+        reply = _recv_json(sock)
     except OSError as e:  # TimeoutError included
         raise RpcError(f"the RPC tracker at {addr} did not send its summary within {timeout_s:g} s ({e})") from e
     finally:
         sock.close()
-    if not isinstance(reply, list) or len(reply) != 2 or reply[0] != base.TrackerCode.SUCCESS:
+    if not isinstance(reply, list) or len(reply) != 2 or reply[0] != SUCCESS:
         raise RpcError(f"the RPC tracker at {addr} answered the summary request with {reply!r}")
     return _summarize(addr, reply[1])
 
@@ -204,16 +229,13 @@ def request_session(
     addr, key = parse_tracker(tracker), check_key(key)
     deadline = time.monotonic() + timeout_s
     sock = _open(addr, min(timeout_s, CONNECT_TIMEOUT_S))
-    from tvm import rpc
-    from tvm.rpc import base
-
     try:
-        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
+        _send_json(sock, [REQUEST, key, "", priority])
         # TVM's own request waits forever; a socket timeout bounds it. A request left
         # behind stays queued (status shows it pending) until a device frees up, which
         # the tracker then skips past, since this connection is closed.
         sock.settimeout(max(deadline - time.monotonic(), 0.05))
-        reply = base.recvjson(sock)
+        reply = _recv_json(sock)
     except TimeoutError:
         raise RpcError(
             f"no device with key '{key}' became free at the RPC tracker {addr} within {timeout_s:g} s "
@@ -223,9 +245,11 @@ def request_session(
         raise RpcError(f"the RPC tracker at {addr} dropped the request for key '{key}' ({e})") from e
     finally:
         sock.close()
-    if not isinstance(reply, list) or len(reply) != 2 or reply[0] != base.TrackerCode.SUCCESS:
+    if not isinstance(reply, list) or len(reply) != 2 or reply[0] != SUCCESS:
         raise RpcError(f"the RPC tracker at {addr} answered the request for key '{key}' with {reply!r}")
     host, port, matchkey = reply[1]
+    from tvm import rpc
+
     try:
         return rpc.connect(host, port, matchkey, session_timeout=session_timeout_s)
     except Exception as e:  # TVM raises RuntimeError or its own TVMError subclasses
