@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -49,3 +52,44 @@ def cli(capsys, monkeypatch):
         return CliResult(code, out, err)
 
     return run
+
+
+# ----- a tuning database for the tiny space on x86, shared by the session ------------------------
+# One bucket, one beam, 16 trials per workload, a small vocabulary: enough for tuned builds.
+VOCAB, BUCKET, BEAM = 200, 32, 2  # BUCKET: the protocol's 30 source tokens pad to 32
+
+
+def run_cli(*args: str) -> CliResult:
+    """``hatc ARGS...`` in this process, usable from module- and session-scoped fixtures."""
+    from hatc.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["hatc", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def tune_args(db: Path) -> list[str]:
+    return [
+        "tune", "--target", "x86", "--space", "tiny", "--buckets", str(BUCKET), "--beam", str(BEAM),
+        "--trials", "16", "--vocab-size", str(VOCAB), "--db", str(db), "--json",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tuned(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """(database, first run's report, second run's report)."""
+    db = tmp_path_factory.mktemp("tuning") / "x86"
+    first = run_cli(*tune_args(db))
+    assert first.code == 0, first.stderr[-2000:]
+    second = run_cli(*tune_args(db))
+    assert second.code == 0, second.stderr[-2000:]
+    return db, json.loads(first.stdout), json.loads(second.stdout)

@@ -4,101 +4,36 @@ running a cross-compiled library under qemu-user."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
+from rpc_helpers import START_S, free_port, hatc_process, key_count, running_server, running_tracker, wait_until
 
 from hatc.rpc import RpcError, is_emulated_key, parse_tracker, request_session, tracker_summary
 from hatc.rpc.emulate import RPI4, EmulatorSetupError, find_qemu, prepare_emulator
 
-HATC = [sys.executable, "-m", "hatc"]
 CPU_KEY = "hatc-test-cpu"
-# Tools start slowly on a loaded 2-core machine (each imports TVM, twice under qemu).
-START_S = 120.0
 EMULATED_START_S = 600.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def hatc_process(args: list[str], log: Path) -> Iterator[subprocess.Popen]:
-    """``hatc ARGS`` as a child in its own group, killed (whole group) on exit; output in ``log``."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*HATC, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        try:
-            family = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # hatc then stops the process groups it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for child in family:  # only if hatc could not clean up after itself
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-
-
-def wait_until(check, proc: subprocess.Popen, log: Path, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{what}: the process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            result = check()
-        except RpcError:
-            result = None
-        if result:
-            return result
-        time.sleep(1.0)
-    pytest.fail(f"{what}: not within {timeout_s:g} s:\n{log.read_text()[-3000:]}")
-
-
-def key_count(tracker: str, key: str) -> int:
-    status = tracker_summary(tracker, timeout_s=2.0)
-    return status.keys[key].total if key in status.keys else 0
 
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory) -> Iterator[str]:
     """``hatc rpc tracker`` on a free loopback port."""
-    log = tmp_path_factory.mktemp("tracker") / "tracker.log"
-    addr = f"127.0.0.1:{free_port()}"
-    with hatc_process(["rpc", "tracker", "--port", addr.split(":")[1]], log) as proc:
-        wait_until(lambda: tracker_summary(addr, timeout_s=2.0), proc, log, START_S, "tracker")
+    with running_tracker(tmp_path_factory.mktemp("tracker") / "tracker.log") as addr:
         yield addr
 
 
 @pytest.fixture(scope="module")
 def cpu_server(tracker, tmp_path_factory) -> Iterator[str]:
     """``hatc rpc server`` with one thread, registered at the tracker under CPU_KEY."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    args = ["rpc", "server", "--tracker", tracker, "--key", CPU_KEY, "--threads", "1", "--port", str(free_port())]
-    with hatc_process(args, log) as proc:
-        wait_until(lambda: key_count(tracker, CPU_KEY) == 1, proc, log, START_S, "server registration")
+    with running_server(tracker, CPU_KEY, tmp_path_factory.mktemp("server") / "server.log"):
         yield CPU_KEY
 
 

@@ -2,70 +2,21 @@
 one beam, one trial per workload, a small vocabulary), resumed; the database applied
 to a build that still matches PyTorch; ``hatc latency measure`` locally; refusals.
 
-The tuning run is shared by the module (the CLI in-process, as ``conftest.cli`` does).
+The tuning run (``conftest.tuned``) is shared by the session: the latency collection tests use it too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import BEAM, BUCKET, VOCAB, run_cli, tune_args  # the session's tuning run: conftest.tuned
 
 from hatc.compile.tuning import covering_archs, load_database
 from hatc.space import load_space
-
-VOCAB, BUCKET, BEAM = 200, 32, 2  # BUCKET: the protocol's 30 source tokens pad to 32
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(*args: str) -> CliResult:
-    """``hatc ARGS...`` in this process, usable from module-scoped fixtures."""
-    from hatc.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["hatc", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-    return CliResult(code, out.getvalue(), err.getvalue())
-
-
-def tune_args(db: Path) -> list[str]:
-    return [
-        "tune", "--target", "x86", "--space", "tiny", "--buckets", str(BUCKET), "--beam", str(BEAM),
-        "--trials", "16", "--vocab-size", str(VOCAB), "--db", str(db), "--json",
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory) -> tuple[Path, dict, dict]:
-    """(database, first run's report, second run's report)."""
-    db = tmp_path_factory.mktemp("tuning") / "x86"
-    first = run_cli(*tune_args(db))
-    assert first.code == 0, first.stderr[-2000:]
-    second = run_cli(*tune_args(db))
-    assert second.code == 0, second.stderr[-2000:]
-    return db, json.loads(first.stdout), json.loads(second.stdout)
 
 
 def test_covering_archs_hold_every_layer_choice():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -237,4 +239,114 @@ def measure(
         f"src {p.src_len} (bucket {p.bucket}), {p.steps} steps, beam {p.beam}, "
         f"{p.warmup}+{p.repeats} runs, trimmed {p.trim:.0%}, tuned",
     )
+    stdout.print(table)
+
+
+@app.command()
+def collect(
+    target: Annotated[str, typer.Option("--target", help="hatc target (x86, rpi4, ...).")],
+    space: Annotated[str, typer.Option("--space", help="Design space name or YAML file.")],
+    out: Annotated[Path, typer.Option("--out", help="The JSON-lines dataset to write (appended; re-runs resume).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Architectures (extremes first, then samples).")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled architectures.")] = 0,
+    tracker: Annotated[
+        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker (default: measure here).")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (default: the target's).")] = None,
+    beam: Annotated[int | None, typer.Option("--beam", help="Decoder batch (default: the target's, 4).")] = None,
+    repeats: Annotated[int | None, typer.Option("--repeats", help="Measured runs (default: the target's).")] = None,
+    warmup: Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")] = None,
+    db: Annotated[
+        Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")] = 8000,
+    reference_every: Annotated[
+        int, typer.Option("--reference-every", min=1, help="Rows per device between drift checks.")
+    ] = 50,
+    drift_tolerance: Annotated[
+        float, typer.Option("--drift-tolerance", min=0.0, help="Reference move that counts as drift (fraction).")
+    ] = 0.10,
+    wait_devices: Annotated[
+        float, typer.Option("--wait-devices", min=0.0, help="Seconds to wait for a device of the key to register.")
+    ] = 60.0,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", min=1.0, help="Seconds to wait for a free device per measurement.")
+    ] = 120.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure N architectures of a space on every device of the target's key; append each row as it comes.
+
+    One worker per device registered at the tracker (or this machine alone without
+    --tracker). Re-running the same command skips what the file holds; a device
+    that fails gives its work back to the queue. When the devices are this machine,
+    builds and measurements take turns (never overlap). Refuses *-qemu keys."""
+    import threading
+
+    from hatc.latency.collect import CollectConfig, plan_architectures
+    from hatc.latency.collect import collect as collect_rows
+    from hatc.latency.measure import check_key, measure_latency, protocol_for
+    from hatc.targets import load_target
+
+    tgt = load_target(target)
+    key = check_key(tgt, tracker, key)  # refuse emulated keys before anything connects
+    space_obj = load_space(space)
+    protocol = protocol_for(space_obj, tgt, beam=beam, repeats=repeats, warmup=warmup)
+    plan = plan_architectures(space_obj, n, seed)
+    if tracker is None:
+        workers, local = 1, True
+    else:
+        from hatc.rpc import is_local_host, parse_tracker, wait_for_devices
+
+        status = wait_for_devices(parse_tracker(tracker), key, wait_devices)
+        workers = status.keys[key].total
+        hosts = {a.rsplit(":", 1)[0].strip("[]") for k, a in status.servers if k == key}
+        local = all(is_local_host(h) for h in hosts)
+    build_lock = threading.Lock()  # one build at a time (TVM's compiler is not shared across threads)
+    run_guard = build_lock if local else None  # local devices: a measurement never overlaps a build
+
+    def measure(arch: Any) -> dict[str, Any]:
+        result = measure_latency(
+            arch, space_obj, tgt, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size,
+            request_timeout_s=request_timeout, build_guard=build_lock, run_guard=run_guard,
+        )  # fmt: skip
+        return result.to_row(arch, space_obj, tgt)
+
+    where = f"{workers} '{key}' device(s) at {tracker}" if tracker else f"this machine ({tgt.name})"
+    stderr.print(f"collecting {len(plan)} architectures of '{space_obj.name}' on {where} into {out}")
+    config = CollectConfig(reference_every=reference_every, drift_tolerance=drift_tolerance)
+    progress = Progress(
+        TextColumn("measured"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,
+    )  # fmt: skip
+    task = progress.add_task("collect", total=None, last="")
+
+    def on_row(row: dict[str, Any], summary: Any, total: int) -> None:
+        done = summary.measured + summary.remeasured
+        progress.update(task, completed=done, total=total, last=f"{row['latency_ms']:.2f} ms on {row['device']}")
+        if not stderr.is_terminal and (done % 10 == 0 or done == total):
+            stderr.print(f"measured {done}/{total}")
+
+    def on_log(line: str) -> None:
+        progress.console.print(f"[yellow]{line}[/]", soft_wrap=True)
+
+    try:
+        with progress:
+            summary = collect_rows(plan, space_obj, out, measure, workers, config, on_row=on_row, on_log=on_log)
+    except KeyboardInterrupt:
+        # Every written row is complete (flushed and fsynced). Workers may be inside TVM
+        # calls that an interpreter shutdown would abort on, so leave at once.
+        sys.stderr.write(f"interrupted; the rows so far are kept in {out}: run the same command to resume\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(130)
+    report = {**summary.to_dict(), "out": str(out), "target": tgt.name, "space": space_obj.name, "workers": workers}
+    if as_json:
+        emit_json(report)
+        return
+    table = Table("planned", "already there", "measured", "re-measured", "failures", "archs/min", "file")
+    table.add_row(
+        str(summary.planned), str(summary.skipped), str(summary.measured),
+        f"{summary.remeasured} (drift) + {summary.outliers_remeasured} (outliers)", str(len(summary.failures)),
+        f"{report['archs_per_min']}", str(out),
+    )  # fmt: skip
     stdout.print(table)

@@ -20,6 +20,8 @@ TVM is imported inside functions only.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import os
@@ -28,6 +30,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,9 +157,18 @@ class Measurement:
             versions={"hatc": hatc.__version__, "tvm": tvm.__version__},
             target=target.name,
             tuned=self.tuned,
-            host_cpu=platform.processor() or platform.machine(),
+            host_cpu=host_cpu(),
             **extra,
         )
+
+
+def host_cpu() -> str:
+    """This machine's CPU model (the builder's; for a local device also the measurer's)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def trimmed(values: list[float], trim: float = TRIM) -> tuple[float, float]:
@@ -204,6 +216,8 @@ def measure_latency(
     session_timeout_s: float = 600.0,
     request_timeout_s: float = 60.0,
     progress: Callable[[str], None] | None = None,
+    build_guard: AbstractContextManager | None = None,
+    run_guard: AbstractContextManager | None = None,
 ) -> Measurement:
     """Builds ``arch`` (random weights) with the target's tuning database and measures it.
 
@@ -216,6 +230,9 @@ def measure_latency(
             (default: the target's key) runs it.
         vocab_size: the vocabulary (output projection) size.
         progress: called with a short line per stage.
+        build_guard, run_guard: held while building and while the device runs
+            (``latency collect`` passes locks so that builds never overlap, and,
+            when the devices are this machine, never overlap a measurement either).
 
     Raises:
         LatencyError: an emulated key, a device target without a tracker, no
@@ -244,33 +261,40 @@ def measure_latency(
     torch.manual_seed(0)
     model = SubTransformer(arch, ModelConfig(vocab_size, space.qkv_dim, space.super_embed_dim)).eval()
     with tempfile.TemporaryDirectory(prefix="hatc-measure-") as tmp:
-        say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
-        graphs = export_onnx(model, Path(tmp) / "graphs", protocol.bucket, batch=protocol.beam)
-        encoder, decoder = import_graphs(graphs)
-        missing = tuning.missing_workloads(encoder, target, database) + tuning.missing_workloads(
-            decoder, target, database
-        )
-        if missing:
-            raise LatencyError(
-                f"the tuning database at {db_path} lacks {len(missing)} workload(s) of this architecture "
-                f"({', '.join(sorted(set(missing))[:3])}{', ...' if len(set(missing)) > 3 else ''}); "
-                f"hatc measures tuned builds only; run `{hint}`"
+        with build_guard or contextlib.nullcontext():  # torch.export and TVM's passes are not thread-safe
+            say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
+            graphs = export_onnx(model, Path(tmp) / "graphs", protocol.bucket, batch=protocol.beam)
+            encoder, decoder = import_graphs(graphs)
+            missing = tuning.missing_workloads(encoder, target, database) + tuning.missing_workloads(
+                decoder, target, database
             )
-        say(f"building for {target.name} with the tuning database")
-        libs = [build_module(g, target, database=database) for g in (encoder, decoder)]
+            if missing:
+                raise LatencyError(
+                    f"the tuning database at {db_path} lacks {len(missing)} workload(s) of this architecture "
+                    f"({', '.join(sorted(set(missing))[:3])}{', ...' if len(set(missing)) > 3 else ''}); "
+                    f"hatc measures tuned builds only; run `{hint}`"
+                )
+            say(f"building for {target.name} with the tuning database")
+            libs = [build_module(g, target, database=database) for g in (encoder, decoder)]
         build_seconds = time.perf_counter() - start
-        if tracker is None:
-            session, device_name = None, f"local/{target.name}"
-        else:
-            from hatc.rpc import parse_tracker, request_session
+        with run_guard or contextlib.nullcontext():
+            if tracker is None:
+                session, device_name = None, f"local/{target.name}"
+            else:
+                from hatc.rpc import parse_tracker, request_session
 
-            say(f"requesting a '{key}' device from {tracker}")
-            session = request_session(tracker, key, request_timeout_s, session_timeout_s=session_timeout_s)
-            device_name = f"{parse_tracker(tracker)}/{key}"
-            protocol = replace(protocol, threads=None)
-        runner = _Runner(libs, (encoder, decoder), graphs.signature, target, session, Path(tmp), protocol.src_len)
-        say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}")
-        runs = [runner.run(protocol) for _ in range(protocol.warmup + protocol.repeats)][protocol.warmup :]
+                say(f"requesting a '{key}' device from {tracker}")
+                session = request_session(tracker, key, request_timeout_s, session_timeout_s=session_timeout_s)
+                # tracker/key@server: rows name the very device (drift is checked per device).
+                device_name = f"{parse_tracker(tracker)}/{key}@{session.device_address}"
+                protocol = replace(protocol, threads=None)
+            runner = _Runner(libs, (encoder, decoder), graphs.signature, target, session, Path(tmp), protocol.src_len)
+            say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}")
+            runs = [runner.run(protocol) for _ in range(protocol.warmup + protocol.repeats)][protocol.warmup :]
+            # The session closes (the device is free again) only when its last remote object
+            # is gone, and TVM's wrappers hold reference cycles: collect them now, not minutes later.
+            del runner, session
+            gc.collect()
     enc_mean, enc_std = trimmed([r[0] for r in runs], protocol.trim)
     dec_mean, dec_std = trimmed([r[1] for r in runs], protocol.trim)
     return Measurement(

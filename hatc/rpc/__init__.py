@@ -16,9 +16,11 @@ from hatc.rpc.tracker import (
     TrackerAddress,
     TrackerStatus,
     is_emulated_key,
+    is_local_host,
     parse_tracker,
     request_session,
     tracker_summary,
+    wait_for_devices,
 )
 
 __all__ = [
@@ -29,7 +31,9 @@ __all__ = [
     "TrackerAddress",
     "TrackerStatus",
     "is_emulated_key",
+    "is_local_host",
     "parse_tracker",
     "request_session",
     "tracker_summary",
+    "wait_for_devices",
 ]

@@ -12,6 +12,8 @@ range of one port, so a taken port is an error rather than a silent move.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 
 from hatc.rpc.tracker import RpcError, TrackerAddress, tracker_summary
 
-DEFAULT_SERVER_PORTS = range(9090, 9190)  # TVM's default server port and up, below the tracker's
+DEFAULT_SERVER_PORTS = range(9090, 9190)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h  # TVM's default server port and up, below the tracker's
 
 
 def host_cores() -> int:
@@ -82,6 +85,14 @@ class Child:
             os.killpg(self.process.pid, sig)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the hatc process that started it
+    dies, even by SIGKILL, so that no tracker or server outlives its command."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def spawn(command: Sequence[str], what: str, env: dict[str, str] | None = None, log: int | None = None) -> Child:
     """Starts ``command`` in its own process group; its output goes to ``log`` (default: ours)."""
     process = subprocess.Popen(
@@ -91,6 +102,7 @@ def spawn(command: Sequence[str], what: str, env: dict[str, str] | None = None, 
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
         start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     return Child(process, what)
 

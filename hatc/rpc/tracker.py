@@ -14,6 +14,7 @@ TVM is imported only to open a device session.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import struct
@@ -47,6 +48,7 @@ def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
 def _recv_json(sock: socket.socket) -> Any:
     size = struct.unpack("<i", _recv_exactly(sock, 4))[0]
     return json.loads(_recv_exactly(sock, size).decode("utf-8"))
+
 
 DEFAULT_TRACKER_PORT = 9190
 CONNECT_TIMEOUT_S = 5.0  # a tracker on a reachable network answers far sooner
@@ -251,6 +253,44 @@ def request_session(
     from tvm import rpc
 
     try:
-        return rpc.connect(host, port, matchkey, session_timeout=session_timeout_s)
+        session = rpc.connect(host, port, matchkey, session_timeout=session_timeout_s)
+        session.device_address = f"{host}:{port}"  # which server: the tracker picks any of the key's
+        return session
     except Exception as e:  # TVM raises RuntimeError or its own TVMError subclasses
         raise RpcError(f"the device '{key}' at {host}:{port} (from tracker {addr}) refused the session: {e}") from e
+
+
+def wait_for_devices(tracker: str | TrackerAddress, key: str, timeout_s: float, poll_s: float = 1.0) -> TrackerStatus:
+    """The tracker's status once at least one device of ``key`` is registered.
+
+    Raises:
+        RpcError: none registered within ``timeout_s`` (naming the keys it has).
+    """
+    addr, key = parse_tracker(tracker), check_key(key)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = tracker_summary(addr)
+        if key in status.keys and status.keys[key].total:
+            return status
+        if time.monotonic() >= deadline:
+            raise RpcError(
+                f"no device with key '{key}' registered at the RPC tracker {addr} within {timeout_s:g} s "
+                f"({_why_no_device(addr, key)}); start one with `hatc rpc server --tracker {addr} --key {key}`"
+            )
+        time.sleep(poll_s)
+
+
+def is_local_host(host: str) -> bool:
+    """True if ``host`` is this machine (loopback, or one of its own addresses)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    addresses = {info[4][0] for info in infos}
+    if any(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return True
+    try:
+        own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except socket.gaierror:
+        return False
+    return bool(addresses & own)

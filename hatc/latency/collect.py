@@ -1,0 +1,311 @@
+"""Collecting a latency dataset: a planned list of architectures measured across
+every device of a key, one row appended per architecture as soon as it is measured.
+
+- Plan: the space's extremes, then seeded uniform samples (``plan_architectures``);
+  the same ``n`` and seed always give the same list, and a larger ``n`` extends it.
+- Resume: rows already in the file are skipped; a line a crash cut short is dropped.
+- Faults: a ``HatcError`` other than an ``RpcError`` (an untuned build, ...) stops
+  the collection at once; any other failed measurement (a device died, timed out,
+  dropped the session) puts its architecture back in the queue; a worker that fails
+  ``max_failures`` times in a row stops, and the others finish the work. Every
+  architecture is written exactly once (one lock guards the file and the done set).
+- Outliers: a row whose repeats spread more than ``outlier_std`` (std / mean, encoder
+  or decoder) is measured once more and the steadier measurement is kept.
+- Drift: each worker measures a reference architecture first, after every
+  ``reference_every`` rows and after its last row; rows name their device. When a
+  device's reference moved by more than ``drift_tolerance`` from the median of its
+  earlier references, the rows it measured since its previous check are flagged
+  ``drift: true`` in the file (rewritten atomically) and measured again, once
+  (``remeasured: true``); readers skip flagged rows and reference rows.
+
+The measuring itself is a callable (``hatc.latency.measure.measure_latency`` in the
+CLI), so this module holds only the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hatc.arch import Architecture
+from hatc.errors import HatcError
+from hatc.features import layer_features
+from hatc.latency.dataset import append_rows
+from hatc.rpc.tracker import RpcError
+from hatc.space import SearchSpace
+
+MeasureFn = Callable[[Architecture], dict[str, Any]]  # a dataset row (``make_row``) for one architecture
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    reference_every: int = 50  # rows per worker between drift checks
+    drift_tolerance: float = 0.10  # relative move of the reference that counts as drift
+    outlier_std: float = 0.10  # std / mean above which a row is measured once more
+    max_failures: int = 3  # consecutive failures after which a worker stops
+
+
+@dataclass
+class CollectSummary:
+    planned: int
+    skipped: int  # already in the file
+    measured: int = 0
+    remeasured: int = 0  # measured again after a drift
+    outliers_remeasured: int = 0
+    references: int = 0
+    drifts: int = 0
+    failures: list[str] = field(default_factory=list)  # each failed attempt (its work went back in the queue)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "planned": self.planned,
+            "skipped": self.skipped,
+            "measured": self.measured,
+            "remeasured": self.remeasured,
+            "outliers_remeasured": self.outliers_remeasured,
+            "references": self.references,
+            "drifts": self.drifts,
+            "failures": len(self.failures),
+            "seconds": round(self.seconds, 3),
+            "archs_per_min": round(60 * self.measured / self.seconds, 3) if self.seconds > 0 else None,
+        }
+
+
+def arch_key(arch: Architecture | dict[str, Any]) -> str:
+    data = arch.to_dict() if isinstance(arch, Architecture) else arch
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def plan_architectures(space: SearchSpace, n: int, seed: int) -> list[Architecture]:
+    """``n`` distinct architectures: smallest and largest first, then seeded uniform
+    samples (draws are bounded, so a space with fewer than ``n`` members cannot loop)."""
+    if n < 1:
+        raise HatcError(f"--n must be at least 1, got {n}")
+    rng = np.random.default_rng(seed)
+    planned: dict[str, Architecture] = {}
+    for arch in (space.smallest(), space.largest()):
+        planned.setdefault(arch_key(arch), arch)
+    draws = 0
+    while len(planned) < n and draws < 50 * n:
+        arch = space.sample(rng)
+        planned.setdefault(arch_key(arch), arch)
+        draws += 1
+    return list(planned.values())[:n]
+
+
+def drop_torn_tail(path: Path) -> bool:
+    """Cuts a last line that a crash left without its newline (appending after it
+    would glue the next row to it). True if something was cut."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+def measured_keys(path: Path) -> set[str]:
+    """Architectures the dataset already holds as usable rows (not drift-flagged, not references)."""
+    keys: set[str] = set()
+    if not path.exists():
+        return keys
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "arch" in row and not row.get("reference") and not row.get("drift"):
+            keys.add(arch_key(row["arch"]))
+    return keys
+
+
+def flag_drift(path: Path, device: str, keys: set[str]) -> int:
+    """Rewrites the dataset (temp file, then rename) with ``drift: true`` on the rows of
+    ``keys`` that ``device`` measured. Returns how many rows were flagged."""
+    flagged, lines = 0, []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if not row.get("reference") and row.get("device") == device and arch_key(row["arch"]) in keys:
+            row["drift"], flagged = True, flagged + 1
+            line = json.dumps(row, separators=(",", ":"))
+        lines.append(line)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(f"{line}\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return flagged
+
+
+def relative_std(row: dict[str, Any]) -> float:
+    return max(row["encoder_std_ms"] / row["encoder_ms"], row["decoder_std_ms"] / row["decoder_ms"])
+
+
+def collect(
+    plan: list[Architecture],
+    space: SearchSpace,
+    out: Path,
+    measure: MeasureFn,
+    workers: int,
+    config: CollectConfig = CollectConfig(),
+    reference: Architecture | None = None,
+    on_row: Callable[[dict[str, Any], CollectSummary, int], None] = lambda *_: None,
+    on_log: Callable[[str], None] = lambda _: None,
+) -> CollectSummary:
+    """Measures every architecture of ``plan`` that ``out`` lacks, with ``workers`` threads.
+
+    Args:
+        plan: the architectures (``plan_architectures``).
+        space: their space (per-layer features are recorded in each row).
+        out: the JSON-lines dataset, appended to.
+        measure: measures one architecture on some device and returns its row.
+        workers: parallel workers, one per device.
+        reference: the drift reference (default: the plan's first architecture).
+        on_row: called after each written row with (row, summary, total to measure).
+
+    Raises:
+        HatcError: work is left because every worker gave up (the message says why;
+            running the same command again continues).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(out)
+    done = measured_keys(out)
+    todo = deque(a for a in plan if arch_key(a) not in done)
+    total = len(todo)
+    summary = CollectSummary(planned=len(plan), skipped=len(plan) - total)
+    reference = reference or plan[0]
+    lock = threading.Lock()
+    redo: set[str] = set()  # drifted: measured again even though in ``done``
+    redone: set[str] = set()  # measured again once already: a second drift does not queue them again
+    fatal: list[HatcError] = []  # an error no retry can fix: every worker stops
+    references: dict[str, list[float]] = {}  # device -> its reference latencies so far
+    since_check: dict[str, list[Architecture]] = {}  # device -> rows since its last good check
+    start = time.monotonic()
+
+    def measure_steady(arch: Architecture) -> tuple[dict[str, Any], bool]:
+        row = measure(arch)
+        if relative_std(row) <= config.outlier_std:
+            return row, False
+        again = measure(arch)
+        return (again if relative_std(again) < relative_std(row) else row), True
+
+    def write(arch: Architecture, row: dict[str, Any], outlier: bool) -> None:
+        key = arch_key(arch)
+        with lock:
+            if key in done and key not in redo:
+                return  # another worker measured it meanwhile (after a requeue)
+            row = {**row, "layer_features": layer_features(arch, space).tolist()}
+            if outlier:
+                row["outlier_remeasured"] = True
+                summary.outliers_remeasured += 1
+            if key in redo:
+                row["remeasured"] = True
+                redo.discard(key)
+                summary.remeasured += 1
+            else:
+                summary.measured += 1
+            append_rows(out, [row])
+            done.add(key)
+            since_check.setdefault(row["device"], []).append(arch)
+            summary.seconds = time.monotonic() - start
+            on_row(row, summary, total)
+
+    def check_reference() -> None:
+        ref = measure(reference)
+        device, latency = ref["device"], ref["latency_ms"]
+        with lock:
+            append_rows(out, [{**ref, "reference": True, "layer_features": layer_features(reference, space).tolist()}])
+            summary.references += 1
+            rows = [a for a in since_check.pop(device, []) if arch_key(a) not in redone]
+            earlier = references.setdefault(device, [])
+            earlier.append(latency)
+            if len(earlier) == 1:
+                return  # the device's first reference: nothing to compare with yet
+            moved = latency / float(np.median(earlier[:-1])) - 1  # the median resists one odd check
+            if abs(moved) <= config.drift_tolerance:
+                return
+            summary.drifts += 1
+            keys = {arch_key(a) for a in rows}
+            flagged = flag_drift(out, device, keys) if keys else 0
+            redo.update(keys)
+            redone.update(keys)
+            done.difference_update(keys)
+            todo.extend(rows)
+        on_log(f"{device}: the reference moved {moved:+.1%}; {flagged} rows flagged and queued again")
+
+    def worker() -> None:
+        failures, since_reference = 0, None  # None: the first reference is still to measure
+        while failures < config.max_failures:
+            try:
+                with lock:
+                    empty = not todo
+                if since_reference is None:
+                    due = not empty
+                else:  # every so often, and once more after the last row
+                    due = since_reference >= config.reference_every or (empty and since_reference > 0)
+                if due:
+                    check_reference()
+                    since_reference = 0
+                    continue  # a drift may have queued rows again
+                with lock:
+                    if not todo:
+                        return
+                    arch = todo.popleft()
+                try:
+                    row, outlier = measure_steady(arch)
+                except BaseException:
+                    with lock:
+                        todo.appendleft(arch)  # back in the queue, first in line
+                    raise
+            except HatcError as e:
+                if not isinstance(e, RpcError):  # bad input (an untuned build, ...): retrying cannot help
+                    with lock:
+                        fatal.append(e)
+                        todo.clear()
+                    return
+                failures += 1
+                with lock:
+                    summary.failures.append(f"{type(e).__name__}: {e}")
+                on_log(f"a device was not available ({str(e).splitlines()[0][:200]}); requeued")
+                continue
+            except Exception as e:  # noqa: BLE001 - any device fault: count it, retry elsewhere
+                failures += 1
+                with lock:
+                    summary.failures.append(f"{type(e).__name__}: {e}")
+                on_log(f"a measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); requeued")
+                continue
+            failures = 0
+            write(arch, row, outlier)
+            since_reference += 1
+
+    threads = [threading.Thread(target=worker, name=f"collect-{i}", daemon=True) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)  # short joins keep the main thread responsive to Ctrl-C
+    summary.seconds = time.monotonic() - start
+    if fatal:
+        raise fatal[0]
+    if todo:
+        last = summary.failures[-1] if summary.failures else "no worker left"
+        raise HatcError(
+            f"{len(todo)} of {summary.planned} architectures are not measured: every worker gave up after "
+            f"{config.max_failures} failures in a row (last: {last.splitlines()[0][:300]}); "
+            f"rows so far are kept in {out}: run the same command again to continue"
+        )
+    return summary
