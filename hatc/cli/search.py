@@ -36,6 +36,14 @@ def search(
     crossovers: Annotated[int, typer.Option(min=0, help="Children by crossover per generation.")] = 50,
     valid_subset: Annotated[int, typer.Option(min=1, help="Validation sentences scored per architecture.")] = 500,
     resume: Annotated[bool, typer.Option(help="Continue the search in --out.")] = False,
+    verify: Annotated[
+        int, typer.Option("--verify", min=0, help="Measure the top K of each budget on the target (needs a tuned DB).")
+    ] = 0,
+    tracker: Annotated[
+        str | None, typer.Option("--tracker", help="HOST:PORT of the RPC tracker for --verify (default: here).")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key for --verify (default: the target's).")] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Tuning database for --verify.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Find the SubTransformer with the lowest validation loss under a latency budget."""
@@ -56,7 +64,15 @@ def search(
         cfg=cfg,
         valid_subset=valid_subset,
         resume=resume,
+        verify=verify,
+        tracker=tracker,
+        key=key,
+        db=db,
     )
+    if tracker is not None:
+        from hatc.rpc import parse_tracker
+
+        parse_tracker(tracker)
     rows: dict[str, SearchState] = {}
     scored = [0]
 
@@ -85,7 +101,7 @@ def search(
             if n % 10 == 0:
                 live.update(view())
 
-        summary = run_search(request, on_generation, on_scored)
+        summary = run_search(request, on_generation, on_scored, lambda line: live.console.print(f"[dim]{line}[/]"))
 
     results = summary["results"]
     if as_json:
@@ -98,6 +114,7 @@ def search(
                 "results": {k: {x: v[x] for x in v if x != "top"} for k, v in results.items()},
                 "evaluated": summary["evaluated"],
                 "out": str(request.out),
+                **({"verify": summary["verify"]} if "verify" in summary else {}),
             }
         )
         return
@@ -105,4 +122,25 @@ def search(
     for label, r in results.items():
         table.add_row(label, f"{r['predicted_latency_ms']:.1f} ms", f"{r['valid_loss']:.4f}", r["arch_file"])
     stdout.print(table)
+    if "verify" in summary:
+        _print_verified(summary)
     stdout.print(f"{summary['evaluated']} architectures evaluated; Pareto plot: {request.out / 'pareto.png'}")
+
+
+def _print_verified(summary: dict) -> None:
+    v = summary["verify"]
+    table = Table(
+        "budget", "valid loss", "predicted", "measured", "error", "fits",
+        title=f"top {v['k']} per budget measured on {v['device']} (beam {v['protocol']['beam']}); MAPE {v['mape']:.1%}",
+    )  # fmt: skip
+    for label, r in summary["results"].items():
+        for row in r["verified"]:
+            table.add_row(
+                label,
+                f"{row['valid_loss']:.4f}",
+                f"{row['predicted_latency_ms']:.1f} ms",
+                f"{row['measured_latency_ms']:.1f} ms",
+                f"{row['error']:+.1%}",
+                "yes" if row["within_budget"] else "NO",
+            )
+    stdout.print(table)

@@ -7,7 +7,8 @@ Outputs in OUT (each written atomically):
     evaluations.json            every fitness computed so far (resume reuses them)
     generations-{budget}.jsonl  one line per generation
     pareto.png                  predicted latency vs validation loss of every evaluated arch
-    search.json                 the summary: settings, inputs, per-budget results
+    search.json                 the summary: settings, inputs, per-budget results (and, with
+                                --verify, the top candidates measured on the target)
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ class SearchRequest:
     cfg: SearchConfig = field(default_factory=SearchConfig)
     valid_subset: int = 500
     resume: bool = False
+    verify: int = 0  # measure the top K of each budget on the target (0: no)
+    tracker: str | None = None  # where the target's devices are (None: here, host targets only)
+    key: str | None = None  # device key (default: the target's)
+    db: Path | None = None  # tuning database (default: the target's under the cache dir)
 
 
 def newest_supernet(workdir: Path) -> Path:
@@ -113,9 +118,15 @@ def run_search(
     req: SearchRequest,
     on_generation: Callable[[str, SearchState], None] = lambda *_: None,
     on_scored: Callable[[int], None] = lambda _: None,
+    on_progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Runs the search for every budget (smallest first) and writes OUT."""
     req.cfg.validate()
+    if req.verify:
+        from hatc.latency.measure import check_key
+        from hatc.targets import load_target
+
+        check_key(load_target(req.target), req.tracker, req.key)  # refuse before searching for minutes
     req.out.mkdir(parents=True, exist_ok=True)
     existing = list(req.out.glob("state-*.json"))
     if existing and not req.resume:
@@ -161,6 +172,15 @@ def run_search(
         write_arch_file(result.arch, req.out / f"best-{label}.json", space=space.name)
         write_arch_file(result.arch, req.out / f"best-{label}.yml")
 
+    verified = None
+    if req.verify:
+        from hatc.search.verify import verify_candidates
+
+        verified = verify_candidates(
+            results, space, inputs.predictor, req.verify, vocab_size=inputs.supernet.cfg.vocab_size,
+            tracker=req.tracker, key=req.key, db=req.db, progress=on_progress,
+        )  # fmt: skip
+
     points = [(lat, loss) for _, loss, lat in evaluated]
     chosen = [(label, r.budget_ms, r.predicted_latency_ms, r.valid_loss) for label, r in results.items()]
     plot_pareto(points, chosen, req.out / "pareto.png", f"{space.name} on {req.target}: {len(points)} evaluated")
@@ -189,9 +209,12 @@ def run_search(
                 "top": [
                     {"arch": a.to_dict(), "valid_loss": lo, "predicted_latency_ms": la} for a, lo, la in r.top[:10]
                 ],
+                **({"verified": verified["per_budget"][label]} if verified else {}),
             }
             for label, r in results.items()
         },
     }
+    if verified:
+        summary["verify"] = {k: v for k, v in verified.items() if k != "per_budget"}
     _write_json(req.out / "search.json", summary)
     return summary
