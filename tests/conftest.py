@@ -56,7 +56,8 @@ def cli(capsys, monkeypatch):
 
 # ----- a tuning database for the tiny space on x86, shared by the session ------------------------
 # One bucket, one beam, 16 trials per workload, a small vocabulary: enough for tuned builds.
-VOCAB, BUCKET, BEAM = 200, 32, 2  # BUCKET: the protocol's 30 source tokens pad to 32
+# VOCAB: the search tests' supernet vocabulary (sentencepiece with byte fallback needs > 256).
+VOCAB, BUCKET, BEAM = 600, 32, 2  # BUCKET: the protocol's 30 source tokens pad to 32
 
 
 def run_cli(*args: str) -> CliResult:

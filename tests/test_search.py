@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from conftest import BEAM, VOCAB
+from rpc_helpers import running_server, running_tracker
 
 from hatc.cost import count_flops
 from hatc.latency.dataset import append_rows, make_row
@@ -35,7 +37,7 @@ def workspace(tmp_path_factory, shared_data):
     os.environ["HATC_CACHE_DIR"] = str(root / "cache")
     m30k = shared_data / "multi30k"
     data = root / "data"
-    prepare({"train": str(m30k / "train"), "valid": str(m30k / "val")}, "en", "de", data, vocab_size=600, subset=300)
+    prepare({"train": str(m30k / "train"), "valid": str(m30k / "val")}, "en", "de", data, vocab_size=VOCAB, subset=300)
     space = load_space("tiny")
     cfg = TrainConfig(max_updates=30, max_tokens=800, warmup_updates=5, lr=2e-3, save_every=1000)
     train(TrainTask("supernet", space), cfg, data, root / "runs" / "supernet", False, lambda *_: None)
@@ -43,7 +45,7 @@ def workspace(tmp_path_factory, shared_data):
     dataset = root / "lat.jsonl"
     rng = np.random.default_rng(0)
     rows = []
-    protocol = {"src_len": 30, "steps": 30, "beam": 4, "repeats": 10}
+    protocol = {"src_len": 30, "steps": 30, "beam": BEAM, "repeats": 10}  # the beam --verify measures at
     for arch in [space.sample(rng) for _ in range(300)] + [space.smallest(), space.largest()]:
         enc, dec = _synthetic_latency(arch, space)
         rows.append(make_row(arch, space, enc, dec, 0.1, 0.2, "synthetic", protocol, {}, target="x86"))
@@ -170,3 +172,37 @@ def test_cli_resume_continues_to_the_same_result(cli, workspace):
     assert resumed.code == 0, resumed.stderr
     assert json.loads(resumed.stdout)["arch"] == straight["arch"]
     assert json.loads(resumed.stdout)["valid_loss"] == straight["valid_loss"]
+
+
+def test_verify_measures_the_top_candidates_on_a_device(cli, workspace, tuned, tmp_path):
+    """--verify K --tracker: the best K of the budget, tuned builds measured on an RPC device."""
+    space = load_space("tiny")
+    budget = f"{sum(_latencies(space)) / 2:.0f}ms"
+    with (
+        running_tracker(tmp_path / "tracker.log") as tracker,
+        running_server(tracker, "x86", tmp_path / "server.log"),
+    ):
+        result = cli("search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL,
+                     "--out", tmp_path / "verified", "--verify", "2", "--tracker", tracker, "--db", tuned[0],
+                     "--json")  # fmt: skip
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    verify = report["verify"]
+    assert verify["k"] == 2 and verify["measured"] in (1, 2) and verify["device"].startswith(f"{tracker}/x86@")
+    assert verify["protocol"]["beam"] == BEAM
+    rows = report["results"][budget]["verified"]
+    assert rows[0]["arch"] == report["arch"]  # the winner first
+    for row in rows:
+        measured = row["measured_latency_ms"]
+        assert measured > 0 and row["within_budget"] == (measured <= parse_budget(budget))
+        assert row["error"] == pytest.approx((row["predicted_latency_ms"] - measured) / measured)
+    assert verify["mape"] == pytest.approx(np.mean([abs(r["error"]) for r in rows]))
+    written = json.loads((tmp_path / "verified" / "search.json").read_text())
+    assert written["verify"]["mape"] == verify["mape"]
+
+
+def test_verify_refuses_an_emulated_key_before_searching(cli, workspace, tmp_path):
+    result = cli("search", "--target", "x86", "--budget", "100ms", "--workdir", workspace / "runs", "--out",
+                 tmp_path / "never", "--verify", "1", "--tracker", "127.0.0.1:9", "--key", "rpi4-qemu")  # fmt: skip
+    assert result.code == 2 and "emulated device" in result.stderr
+    assert not (tmp_path / "never").exists()
