@@ -95,6 +95,16 @@ def test_failures_requeue_and_every_arch_is_written_once(tmp_path):
     assert (again.skipped, again.measured) == (12, 0)
 
 
+def test_a_time_limit_stops_taking_work_and_a_rerun_continues(tmp_path):
+    space = load_space("tiny")
+    plan = plan_architectures(space, 6, seed=0)
+    out = tmp_path / "rows.jsonl"
+    first = collect(plan, space, out, FakeDevice(space), workers=1, minutes=0.0)
+    assert (first.measured, first.unfinished) == (0, 6)
+    second = collect(plan, space, out, FakeDevice(space), workers=1)
+    assert (second.measured, second.unfinished) == (6, 0)
+
+
 def test_an_error_no_retry_can_fix_stops_the_collection(tmp_path):
     space = load_space("tiny")
 

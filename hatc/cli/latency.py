@@ -272,6 +272,9 @@ def collect(
     request_timeout: Annotated[
         float, typer.Option("--request-timeout", min=1.0, help="Seconds to wait for a free device per measurement.")
     ] = 120.0,
+    minutes: Annotated[
+        float | None, typer.Option("--minutes", min=0.0, help="Stop taking new architectures after this long.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure N architectures of a space on every device of the target's key; append each row as it comes.
@@ -331,7 +334,9 @@ def collect(
 
     try:
         with progress:
-            summary = collect_rows(plan, space_obj, out, measure, workers, config, on_row=on_row, on_log=on_log)
+            summary = collect_rows(
+                plan, space_obj, out, measure, workers, config, on_row=on_row, on_log=on_log, minutes=minutes
+            )
     except KeyboardInterrupt:
         # Every written row is complete (flushed and fsynced). Workers may be inside TVM
         # calls that an interpreter shutdown would abort on, so leave at once.
@@ -350,3 +355,5 @@ def collect(
         f"{report['archs_per_min']}", str(out),
     )  # fmt: skip
     stdout.print(table)
+    if summary.unfinished:
+        stdout.print(f"{summary.unfinished} left when --minutes ran out; run the same command again to continue")

@@ -66,6 +66,7 @@ class CollectSummary:
     drifts: int = 0
     failures: list[str] = field(default_factory=list)  # each failed attempt (its work went back in the queue)
     seconds: float = 0.0
+    unfinished: int = 0  # left when the time limit came
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class CollectSummary:
             "references": self.references,
             "drifts": self.drifts,
             "failures": len(self.failures),
+            "unfinished": self.unfinished,
             "seconds": round(self.seconds, 3),
             "archs_per_min": round(60 * self.measured / self.seconds, 3) if self.seconds > 0 else None,
         }
@@ -165,6 +167,7 @@ def collect(
     reference: Architecture | None = None,
     on_row: Callable[[dict[str, Any], CollectSummary, int], None] = lambda *_: None,
     on_log: Callable[[str], None] = lambda _: None,
+    minutes: float | None = None,
 ) -> CollectSummary:
     """Measures every architecture of ``plan`` that ``out`` lacks, with ``workers`` threads.
 
@@ -176,6 +179,8 @@ def collect(
         workers: parallel workers, one per device.
         reference: the drift reference (default: the plan's first architecture).
         on_row: called after each written row with (row, summary, total to measure).
+        minutes: stop taking new architectures after this long (the rest stays
+            unmeasured, ``summary.unfinished``; running again continues).
 
     Raises:
         HatcError: work is left because every worker gave up (the message says why;
@@ -195,6 +200,7 @@ def collect(
     references: dict[str, list[float]] = {}  # device -> its reference latencies so far
     since_check: dict[str, list[Architecture]] = {}  # device -> rows since its last good check
     start = time.monotonic()
+    deadline = start + 60 * minutes if minutes is not None else float("inf")
 
     def measure_steady(arch: Architecture) -> tuple[dict[str, Any], bool]:
         row = measure(arch)
@@ -262,7 +268,7 @@ def collect(
                     since_reference = 0
                     continue  # a drift may have queued rows again
                 with lock:
-                    if not todo:
+                    if not todo or time.monotonic() > deadline:
                         return
                     arch = todo.popleft()
                 try:
@@ -301,7 +307,8 @@ def collect(
     summary.seconds = time.monotonic() - start
     if fatal:
         raise fatal[0]
-    if todo:
+    summary.unfinished = len(todo)
+    if todo and time.monotonic() <= deadline:
         last = summary.failures[-1] if summary.failures else "no worker left"
         raise HatcError(
             f"{len(todo)} of {summary.planned} architectures are not measured: every worker gave up after "
