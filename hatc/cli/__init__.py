@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover
 from hatc.cli import arch, data, search, targets, train, translate
 from hatc.cli import compile as compile_cli
 from hatc.cli import latency as latency_cli
+from hatc.cli import quickstart as quickstart_cli
 from hatc.cli import rpc as rpc_cli
 from hatc.cli import tune as tune_cli
 from hatc.cli.common import fail
@@ -42,6 +43,7 @@ app.command("tune")(tune_cli.tune_command)
 app.command()(translate.translate)
 app.command()(translate.evaluate)
 app.command()(search.search)
+app.command("quickstart")(quickstart_cli.quickstart)
 
 
 def main() -> None:
