@@ -50,7 +50,7 @@ MeasureFn = Callable[[Architecture], dict[str, Any]]  # a dataset row (``make_ro
 @dataclass(frozen=True)
 class CollectConfig:
     reference_every: int = 50  # rows per worker between drift checks
-    drift_tolerance: float = 0.10  # relative move of the reference that counts as drift
+    drift_tolerance: float = 0.15  # relative move of the reference that counts as drift
     outlier_std: float = 0.10  # std / mean above which a row is measured once more
     max_failures: int = 3  # consecutive failures after which a worker stops
 

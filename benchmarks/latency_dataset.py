@@ -1,0 +1,122 @@
+"""A latency dataset that ``hatc latency collect`` wrote: predictor accuracy, measurement
+repeatability and collection rate.
+
+- Predictors: ``fit_predictor`` on the fixed split for each seed (HAT's MLP and
+  hatc's candidates on the same rows); test MAPE, share within 5% / 10%, Kendall tau.
+- Repeatability: the reference architecture is measured again and again during a
+  collection (``reference: true`` rows); its spread (std / mean, max / min) per device
+  is what one architecture measured twice differs by.
+- Rate: data rows per minute of collection (first to last row time), building included.
+
+    python benchmarks/latency_dataset.py --dataset x86-tiny.jsonl --out benchmarks/results/latency_dataset_x86_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import hatc
+from hatc.latency import FitConfig, fit_predictor, read_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+GOALS = {"mape": 0.02, "within_10": 0.99}
+
+
+def repeatability(rows: list[dict]) -> dict:
+    by_device = defaultdict(list)
+    for row in rows:
+        if row.get("reference"):
+            by_device[row["device"]].append(row["latency_ms"])
+    out = {}
+    for device, values in by_device.items():
+        v = np.asarray(values)
+        out[device] = {
+            "n": len(v),
+            "mean_ms": float(v.mean()),
+            "cv": float(v.std() / v.mean()),
+            "max_over_min": float(v.max() / v.min()),
+        }
+    return out
+
+
+def rate(rows: list[dict]) -> dict:
+    data = [r for r in rows if not r.get("reference")]
+    times = sorted(datetime.fromisoformat(r["time"]).timestamp() for r in rows)
+    minutes = (times[-1] - times[0]) / 60 if len(times) > 1 else float("nan")
+    return {"data_rows": len(data), "references": len(rows) - len(data), "minutes": minutes,
+            "archs_per_min": len(data) / minutes if minutes else float("nan")}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, required=True, help="hatc JSON lines (hatc latency collect)")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--mlp-steps", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "latency_dataset.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    rows = [json.loads(line) for line in args.dataset.read_text().splitlines() if line.strip()]
+    table = read_dataset(args.dataset)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs, started = [], time.time()
+    for seed in seeds:
+        pred = fit_predictor(table, config=FitConfig(seed=seed, mlp_steps=args.mlp_steps))
+        runs.append({"seed": seed, "kept": pred.model_kind,
+                     "candidates": {k: v["test"] for k, v in pred.info["candidates"].items()}})  # fmt: skip
+        print(f"seed {seed}: kept {pred.model_kind}, test MAPE {100 * pred.metrics['mape']:.2f}%", file=sys.stderr)
+    kinds = list(runs[0]["candidates"])
+    means = {k: {m: float(np.mean([r["candidates"][k][m] for r in runs])) for m in runs[0]["candidates"][k]}
+             for k in kinds}  # fmt: skip
+    kept = {m: float(np.mean([r["candidates"][r["kept"]][m] for r in runs])) for m in ("mape", "within_5",
+            "within_10", "kendall_tau", "rmse_ms")}  # fmt: skip
+
+    print(f"{args.dataset}: {len(table)} rows; test split ({runs[0]['candidates'][kinds[0]]['n']} rows), "
+          f"mean over seeds {args.seeds}")  # fmt: skip
+    print("| model | MAPE | within 5% | within 10% | Kendall tau | RMSE ms |")
+    print("|---|---|---|---|---|---|")
+    for name, m in [*means.items(), ("kept (per seed)", kept)]:
+        print(f"| {name} | {100 * m['mape']:.2f}% | {100 * m['within_5']:.1f}% | {100 * m['within_10']:.1f}% "
+              f"| {m['kendall_tau']:.3f} | {m['rmse_ms']:.2f} |")  # fmt: skip
+    rep, speed = repeatability(rows), rate(rows)
+    print("\nRepeatability: the reference architecture measured throughout the collection")
+    print("| device | n | mean ms | std / mean | max / min |")
+    print("|---|---|---|---|---|")
+    for device, r in rep.items():
+        print(f"| {device} | {r['n']} | {r['mean_ms']:.2f} | {100 * r['cv']:.2f}% | {r['max_over_min']:.3f} |")
+    print(f"\nRate: {speed['data_rows']} architectures (+{speed['references']} reference checks) in "
+          f"{speed['minutes']:.1f} min: {speed['archs_per_min']:.2f} archs/min, building included")  # fmt: skip
+    payload = {
+        "benchmark": "a hatc-collected latency dataset: predictors, repeatability, rate",
+        "dataset": str(args.dataset),
+        "rows": len(table),
+        "seeds": seeds,
+        "goals": GOALS,
+        "predictors_mean": means,
+        "kept_mean": kept,
+        "runs": runs,
+        "repeatability": rep,
+        "rate": speed,
+        "protocol": rows[0].get("protocol"),
+        "host_cpu": rows[0].get("host_cpu"),
+        "versions": {"hatc": hatc.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        "machine": {"python": platform.python_version()},
+        "seconds": round(time.time() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
