@@ -192,6 +192,23 @@ def test_runtime_runs_through_an_rpc_session(compiled, sentences):
         assert remote.translate(lines, beam=2) == local.translate(lines, beam=2)
 
 
+def test_translate_artifact_on_an_rpc_device(cli, compiled, sentences, tmp_path):
+    """hatc translate --artifact --tracker --key: the libraries run on a real TVM server on loopback."""
+    from rpc_helpers import running_server, running_tracker
+
+    local = cli("translate", "--artifact", compiled[0], "--input", sentences, "--beam", "2")
+    assert local.code == 0, local.stderr
+    with running_tracker(tmp_path / "tracker.log") as tracker, running_server(tracker, "x86", tmp_path / "s.log"):
+        remote = hatc_without_torch("translate", "--artifact", f"{compiled[0]}.tar.gz", "--input", sentences,
+                                    "--beam", "2", "--tracker", tracker)  # fmt: skip
+        assert remote.returncode == 0, remote.stderr[-2000:]
+        assert f"requesting a 'x86' device from {tracker}" in remote.stderr
+        nobody = hatc_without_torch("translate", "--artifact", compiled[0], "--input", sentences,
+                                    "--tracker", tracker, "--key", "nobody")  # fmt: skip
+    assert remote.stdout == local.stdout
+    assert nobody.returncode == 2 and "no device with key 'nobody'" in nobody.stderr
+
+
 def test_numpy_beam_search_equals_pytorch_token_for_token(compiled, checkpoint):
     """Random sources, beams narrower than the compiled 4, another lenpen, a bucket larger than needed."""
     import numpy as np

@@ -62,11 +62,27 @@ def _translate_with_progress(loaded: LoadedModel, lines: list[str], options: Dec
 
 
 def _translate_artifact(
-    path: Path, input: Path | None, beam: int | None, lenpen: float | None, max_len: int
+    path: Path,
+    input: Path | None,
+    beam: int | None,
+    lenpen: float | None,
+    max_len: int,
+    tracker: str | None = None,
+    key: str | None = None,
 ) -> list[str]:
     from hatc.runtime import Translator  # torch-free: numpy, the TVM runtime or onnxruntime
+    from hatc.runtime.artifact import open_artifact
 
-    with Translator(path) as translator:
+    opened, session = open_artifact(path), None
+    if tracker is not None:
+        from hatc.rpc import parse_tracker, request_session, wait_for_devices
+
+        addr = parse_tracker(tracker)
+        key = key or opened.manifest["target"]["rpc_key"]  # the artifact's target's devices
+        wait_for_devices(addr, key, timeout_s=10.0)  # a key nobody serves fails now, not after the request wait
+        stderr.print(f"requesting a '{key}' device from {addr}")
+        session = request_session(addr, key, timeout_s=120.0)
+    with Translator(opened, session=session) as translator:
         options = translator.resolve_options(beam, lenpen, max_len)  # a bad --beam fails before reading stdin
         sources = translator.encode(_read_input(input))  # a too-long line fails before any work
         progress = _progress()
@@ -85,14 +101,23 @@ def translate(
     beam: Annotated[int | None, typer.Option(min=1, help="Beam size (1 = greedy) [4, or the artifact's].")] = None,
     lenpen: Annotated[float | None, typer.Option(help="Length penalty: score / length ** lenpen [0.6].")] = None,
     max_len: MaxLen = 256,
+    tracker: Annotated[
+        str | None, typer.Option("--tracker", help="Run the artifact on a device of this RPC tracker (HOST:PORT).")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key (default: the artifact's target's).")] = None,
 ) -> None:
-    """Translate sentences (one a line) and print one translation a line."""
+    """Translate sentences (one a line) and print one translation a line.
+
+    With --artifact and --tracker the compiled libraries run on a device of the
+    artifact's target (an rpi4, say), uploaded through TVM RPC; decoding stays here."""
     if (checkpoint is None) == (artifact is None):
         raise HatcError("give exactly one of --checkpoint CKPT or --artifact DIR|TAR.GZ")
+    if artifact is None and (tracker is not None or key is not None):
+        raise HatcError("--tracker/--key run an artifact on a device: give --artifact")
     if artifact is not None:
         if arch is not None:
             raise HatcError("--arch applies to checkpoints; an artifact holds one SubTransformer")
-        translations = _translate_artifact(artifact, input, beam, lenpen, max_len)
+        translations = _translate_artifact(artifact, input, beam, lenpen, max_len, tracker, key)
     else:
         from hatc.checkpoint import load_subtransformer
         from hatc.decode import DecodeOptions
