@@ -29,13 +29,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    # A shell starts background jobs with SIGINT ignored, and children inherit that (so
+    # Python would never raise KeyboardInterrupt); the tests send SIGINT as Ctrl-C would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def hatc_process(args: list[str], log: Path) -> Iterator[subprocess.Popen]:
     """``hatc ARGS`` as a child in its own group, killed (whole group) on exit; output in ``log``."""
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [*HATC, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+            [*HATC, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_ctrl_c_as_at_a_terminal,
+        )  # fmt: skip
     try:
         yield proc
     finally:
