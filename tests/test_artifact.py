@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from hatc.arch import Architecture
 from hatc.checkpoint import save_checkpoint
@@ -122,32 +123,11 @@ def sentences(tmp_path_factory, shared_data, subword) -> Path:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, checkpoint):
     """The x86 artifact (tvm backend), compiled once through the CLI in this process."""
-    from hatc.cli import main
-
     out = tmp_path_factory.mktemp("artifacts") / "x86"
-    result = _run_cli(main, "compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out,
-                      "--buckets", BUCKETS, "--json")  # fmt: skip
-    assert result[0] == 0, result[2]
-    return out, json.loads(result[1]), result[2]
-
-
-def _run_cli(main, *args):
-    """The conftest ``cli`` fixture is function-scoped; module fixtures call main() the same way."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["hatc", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    result = run_cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--buckets", BUCKETS,
+                     "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    return out, json.loads(result.stdout), result.stderr
 
 
 # ----- round trips ----------------------------------------------------------------

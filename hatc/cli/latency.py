@@ -29,6 +29,16 @@ app = typer.Typer(help="Latency datasets and predictors.", no_args_is_help=True)
 TargetOption = Annotated[str | None, typer.Option("--target", help="hatc target the latencies belong to (rpi4, ...).")]
 SpaceOption = Annotated[str | None, typer.Option("--space", help="Design space name or YAML file.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+# What `measure` and `collect` share: where to measure and under which protocol.
+TrackerOption = Annotated[
+    str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker (default: measure here).")
+]
+KeyOption = Annotated[str | None, typer.Option("--key", help="Device key at the tracker (default: the target's).")]
+BeamOption = Annotated[int | None, typer.Option("--beam", help="Decoder batch (default: the target's, 4).")]
+RepeatsOption = Annotated[int | None, typer.Option("--repeats", help="Measured runs (default: the target's).")]
+WarmupOption = Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")]
+DbOption = Annotated[Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")]
+VocabOption = Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")]
 
 
 @app.command()
@@ -190,17 +200,13 @@ def measure(
     ],
     target: Annotated[str, typer.Option("--target", help="hatc target (x86, rpi4, ...).")],
     space: SpaceOption = None,
-    tracker: Annotated[
-        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker (default: measure here).")
-    ] = None,
-    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (default: the target's).")] = None,
-    beam: Annotated[int | None, typer.Option("--beam", help="Decoder batch (default: the target's, 4).")] = None,
-    repeats: Annotated[int | None, typer.Option("--repeats", help="Measured runs (default: the target's).")] = None,
-    warmup: Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")] = None,
-    db: Annotated[
-        Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")
-    ] = None,
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")] = 8000,
+    tracker: TrackerOption = None,
+    key: KeyOption = None,
+    beam: BeamOption = None,
+    repeats: RepeatsOption = None,
+    warmup: WarmupOption = None,
+    db: DbOption = None,
+    vocab_size: VocabOption = 8000,
     as_json: JsonOption = False,
 ) -> None:
     """Measure an architecture's latency under HAT's protocol, tuned, here or on an RPC device.
@@ -249,17 +255,13 @@ def collect(
     out: Annotated[Path, typer.Option("--out", help="The JSON-lines dataset to write (appended; re-runs resume).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Architectures (extremes first, then samples).")] = 2000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled architectures.")] = 0,
-    tracker: Annotated[
-        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker (default: measure here).")
-    ] = None,
-    key: Annotated[str | None, typer.Option("--key", help="Device key at the tracker (default: the target's).")] = None,
-    beam: Annotated[int | None, typer.Option("--beam", help="Decoder batch (default: the target's, 4).")] = None,
-    repeats: Annotated[int | None, typer.Option("--repeats", help="Measured runs (default: the target's).")] = None,
-    warmup: Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")] = None,
-    db: Annotated[
-        Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")
-    ] = None,
-    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")] = 8000,
+    tracker: TrackerOption = None,
+    key: KeyOption = None,
+    beam: BeamOption = None,
+    repeats: RepeatsOption = None,
+    warmup: WarmupOption = None,
+    db: DbOption = None,
+    vocab_size: VocabOption = 8000,
     reference_every: Annotated[
         int, typer.Option("--reference-every", min=1, help="Rows per device between drift checks.")
     ] = 50,
