@@ -94,6 +94,7 @@ class Quickstart:
         self.state_path = out / "quickstart.json"
         self.state: dict[str, Any] = {"plan": asdict(plan), "stages": {}}
         self.tracker: Any = None  # (tracker child, server child, "HOST:PORT") while running
+        self.vocab: int | None = None
 
     # ----- bookkeeping ---------------------------------------------------------------------
     def load(self) -> None:
@@ -136,10 +137,12 @@ class Quickstart:
         if proc.returncode == 130:
             raise Interrupted(f"interrupted; run the same hatc quickstart again to resume ({self.out})")
         if proc.returncode != 0:
-            raise HatcError(
+            error = HatcError(
                 f"`hatc {' '.join(argv)}` failed (exit {proc.returncode}, its message is above); "
                 f"fix it and run the same hatc quickstart again to resume"
             )
+            error.exit_code = proc.returncode  # bad input (2) or a failure (1), as the stage said
+            raise error
         if not json_out:
             return proc.stdout
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -196,7 +199,7 @@ class Quickstart:
 
     def _prepare(self, corpus: Path, data: Path) -> Any:
         for split in MULTI30K_SPLITS.values():
-            if not any((corpus / f"{split}.{lang}{gz}").exists() for lang in ("en",) for gz in ("", ".gz")):
+            if not any((corpus / f"{split}.en{gz}").exists() for gz in ("", ".gz")):
                 raise DataError(f"{corpus}: no {split}.en(.gz); --corpus wants a Multi30k directory (train, val, "
                                 "test_2016_flickr; .en and .de, plain or .gz)")  # fmt: skip
         if data.exists():
@@ -252,8 +255,8 @@ class Quickstart:
         return ["--warmup", self.plan.latency_warmup, "--repeats", self.plan.latency_repeats]
 
     def _vocab(self, ckpt: Path) -> int:
-        if "vocab" not in self.__dict__:
-            self.vocab = _checkpoint_vocab(ckpt)
+        if self.vocab is None:
+            self.vocab = _checkpoint_vocab(ckpt)  # loads torch: once, and only when a stage needs it
         return self.vocab
 
     def _collect(self, ckpt: Path, db: Path, latency: Path) -> Any:
