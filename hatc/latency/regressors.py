@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.optimize
 
 from hatc.arch import Architecture
 from hatc.features import hat_features, layer_features
@@ -123,9 +124,16 @@ class CostLinear:
         scale = np.abs(a).max(axis=0)
         self.scale = np.where(scale > 0, scale, 1.0)
         a = a / self.scale
+        # Per-layer counts of each choice (hatc data) have one physical cost each, never negative:
+        # unconstrained least squares on a few dozen rows made some negative and predicted ~0 ms for
+        # whole regions of the space. HAT's averaged terms need signed corrections, so stay free.
+        nonnegative = "cost" in inputs
         weight = 1.0 / y  # start from relative least squares
         for _ in range(iters):
-            coef, *_ = np.linalg.lstsq(a * weight[:, None], y * weight, rcond=None)
+            if nonnegative:
+                coef, _ = scipy.optimize.nnls(a * weight[:, None], y * weight)
+            else:
+                coef, *_ = np.linalg.lstsq(a * weight[:, None], y * weight, rcond=None)
             # IRLS for L1: weight^2 = 1 / (y |residual|), floored so exact fits stay finite.
             rel = np.abs(y - a @ coef) / y
             weight = 1.0 / (y * np.sqrt(np.maximum(rel, 1e-4)))
