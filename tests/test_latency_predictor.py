@@ -263,3 +263,25 @@ def test_predictor_for_another_target_or_space_is_refused(cli, tmp_path):
     garbage = tmp_path / "garbage.json"
     garbage.write_text('{"format": "something else"}')
     assert_one_line_error(cli("latency", "predict", "--predictor", garbage, "--arch", "largest"), str(garbage))
+
+
+def test_per_part_costs_fitted_on_few_noisy_rows_never_collapse(tmp_path):
+    """24 noisy rows (what a short collection gives): the cost model's per-part costs stay
+    non-negative, so no region of the space is predicted at ~0 ms (least squares did that)."""
+    from hatc.latency.predictor import arch_inputs
+    from hatc.latency.regressors import CostLinear
+
+    space = load_space("tiny")
+    rng = np.random.default_rng(0)
+    rows, protocol = [], {"src_len": 30, "steps": 30, "beam": 4, "repeats": 20}
+    for arch in [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(22)]:
+        # The decoder dominates, and noise of +-10% as on a shared machine.
+        dec = (3.0 + 0.01 * sum(arch.decoder_ffn_dims) / 64) * arch.decoder_layers * rng.uniform(0.9, 1.1)
+        enc = 0.5 + 0.001 * sum(arch.encoder_ffn_dims)
+        rows.append(make_row(arch, space, enc, dec, 0.0, 0.0, "local/x86", protocol, {}, target="x86"))
+    append_rows(tmp_path / "rows.jsonl", rows)
+    table = read_dataset(tmp_path / "rows.jsonl")
+    model = CostLinear().fit(arch_inputs(table.archs, space, "layer"), table.latency_ms)
+    samples = [space.sample(rng) for _ in range(500)]
+    predicted = model.predict(arch_inputs(samples, space, "layer"))
+    assert predicted.min() > 0.3 * table.latency_ms.min()
