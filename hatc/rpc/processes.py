@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from hatc.rpc.tracker import RpcError, TrackerAddress, tracker_summary
 
-DEFAULT_SERVER_PORTS = range(9090, 9190)
-PR_SET_PDEATHSIG = 1  # linux/prctl.h  # TVM's default server port and up, below the tracker's
+DEFAULT_SERVER_PORTS = range(9090, 9190)  # TVM's default server port and up, below the tracker's
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def host_cores() -> int:
