@@ -77,11 +77,15 @@ def _translate_artifact(
     if tracker is not None:
         from hatc.rpc import parse_tracker, request_session, wait_for_devices
 
-        addr = parse_tracker(tracker)
-        key = key or opened.manifest["target"]["rpc_key"]  # the artifact's target's devices
-        wait_for_devices(addr, key, timeout_s=10.0)  # a key nobody serves fails now, not after the request wait
-        stderr.print(f"requesting a '{key}' device from {addr}")
-        session = request_session(addr, key, timeout_s=120.0)
+        try:
+            addr = parse_tracker(tracker)
+            key = key or opened.manifest["target"]["rpc_key"]  # the artifact's target's devices
+            wait_for_devices(addr, key, timeout_s=10.0)  # a key nobody serves fails now, not after the request wait
+            stderr.print(f"requesting a '{key}' device from {addr}")
+            session = request_session(addr, key, timeout_s=120.0)
+        except BaseException:
+            opened.close()  # an unpacked .tar.gz is not left behind
+            raise
     with Translator(opened, session=session) as translator:
         options = translator.resolve_options(beam, lenpen, max_len)  # a bad --beam fails before reading stdin
         sources = translator.encode(_read_input(input))  # a too-long line fails before any work
