@@ -8,7 +8,9 @@ in a subnet's mode against the plain static model of the same architecture.
 
 Pin it to its own cores when the machine is shared, e.g.
 ``taskset -c 0 env OMP_NUM_THREADS=1 python benchmarks/train_multi30k.py ...``
-(the JSON records the thread count). Each stage is resumable: re-running picks up the prepared data and the
+(the JSON records the thread count). On two free cores ``--workers 2`` (DDP,
+one thread each) trains ~1.3x faster than one process with two threads.
+Each stage is resumable: re-running picks up the prepared data and the
 training run where they are (``hatc train supernet --resume``).
 """
 
@@ -37,9 +39,15 @@ from hatc.train.loop import label_smoothed_loss
 SHARED = Path(os.environ.get("HATC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def hatc_cli(*args: str) -> str:
-    """Runs a hatc command (progress to our stderr) and returns its stdout."""
-    done = subprocess.run([sys.executable, "-m", "hatc", *map(str, args)], stdout=subprocess.PIPE, text=True)
+def hatc_cli(*args: str, workers: int = 1) -> str:
+    """Runs a hatc command (progress to our stderr) and returns its stdout;
+    with workers > 1 under torchrun (DDP, one thread per worker)."""
+    launcher = [sys.executable, "-m", "hatc"]
+    if workers > 1:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}"]
+        launcher = [*torchrun, "-m", "hatc"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if workers > 1 else None
+    done = subprocess.run([*launcher, *map(str, args)], stdout=subprocess.PIPE, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"hatc {' '.join(map(str, args))} failed with exit code {done.returncode}")
     return done.stdout
@@ -94,7 +102,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-m30k"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_multi30k.json"))
     parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per update (split across workers)")
+    parser.add_argument("--workers", type=int, default=1, help="DDP processes for training (torchrun)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--dropout", type=float, default=0.3)
@@ -125,7 +134,7 @@ def main() -> None:
             "--minutes",
             args.minutes,
             "--max-tokens",
-            args.max_tokens,
+            args.max_tokens // args.workers,
             "--lr",
             args.lr,
             "--warmup",
@@ -134,6 +143,7 @@ def main() -> None:
             args.dropout,
             "--resume",
             "--json",
+            workers=args.workers,
         )  # fmt: skip
     )
     train_s = time.time() - start

@@ -94,3 +94,30 @@ def tuned(tmp_path_factory) -> tuple[Path, dict, dict]:
     second = run_cli(*tune_args(db))
     assert second.code == 0, second.stderr[-2000:]
     return db, json.loads(first.stdout), json.loads(second.stdout)
+
+
+# The smallest space with every kind of choice: 19 distinct workloads at one bucket
+# and beam, so tuning it (under qemu too) stays short.
+MICRO_SPACE = """
+name: micro
+super: {embed_dim: 64, ffn_dim: 128, heads: 2, qkv_dim: 64, encoder_layers: 1, decoder_layers: 1}
+choices:
+  encoder_embed_dim: [64]
+  decoder_embed_dim: [64]
+  encoder_layers: [1]
+  decoder_layers: [1]
+  encoder_ffn_dim: [128]
+  decoder_ffn_dim: [128]
+  encoder_self_heads: [2]
+  decoder_self_heads: [2]
+  decoder_cross_heads: [2]
+  decoder_ende_layers: [1]
+protocol: {source_tokens: 30, target_tokens: 30}
+"""
+
+
+def micro_space(folder: Path) -> Path:
+    """MICRO_SPACE written to ``folder/micro.yaml``."""
+    path = folder / "micro.yaml"
+    path.write_text(MICRO_SPACE)
+    return path

@@ -124,3 +124,31 @@ def running_server(tracker: str, key: str, log: Path, threads: int = 1) -> Itera
     with hatc_process(args, log) as proc:
         wait_until(lambda: key_count(tracker, key) > before, proc, log, START_S, "server registration")
         yield Server(proc, port, log)
+
+
+# The emulated rpi4 imports TVM under qemu-user: slow to start on a loaded machine.
+EMULATED_START_S = 600.0
+
+
+def emulated_rpi4_or_skip():
+    """The emulated rpi4, built once into hatc's cache (about a minute and ~400 MB the
+    first time); skips the test where qemu-user or the sysroot cannot be had."""
+    from hatc.rpc.emulate import RPI4, EmulatorSetupError, find_qemu, prepare_emulator
+
+    try:
+        find_qemu(RPI4, install=False)
+    except EmulatorSetupError as e:
+        pytest.skip(f"emulated rpi4 unavailable: {e}")
+    try:
+        return prepare_emulator("rpi4")
+    except EmulatorSetupError as e:
+        pytest.skip(f"emulated rpi4 cannot be built here: {e}")
+
+
+@contextlib.contextmanager
+def running_emulated_rpi4(tracker: str, log: Path) -> Iterator[subprocess.Popen]:
+    """``hatc rpc emulate rpi4`` (one thread) registered at ``tracker`` as ``rpi4-qemu``."""
+    args = ["rpc", "emulate", "rpi4", "--tracker", tracker, "--threads", "1", "--port", str(free_port())]
+    with hatc_process(args, log) as proc:
+        wait_until(lambda: key_count(tracker, "rpi4-qemu") == 1, proc, log, EMULATED_START_S, "rpi4-qemu")
+        yield proc

@@ -360,17 +360,22 @@ def test_bad_buckets(cli, checkpoint, tmp_path):
 
 
 # ----- rpi4 ---------------------------------------------------------------------------
-@pytest.mark.skipif(
-    shutil.which("aarch64-linux-gnu-g++") is None,
-    reason="no aarch64 cross compiler (apt-get install -y g++-aarch64-linux-gnu; .ci/run installs it)",
-)
-def test_rpi4_artifact_holds_aarch64_libraries(cli, checkpoint, tmp_path, sentences):
+@pytest.fixture(scope="module")
+def rpi4_artifact(tmp_path_factory, checkpoint) -> tuple[Path, dict]:
+    """The rpi4 artifact (cross-compiled, the 16-token bucket only), compiled once."""
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install -y g++-aarch64-linux-gnu; .ci/run installs it)")
+    out = tmp_path_factory.mktemp("artifacts") / "rpi4"
+    args = ["compile", "--checkpoint", checkpoint, "--target", "rpi4", "--out", out, "--buckets", "16", "--json"]
+    built = run_cli(*args)
+    assert built.code == 0, built.stderr
+    return out, json.loads(built.stdout)
+
+
+def test_rpi4_artifact_holds_aarch64_libraries(cli, rpi4_artifact, sentences):
     from hatc.runtime.backends import elf_arch
 
-    out = tmp_path / "rpi4"
-    built = cli("compile", "--checkpoint", checkpoint, "--target", "rpi4", "--out", out, "--buckets", "16", "--json")
-    assert built.code == 0, built.stderr
-    summary = json.loads(built.stdout)
+    out, summary = rpi4_artifact
     assert summary["target"] == "rpi4" and summary["max_abs_diff"]["tvm_host"] <= 1e-4  # the host build of it
     libs = sorted(out.glob("lib/*.so"))
     assert len(libs) == 2 and all(elf_arch(p) == "aarch64" for p in libs)
@@ -378,6 +383,31 @@ def test_rpi4_artifact_holds_aarch64_libraries(cli, checkpoint, tmp_path, senten
     assert manifest["target"]["tvm_target"]["mtriple"] == "aarch64-linux-gnu"
     # Not runnable here: one line that says where it runs.
     one_line_error(cli("translate", "--artifact", out, "--input", sentences), "rpi4", "aarch64")
+
+
+def test_rpi4_artifact_translates_on_the_emulated_rpi4(cli, rpi4_artifact, checkpoint, subword, tmp_path):
+    """The whole rpi4 artifact runs on `hatc rpc emulate rpi4` (aarch64 under qemu-user)
+    through the tracker, torch blocked, and translates as PyTorch does (greedy and beam 4)."""
+    from rpc_helpers import emulated_rpi4_or_skip, running_emulated_rpi4, running_tracker
+
+    from hatc.data.subword import SubwordModel
+
+    emulated_rpi4_or_skip()
+    sp = SubwordModel.load(subword)
+    lines = ["A dog runs on the beach.", "Two men are talking.", "A girl in a red dress."]
+    assert all(len(sp.encode(line)) < 16 for line in lines)  # the artifact's only bucket
+    short = tmp_path / "short.en"
+    short.write_text("\n".join(lines) + "\n")
+    expected = {beam: cli("translate", "--checkpoint", checkpoint, "--input", short, "--beam", beam) for beam in "14"}
+    got = {}
+    with running_tracker(tmp_path / "tracker.log") as tracker, running_emulated_rpi4(tracker, tmp_path / "qemu.log"):
+        for beam in "14":
+            got[beam] = hatc_without_torch("translate", "--artifact", f"{rpi4_artifact[0]}.tar.gz", "--input", short,
+                                           "--beam", beam, "--tracker", tracker, "--key", "rpi4-qemu")  # fmt: skip
+            assert got[beam].returncode == 0, got[beam].stderr[-2000:]
+    for beam in "14":
+        # (count newlines: this random model emits control characters that splitlines() splits on)
+        assert got[beam].stdout == expected[beam].stdout and got[beam].stdout.count("\n") == len(lines)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found; the cuda target builds only where it is")

@@ -11,16 +11,26 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
-from rpc_helpers import START_S, free_port, hatc_process, key_count, running_server, running_tracker, wait_until
+from conftest import micro_space
+from rpc_helpers import (
+    START_S,
+    emulated_rpi4_or_skip,
+    free_port,
+    hatc_process,
+    running_emulated_rpi4,
+    running_server,
+    running_tracker,
+    wait_until,
+)
 
 from hatc.rpc import RpcError, is_emulated_key, parse_tracker, request_session, tracker_summary
 from hatc.rpc.emulate import RPI4, EmulatorSetupError, find_qemu, prepare_emulator
 
 CPU_KEY = "hatc-test-cpu"
-EMULATED_START_S = 600.0
 
 
 @pytest.fixture(scope="module")
@@ -219,19 +229,20 @@ def test_tracker_stops_cleanly_on_ctrl_c(tmp_path):
 
 # ----- the emulated rpi4 --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def emulator():
-    """The emulated rpi4, built once into hatc's cache (about a minute and ~400 MB the first time)."""
-    try:
-        find_qemu(RPI4, install=False)
-    except EmulatorSetupError as e:
-        pytest.skip(f"emulated rpi4 unavailable: {e}")
-    try:
-        return prepare_emulator("rpi4")
-    except EmulatorSetupError as e:
-        pytest.skip(f"emulated rpi4 cannot be built here: {e}")
+def emulated(tracker, tmp_path_factory) -> Iterator[Path]:
+    """`hatc rpc emulate rpi4` registered at the module's tracker as rpi4-qemu; yields its log."""
+    from hatc.targets import load_target
+
+    emulated_rpi4_or_skip()
+    rpi4 = load_target("rpi4")
+    if rpi4.missing_tools():
+        pytest.skip(f"no cross compiler: {rpi4.missing_tools()[0].hint}")
+    log = tmp_path_factory.mktemp("emulate") / "emulate.log"
+    with running_emulated_rpi4(tracker, log):
+        yield log
 
 
-def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulator, tmp_path):
+def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulated, tmp_path):
     import tvm
     from tvm import relax
     from tvm.script import ir as I
@@ -251,8 +262,6 @@ def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulator, tmp_path
             return (z, y)
 
     rpi4 = load_target("rpi4")
-    if rpi4.missing_tools():
-        pytest.skip(f"no cross compiler: {rpi4.missing_tools()[0].hint}")
     library = export_library(tvm.compile(Module, target=tvm_target_of(rpi4)), tmp_path / "tiny.so", rpi4)
     assert elf_machine(library) == EM_AARCH64
     rng = np.random.default_rng(0)
@@ -260,18 +269,44 @@ def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulator, tmp_path
     host = relax.VirtualMachine(tvm.compile(Module, target="llvm"), tvm.cpu())
     expected = [t.numpy() for t in host["main"](*(tvm.runtime.tensor(a) for a in inputs))]
 
-    log = tmp_path / "emulate.log"
-    args = ["rpc", "emulate", "rpi4", "--tracker", tracker, "--threads", "1", "--port", str(free_port())]
-    with hatc_process(args, log) as proc:
-        wait_until(lambda: key_count(tracker, "rpi4-qemu") == 1, proc, log, EMULATED_START_S, "rpi4-qemu")
-        remote = request_session(tracker, "rpi4-qemu", timeout_s=60, session_timeout_s=600)
-        remote.upload(str(library))
-        vm = relax.VirtualMachine(remote.load_module(library.name), remote.cpu())
-        # A tuple result cannot be indexed over RPC: set_input / invoke_stateful / get_outputs.
-        vm.set_input("main", *(tvm.runtime.tensor(a, remote.cpu()) for a in inputs))
-        vm.invoke_stateful("main")
-        got = [t.numpy() for t in vm.get_outputs("main")]
-        del vm, remote
-        assert "emulated rpi4 ready in" in log.read_text()
+    remote = request_session(tracker, "rpi4-qemu", timeout_s=60, session_timeout_s=600)
+    remote.upload(str(library))
+    vm = relax.VirtualMachine(remote.load_module(library.name), remote.cpu())
+    # A tuple result cannot be indexed over RPC: set_input / invoke_stateful / get_outputs.
+    vm.set_input("main", *(tvm.runtime.tensor(a, remote.cpu()) for a in inputs))
+    vm.invoke_stateful("main")
+    got = [t.numpy() for t in vm.get_outputs("main")]
+    del vm, remote
+    assert "emulated rpi4 ready in" in emulated.read_text()
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_tune_rpi4_through_the_tracker_on_the_emulated_rpi4(cli, tracker, emulated, tmp_path):
+    """`hatc tune --target rpi4 --tracker`: candidates cross-linked here, measured on
+    rpi4-qemu through MetaSchedule's RPC runner, recorded for the aarch64 target; resumable."""
+    from hatc.compile.tuning import load_database
+
+    space, db = micro_space(tmp_path), tmp_path / "db"
+    args = ["tune", "--target", "rpi4", "--space", space, "--buckets", "16", "--beam", "1", "--vocab-size", "64",
+            "--trials", "1", "--db", db, "--tracker", tracker, "--key", "rpi4-qemu", "--json"]  # fmt: skip
+    first = cli(*args)
+    assert first.code == 0, first.stderr[-3000:]
+    report = json.loads(first.stdout)
+    assert "emulated device" in first.stderr
+    assert report["device"] == f"{tracker}/rpi4-qemu" and report["target"] == "rpi4"
+    assert report["workloads"] >= 10 and report["tuned"] == report["workloads"] and report["trials"] > 0
+    records = load_database(db).get_all_tuning_records()
+    measured = [r for r in records if r.run_secs]
+    assert measured and all(str(r.target.attrs["mtriple"]) == "aarch64-linux-gnu" for r in measured)
+    assert all(0 < float(t) < 10 for r in measured for t in r.run_secs)
+    run = json.loads((db / "runs.jsonl").read_text().splitlines()[-1])
+    assert run["device"] == report["device"]
+    again = json.loads(cli(*args).stdout)
+    assert again["tuned"] == 0 and again["skipped"] == report["workloads"] and again["trials"] == 0
+
+
+def test_tune_on_a_key_nobody_serves_is_one_line(cli, tracker):
+    result = cli("tune", "--target", "rpi4", "--space", "tiny", "--tracker", tracker, "--key", "nobody")
+    assert result.code == 2 and "no device with key 'nobody'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from hatc.compile.signature import BUCKETS
 from hatc.compile.tuning import (
     DEFAULT_TRIALS_PER_TASK,
     DEFAULT_VOCAB,
+    RemoteDevice,
     TuneConfig,
     TuneProgress,
     TuneReport,
@@ -68,10 +69,18 @@ def tune_command(
         Path | None, typer.Option("--checkpoint", help="Take the vocabulary (and space) from this checkpoint.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search.")] = 0,
+    tracker: Annotated[
+        str | None,
+        typer.Option("--tracker", help="Measure candidates on a device of this RPC tracker (HOST:PORT)."),
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Device key at the tracker (default: the target's, e.g. rpi4).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Tune every distinct operator workload of a space's SubTransformers for a target (MetaSchedule).
 
+    Host targets (x86) tune here; others (rpi4) on a device through --tracker.
     Resumable: workloads already in the database with this run's trials are skipped.
     'hatc compile' and 'hatc latency measure' use the database."""
     tgt = load_target(target)
@@ -101,15 +110,44 @@ def tune_command(
         trials=trials,
         seed=seed,
     )
-    check_tunable(tgt)
-    report = _tune_with_progress(space_obj, tgt, config, db)
+    remote = _remote_device(tgt, tracker, key)
+    check_tunable(tgt, remote)
+    if remote is not None:
+        _check_remote(remote)
+    report = _tune_with_progress(space_obj, tgt, config, db, remote)
     if as_json:
         emit_json(report.to_dict())
         return
     _print_report(report)
 
 
-def _tune_with_progress(space: SearchSpace, target: Target, config: TuneConfig, db: Path | None) -> TuneReport:
+def _remote_device(target: Target, tracker: str | None, key: str | None) -> RemoteDevice | None:
+    """The tracker's device to tune on, or None to tune here."""
+    if tracker is None:
+        if key is not None:
+            raise HatcError("--key names a device of an RPC tracker: give --tracker HOST:PORT too")
+        return None
+    from hatc.rpc import parse_tracker
+
+    return RemoteDevice(parse_tracker(tracker), key or target.rpc_key)
+
+
+def _check_remote(remote: RemoteDevice) -> None:
+    """Fails now if no device of the key is registered; warns on an emulated one."""
+    from hatc.rpc import is_emulated_key, wait_for_devices
+
+    wait_for_devices(remote.tracker, remote.key, timeout_s=10.0)
+    if is_emulated_key(remote.key):
+        stderr.print(
+            f"warning: '{remote.key}' is an emulated device: schedules get picked by emulated timings. "
+            "Good for checking the path; tune on the real device for a database you deploy with.",
+            soft_wrap=True,
+        )
+
+
+def _tune_with_progress(
+    space: SearchSpace, target: Target, config: TuneConfig, db: Path | None, remote: RemoteDevice | None
+) -> TuneReport:
     """A live bar on a terminal; otherwise one line per exported graph pair and per finished task."""
     if not stderr.is_terminal:
         last = {"done": -1}
@@ -122,7 +160,7 @@ def _tune_with_progress(space: SearchSpace, target: Target, config: TuneConfig, 
                 text = f"{event.stage}: {event.done}/{event.total} {what}{trials}  {event.task}".rstrip()
                 stderr.print(text, soft_wrap=True)
 
-        return tune(space, target, config, db, line)
+        return tune(space, target, config, db, line, remote)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -143,7 +181,7 @@ def _tune_with_progress(space: SearchSpace, target: Target, config: TuneConfig, 
                 info = f"trials {event.trials}/{event.trials_total}  {event.task}"
                 bar.update(work, completed=event.done, total=event.total, info=info, visible=True)
 
-        return tune(space, target, config, db, show)
+        return tune(space, target, config, db, show, remote)
 
 
 def _print_report(r: TuneReport) -> None:
@@ -155,6 +193,7 @@ def _print_report(r: TuneReport) -> None:
     )
     stdout.print(
         f"tuned {r.tuned} ({r.trials} measured trials, {r.trials_per_task[0]}-{r.trials_per_task[1]} per workload) in "
-        f"{r.tune_seconds:.0f} s; {r.skipped} already in the database"
+        f"{r.tune_seconds:.0f} s on {'this machine' if r.device == 'local' else r.device}; "
+        f"{r.skipped} already in the database"
     )
     stdout.print(f"database: {r.database}")
