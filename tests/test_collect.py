@@ -192,13 +192,15 @@ def test_collect_across_two_servers_survives_one_being_killed(tuned, tmp_path):
 
 
 def test_an_interrupted_collection_resumes(tuned, tmp_path):
+    """Stopped by SIGTERM (as a job scheduler stops it; Ctrl-C takes the same path:
+    both raise KeyboardInterrupt), then resumed."""
     db = tuned[0]
     out = tmp_path / "rows.jsonl"
     n = 3
     log = tmp_path / "first.log"
     with hatc_process(collect_args(out, db, n), log) as proc:
         wait_until(lambda: out.exists() and data_rows(out), proc, log, 600, "a first row")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 130, log.read_text()[-2000:]
     assert "run the same command to resume" in log.read_text()
     kept = len(data_rows(out))

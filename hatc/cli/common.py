@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from rich.console import Console
@@ -22,3 +25,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """One clear line on stderr, then exit (2: bad input)."""
     stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise SystemExit(code)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends the command like Ctrl-C does (its interrupt handling and cleanup run), not abruptly."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hatc.cli.common import emit_json, stderr, stdout
+from hatc.cli.common import emit_json, sigterm_interrupts, stderr, stdout
 from hatc.errors import HatcError
 from hatc.latency.dataset import FORMATS, read_dataset
 from hatc.latency.predictor import (
@@ -335,7 +335,7 @@ def collect(
         progress.console.print(f"[yellow]{line}[/]", soft_wrap=True)
 
     try:
-        with progress:
+        with sigterm_interrupts(), progress:
             summary = collect_rows(
                 plan, space_obj, out, measure, workers, config, on_row=on_row, on_log=on_log, minutes=minutes,
                 reference=space_obj.largest(),  # the slowest: its noise is the smallest share of its latency

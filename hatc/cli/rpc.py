@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hatc.cli.common import emit_json, stderr, stdout
+from hatc.cli.common import emit_json, sigterm_interrupts, stderr, stdout
 from hatc.errors import HatcError
 from hatc.rpc.emulate import DEVICES, prepare_emulator
 from hatc.rpc.processes import (
@@ -148,7 +147,7 @@ def emulate(
     addr = parse_tracker(tracker) if tracker is not None else None
     if addr is not None:
         tracker_summary(addr)  # before minutes of building
-    with _sigterm_interrupts(), _BuildProgress() as progress:
+    with sigterm_interrupts(), _BuildProgress() as progress:
         emulator = prepare_emulator(device, sysroot_dir, rebuild=rebuild, install_qemu=True, progress=progress)
     built = emulator.state().get("verified", {})
     stderr.print(
@@ -196,25 +195,11 @@ def _warn_if_unreachable(host: str, tracker: TrackerAddress) -> None:
         )
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM ends the command like Ctrl-C does (exit 130, cleanup run), not abruptly."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @contextlib.contextmanager
 def _owned(child: Child) -> Iterator[Child]:
     """Stops the child's whole process group however this command ends (SIGTERM included)."""
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             yield child
     except KeyboardInterrupt:
         stderr.print(f"stopping {child.what}")
