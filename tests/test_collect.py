@@ -38,33 +38,12 @@ def data_rows(path: Path) -> list[dict]:
 
 
 def collect_args(out: Path, db: Path, n: int, *extra: str) -> list[str]:
+    # Drift is tested with a synthetic device: a loaded test machine drifts for real.
     return [
-        "latency",
-        "collect",
-        "--target",
-        "x86",
-        "--space",
-        "tiny",
-        "--n",
-        str(n),
-        "--out",
-        str(out),
-        "--db",
-        str(db),
-        "--beam",
-        str(BEAM),
-        "--vocab-size",
-        str(VOCAB),
-        "--repeats",
-        "3",
-        "--warmup",
-        "1",
-        "--seed",
-        "3",
-        "--drift-tolerance",
-        "100",
-        *extra,
-    ]  # fmt: skip  (drift is tested with a synthetic device: a loaded test machine drifts for real)
+        "latency", "collect", "--target", "x86", "--space", "tiny", "--n", str(n), "--out", str(out),
+        "--db", str(db), "--beam", str(BEAM), "--vocab-size", str(VOCAB), "--repeats", "3", "--warmup", "1",
+        "--seed", "3", "--drift-tolerance", "100", *extra,
+    ]  # fmt: skip
 
 
 # ----- the bookkeeping, with a synthetic device (drift cannot be ordered from real hardware) ----
