@@ -7,9 +7,14 @@ repeatability and collection rate.
   (``reference: true`` rows), and re-measured rows repeat theirs; the spread (std / mean,
   max / min) of each architecture measured more than once on one device is what one
   architecture measured twice differs by.
+- Repeat run (``--repeat FILE``): the same architectures collected again later, in another
+  process (``hatc latency collect`` with the same ``--seed`` and a smaller ``--n`` lists the
+  dataset's first architectures again); each pair's relative difference is what a row would
+  be off by if measured at another time: the floor under any predictor's MAPE.
 - Rate: data rows per minute of collection (first to last row time), building included.
 
-    python benchmarks/latency_dataset.py --dataset x86-tiny.jsonl --out benchmarks/results/latency_dataset_x86_tiny.json
+    python benchmarks/latency_dataset.py --dataset x86-tiny.jsonl --repeat x86-tiny-again.jsonl \
+        --out benchmarks/results/latency_dataset_x86_tiny.json
 """
 
 from __future__ import annotations
@@ -52,6 +57,30 @@ def repeatability(rows: list[dict]) -> dict:
     return out
 
 
+def latest_data_rows(path: Path) -> dict[str, float]:
+    """Arch JSON -> latency of the row ``fit`` would use (no references, no drift, the latest)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row and not row.get("reference") and not row.get("drift"):
+            out[json.dumps(row["arch"], sort_keys=True)] = row["latency_ms"]
+    return out
+
+
+def repeat_run(dataset: Path, repeat: Path) -> dict:
+    """Architectures in both files: |second - first| / first, the relative move between runs."""
+    first, second = latest_data_rows(dataset), latest_data_rows(repeat)
+    common = [a for a in second if a in first]
+    if not common:
+        raise SystemExit(f"{repeat}: no architecture in common with {dataset}")
+    moves = np.array([abs(second[a] - first[a]) / first[a] for a in common])
+    ratio = np.array([second[a] / first[a] for a in common])
+    return {"pairs": len(common), "mean_abs_rel_diff": float(moves.mean()), "median_abs_rel_diff":
+            float(np.median(moves)), "p90_abs_rel_diff": float(np.percentile(moves, 90)),
+            "within_2": float(np.mean(moves <= 0.02)), "within_5": float(np.mean(moves <= 0.05)),
+            "within_10": float(np.mean(moves <= 0.10)), "median_ratio": float(np.median(ratio))}  # fmt: skip
+
+
 def arch_name(arch: dict) -> str:
     """A short label: embed dims, layers and total FFN width."""
     return (
@@ -71,6 +100,7 @@ def rate(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, required=True, help="hatc JSON lines (hatc latency collect)")
+    parser.add_argument("--repeat", type=Path, help="a later collection of some of the same architectures")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--mlp-steps", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "latency_dataset.json")
@@ -108,6 +138,15 @@ def main() -> None:
         print("|---|---|---|---|---|")
         print(f"| {len(rep)} | {100 * np.median(cv):.1f}% | {np.median(ratio):.3f} | {np.percentile(ratio, 90):.3f} "
               f"| {100 * np.mean(ratio <= 1.1):.0f}% |")  # fmt: skip
+    again = repeat_run(args.dataset, args.repeat) if args.repeat else None
+    if again:
+        print(f"\nRepeat run ({args.repeat}): the same architecture measured in two runs")
+        print("| pairs | mean abs diff | median | 90th pct | within 2% | within 5% | within 10% | median ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        shares = [again[k] for k in ("mean_abs_rel_diff", "median_abs_rel_diff", "p90_abs_rel_diff", "within_2",
+                                     "within_5", "within_10")]  # fmt: skip
+        cells = [str(again["pairs"]), *(f"{100 * v:.1f}%" for v in shares), f"{again['median_ratio']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
     print(f"\nRate: {speed['data_rows']} architectures (+{speed['references']} reference checks) in "
           f"{speed['minutes']:.1f} min: {speed['archs_per_min']:.2f} archs/min, building included")  # fmt: skip
     payload = {
@@ -120,6 +159,7 @@ def main() -> None:
         "kept_mean": kept,
         "runs": runs,
         "repeatability": rep,
+        "repeat_run": again,
         "rate": speed,
         "protocol": rows[0].get("protocol"),
         "host_cpu": rows[0].get("host_cpu"),

@@ -189,3 +189,19 @@ def test_cuda_build_without_nvcc_says_how_to_install(exported, monkeypatch):
     _, decoder = import_graphs(exported["smallest"][1])
     with pytest.raises(HatcError, match="needs 'nvcc'.*CUDA toolkit"):
         build_module(decoder, load_target("cuda"))
+
+
+def test_reusing_torchs_onnx_registry_leaves_the_graphs_unchanged(tmp_path):
+    from torch.onnx._internal.exporter import _registration
+
+    from hatc.compile import export as export_module
+
+    build = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    model = make_model(load_space("tiny").smallest())
+    export_module._REGISTRIES.clear()
+    fresh = export_onnx(model, tmp_path / "fresh", BUCKET, batch=BEAM)  # builds the registry
+    assert len(export_module._REGISTRIES) == 1
+    reused = export_onnx(model, tmp_path / "reused", BUCKET, batch=BEAM)
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"] is build  # torch's own again afterwards
+    for name in ("encoder", "decoder"):
+        assert getattr(fresh, name).read_bytes() == getattr(reused, name).read_bytes(), name

@@ -75,8 +75,37 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+_REGISTRIES: dict[int, Any] = {}  # opset -> torch's aten-to-ONNX table, built once per process
+
+
+@contextlib.contextmanager
+def _reused_onnx_registry() -> Iterator[None]:
+    """torch rebuilds its aten-to-ONNX registry (~2 s) on every export, and a SubTransformer
+    is two exports; the table depends only on the opset, so build it once per process.
+    The exported graphs are unchanged (tests compare them byte for byte)."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # another torch layout: export as torch does
+        yield
+        return
+    cls = _registration.ONNXRegistry
+    build = cls.__dict__["from_torchlib"]
+
+    def cached(klass: type, *args: Any, **kwargs: Any) -> Any:
+        opset = kwargs.get("opset_version", args[0] if args else None)
+        if opset not in _REGISTRIES:
+            _REGISTRIES[opset] = build.__func__(klass, *args, **kwargs)
+        return _REGISTRIES[opset]
+
+    cls.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        cls.from_torchlib = build
+
+
 def _export(module: torch.nn.Module, args: tuple, names_in: list[str], names_out: list[str], path: Path) -> None:
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), _reused_onnx_registry(), torch.no_grad():
         torch.onnx.export(
             module,
             args,
