@@ -120,20 +120,33 @@ def test_a_drifted_device_gets_its_rows_flagged_and_measured_again(tmp_path):
     space = load_space("tiny")
     plan = plan_architectures(space, 9, seed=0)
     # One worker, a reference every 3 rows: calls are ref, 3 rows, ref, 3 rows, ref, ...
-    # A disturbance slows calls 6-8: two rows and the second reference check.
-    device = FakeDevice(space, slow_calls=range(6, 9))
+    # A disturbance slows calls 6-9: two rows, the second reference check and its confirmation.
+    device = FakeDevice(space, slow_calls=range(6, 10))
     out = tmp_path / "rows.jsonl"
     logs: list[str] = []
     config = CollectConfig(reference_every=3, drift_tolerance=0.1)
     summary = collect(plan, space, out, device, workers=1, config=config, on_log=logs.append)
     flagged = [r for r in data_rows(out) if r.get("drift")]
     again = [r for r in data_rows(out) if r.get("remeasured")]
-    assert summary.drifts == 1 and len(flagged) == 3 and any("moved +50.0%" in line for line in logs)
+    assert summary.drifts == 1 and len(flagged) == 3 and any("moved +50.0% again" in line for line in logs)
     assert {arch_key(r["arch"]) for r in flagged} == {arch_key(r["arch"]) for r in again}
     table = read_dataset(out)  # flagged rows and references are not training data
     assert len(table) == 9
     assert sorted(table.latency_ms) == pytest.approx(sorted(device.latency(a) for a in plan))
     assert measured_keys(out) == {arch_key(a) for a in plan}
+
+
+def test_one_odd_reference_check_is_confirmed_before_rows_are_flagged(tmp_path):
+    space = load_space("tiny")
+    plan = plan_architectures(space, 9, seed=0)
+    device = FakeDevice(space, slow_calls=range(8, 9))  # only the second reference check is slow
+    out = tmp_path / "rows.jsonl"
+    logs: list[str] = []
+    config = CollectConfig(reference_every=3, drift_tolerance=0.1)
+    summary = collect(plan, space, out, device, workers=1, config=config, on_log=logs.append)
+    assert summary.drifts == 0 and not [r for r in data_rows(out) if r.get("drift") or r.get("remeasured")]
+    assert logs == ["fake: the reference moved +50.0%; checking it once more"]
+    assert summary.references == 5 and summary.measured == 9  # first, odd, confirming, third, last
 
 
 # ----- real collections: tuned TVM builds measured under the protocol -------------------------
