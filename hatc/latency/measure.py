@@ -212,7 +212,8 @@ class PairedReference:
     Its runs alternate with the measured architecture's, so both see the same state of
     the machine; the ratio of the two cancels the machine's slow drift and bursts (on
     the development VM a row's spread between runs fell from 6.2% to 1.2%). Built once
-    (the first time it is needed) and kept for every later measurement.
+    (the first time it is needed) and kept for every later measurement, so use one per
+    collection: the same target, database, protocol and vocabulary.
     """
 
     def __init__(self, arch: Architecture):
