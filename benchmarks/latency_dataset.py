@@ -10,7 +10,8 @@ repeatability and collection rate.
 - Repeat run (``--repeat FILE``): the same architectures collected again later, in another
   process (``hatc latency collect`` with the same ``--seed`` and a smaller ``--n`` lists the
   dataset's first architectures again); each pair's relative difference is what a row would
-  be off by if measured at another time: the floor under any predictor's MAPE.
+  be off by if measured at another time: the floor under any predictor's MAPE. Paired rows
+  compare their ratios to the paired reference (what a reader scales them by).
 - Rate: data rows per minute of collection (first to last row time), building included.
 
     python benchmarks/latency_dataset.py --dataset x86-tiny.jsonl --repeat x86-tiny-again.jsonl \
@@ -58,17 +59,20 @@ def repeatability(rows: list[dict]) -> dict:
 
 
 def latest_data_rows(path: Path) -> dict[str, float]:
-    """Arch JSON -> latency of the row ``fit`` would use (no references, no drift, the latest)."""
+    """Arch JSON -> the row ``fit`` would use (no references, no drift, the latest): its latency,
+    or for paired rows its ratio to the paired reference (what the reader scales by)."""
     out = {}
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if row and not row.get("reference") and not row.get("drift"):
-            out[json.dumps(row["arch"], sort_keys=True)] = row["latency_ms"]
+            paired = row.get("paired_reference_ms")
+            out[json.dumps(row["arch"], sort_keys=True)] = row["latency_ms"] / paired if paired else row["latency_ms"]
     return out
 
 
 def repeat_run(dataset: Path, repeat: Path) -> dict:
-    """Architectures in both files: |second - first| / first, the relative move between runs."""
+    """Architectures in both files: |second - first| / first, the relative move between runs
+    (both files paired or both unpaired: a ratio is not comparable with a latency)."""
     first, second = latest_data_rows(dataset), latest_data_rows(repeat)
     common = [a for a in second if a in first]
     if not common:

@@ -261,12 +261,10 @@ class Quickstart:
 
     def _collect(self, ckpt: Path, db: Path, latency: Path) -> Any:
         tracker = self._start_devices()
-        # A short plan's protocol (1 + 5 runs) moves the reference by more than the default 15%
-        # from noise alone, and every row since would be measured twice: only a big move counts.
-        drift = "0.15" if self.plan.latency_repeats >= 20 else "0.5"
+        # Paired rows (collect's default): the reference runs with every row, fit divides out drift.
         common = ["latency", "collect", "--target", TARGET, "--space", SPACE, "--out", latency,
                   "--tracker", tracker, "--db", db, "--vocab-size", self._vocab(ckpt), "--seed", "0",
-                  "--drift-tolerance", drift, *self._protocol()]  # fmt: skip
+                  *self._protocol()]  # fmt: skip
         result = self.hatc(*common, "--n", "2000", "--minutes", f"{self.plan.collect_minutes:.3f}")
         rows = result["measured"] + result["skipped"]
         if rows < MIN_LATENCY_ROWS:  # the same plan's first rows: fills up to what a fit needs

@@ -180,7 +180,9 @@ def test_collect_across_two_servers_survives_one_being_killed(tuned, tmp_path):
         assert row["device"].startswith(f"{tracker}/{KEY}@127.0.0.1:") and row["protocol"]["beam"] == BEAM
         assert row["encoder_ms"] > 0 and row["decoder_ms"] > 0 and row["versions"]["tvm"]
         assert len(row["layer_features"]) > 0 and row["host_cpu"]
-    assert len(read_dataset(out)) == n
+        assert row["paired_reference_ms"] > 0  # the reference ran alternating with it, on the same device
+    table = read_dataset(out)
+    assert len(table) == n and set(table.paired_nominal_ms) == {r["device"] for r in data_rows(out)}
 
 
 def test_an_interrupted_collection_resumes(tuned, tmp_path):

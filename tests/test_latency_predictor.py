@@ -246,6 +246,36 @@ def test_torn_last_line_and_drifted_rows_are_skipped(tmp_path):
     assert len(table) == 39 and table.skipped_drift == 1 and table.archs is not None
 
 
+def test_paired_rows_are_scaled_to_their_devices_median_reference(tmp_path, caplog):
+    """A drifting machine slows a row and its paired reference alike: scaled, every row is
+    its true latency at the device's median speed; a file mixing paired and unpaired rows is
+    read unscaled, with a warning."""
+    path = write_synthetic(tmp_path / "d.jsonl", n=60, noise=0.0)
+    rng = np.random.default_rng(1)
+    rows, slowdowns = [json.loads(line) for line in path.read_text().splitlines()], []
+    for i, row in enumerate(rows):
+        row["device"] = f"dev{i % 2}"
+        slow = float(rng.uniform(0.7, 1.4)) * (1.5 if i % 2 else 1.0)  # device 1 is slower as well
+        slowdowns.append(slow)
+        for key in ("encoder_ms", "decoder_ms", "encoder_std_ms", "decoder_std_ms"):
+            row[key] *= slow
+        row["paired_reference_ms"] = 80.0 * slow
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = read_dataset(path)
+    true = np.array([sum(true_latency(a)) for a in table.archs])
+    for device in (0, 1):
+        median = float(np.median(slowdowns[device::2]))
+        assert table.paired_nominal_ms[f"dev{device}"] == pytest.approx(80.0 * median)
+        assert table.latency_ms[device::2] == pytest.approx(true[device::2] * median)
+    assert "paired reference" in table.provenance
+
+    del rows[0]["paired_reference_ms"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = read_dataset(path)
+    assert table.paired_nominal_ms is None and "59 of 60 rows have a paired reference" in caplog.text
+    assert table.latency_ms == pytest.approx(true * np.array(slowdowns))
+
+
 def test_predictor_for_another_target_or_space_is_refused(cli, tmp_path):
     data = write_synthetic(tmp_path / "x86.jsonl", n=100)
     out = tmp_path / "pred.json"

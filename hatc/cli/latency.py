@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -268,6 +269,14 @@ def collect(
     drift_tolerance: Annotated[
         float, typer.Option("--drift-tolerance", min=0.0, help="Reference move that counts as drift (fraction).")
     ] = 0.15,
+    paired: Annotated[
+        bool,
+        typer.Option(
+            "--paired/--no-paired",
+            help="Measure the reference (the space's largest) with every row, runs alternating; fit then "
+            "divides out the machine's drift. Paired rows are never flagged for drift.",
+        ),
+    ] = True,
     wait_devices: Annotated[
         float, typer.Option("--wait-devices", min=0.0, help="Seconds to wait for a device of the key to register.")
     ] = 60.0,
@@ -289,7 +298,7 @@ def collect(
 
     from hatc.latency.collect import CollectConfig, plan_architectures
     from hatc.latency.collect import collect as collect_rows
-    from hatc.latency.measure import check_key, measure_latency, protocol_for
+    from hatc.latency.measure import PairedReference, check_key, measure_latency, protocol_for
     from hatc.targets import load_target
 
     tgt = load_target(target)
@@ -308,17 +317,21 @@ def collect(
         local = all(is_local_host(h) for h in hosts)
     build_lock = threading.Lock()  # one build at a time (TVM's compiler is not shared across threads)
     run_guard = build_lock if local else None  # local devices: a measurement never overlaps a build
+    reference = space_obj.largest()  # the slowest: its noise is the smallest share of its latency
+    pair = PairedReference(reference) if paired else None
 
     def measure(arch: Any) -> dict[str, Any]:
         result = measure_latency(
             arch, space_obj, tgt, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size,
             request_timeout_s=request_timeout, build_guard=build_lock, run_guard=run_guard,
+            paired=pair,
         )  # fmt: skip
         return result.to_row(arch, space_obj, tgt)
 
     where = f"{workers} '{key}' device(s) at {tracker}" if tracker else f"this machine ({tgt.name})"
     stderr.print(f"collecting {len(plan)} architectures of '{space_obj.name}' on {where} into {out}")
-    config = CollectConfig(reference_every=reference_every, drift_tolerance=drift_tolerance)
+    # Paired rows carry their own reference: a drift changes both, and fit divides it out.
+    config = CollectConfig(reference_every=reference_every, drift_tolerance=math.inf if paired else drift_tolerance)
     progress = Progress(
         TextColumn("measured"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[last]}"),
         TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,
@@ -338,7 +351,7 @@ def collect(
         with sigterm_interrupts(), progress:
             summary = collect_rows(
                 plan, space_obj, out, measure, workers, config, on_row=on_row, on_log=on_log, minutes=minutes,
-                reference=space_obj.largest(),  # the slowest: its noise is the smallest share of its latency
+                reference=reference,
             )  # fmt: skip
     except KeyboardInterrupt:
         # Every written row is complete (flushed and fsynced). Workers may be inside TVM

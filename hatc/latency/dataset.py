@@ -26,10 +26,19 @@ row schema (``ROW_FIELDS``)::
                                                 # fit skips it
      "remeasured": false,                       # optional: measured again after a drift; a later
                                                 # row of the same arch supersedes earlier ones
+     "paired_reference_ms": 80.2,               # optional: the reference architecture measured
+                                                # with this row, runs alternating (collect --paired)
      "host_cpu": "...", "hat_features": {...}, "layer_features": [...]}  # optional, informative
 
 Features are always recomputed from ``arch``; stored feature copies are only
 for people reading the file. Row order is measurement order (time).
+
+Paired rows: when every row read carries ``paired_reference_ms``, each row's
+latencies are scaled by ``nominal / paired_reference_ms``, ``nominal`` being the
+median reference of the row's device. The machine's drift slows a row and its
+reference alike, so the scaled latency is the row's latency at the device's typical
+speed (``LatencyTable.paired_nominal_ms``). A file mixing paired and unpaired rows
+is read unscaled, with a warning.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ OPTIONAL_ROW_FIELDS = (
     "layer_features",
     "id",
     "latency_ms",
+    "paired_reference_ms",
 )
 PROTOCOL_FIELDS = ("src_len", "steps", "beam", "repeats")
 # HAT measured its released data with eager PyTorch, decoder at fairseq's default beam 5.
@@ -109,6 +119,7 @@ class LatencyTable:
     devices: tuple[str, ...] = ()
     provenance: str = ""
     skipped_drift: int = 0  # drift-flagged rows left out
+    paired_nominal_ms: dict[str, float] | None = None  # device -> median paired reference (rows scaled to it)
 
     def __len__(self) -> int:
         return len(self.encoder_ms)
@@ -212,6 +223,8 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
     spaces: dict[str, SearchSpace] = {}
     archs: list[Architecture] = []
     values: list[tuple[float, float, float, float]] = []
+    row_devices: list[str] = []
+    references: list[float | None] = []  # each kept row's paired reference, if any
     protocol: dict[str, Any] | None = None
     targets: set[str] = set()
     devices: dict[str, None] = {}
@@ -267,13 +280,19 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
         if row.get("drift", False) or row.get("reference", False):
             skipped += 1  # drift checks and drifted rows are not training data
             continue
+        paired = row.get("paired_reference_ms")
+        if paired is not None:
+            paired = _json_number(paired, where, "paired_reference_ms", positive=True)
         key = arch.to_json()
-        if key in position:  # re-measured after drift: the later row supersedes
-            values[position[key]] = measured  # type: ignore[assignment]
-        else:
+        if key not in position:
             position[key] = len(archs)
             archs.append(arch)
             values.append(measured)  # type: ignore[arg-type]
+            row_devices.append(row["device"])
+            references.append(paired)
+        else:  # re-measured after drift: the later row supersedes
+            i = position[key]
+            values[i], row_devices[i], references[i] = measured, row["device"], paired  # type: ignore[assignment]
         devices[row["device"]] = None
     if len(targets) > 1:
         raise DatasetError(f"{path}: rows from several targets ({', '.join(sorted(targets))}); fit one per target")
@@ -282,6 +301,10 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
     data = np.array(values, dtype=np.float64)
     assert space_name is not None and protocol is not None
     beam = protocol.get("beam")
+    provenance = f"hatc, {', '.join(devices)}, beam {beam}"
+    nominal = _scale_by_paired_reference(data, row_devices, references, path)
+    if nominal is not None:
+        provenance += ", paired reference (scaled to its median)"
     return LatencyTable(
         source=str(path),
         format="hatc",
@@ -295,9 +318,30 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
         target=next(iter(targets), None),
         protocol=dict(protocol),
         devices=tuple(devices),
-        provenance=f"hatc, {', '.join(devices)}, beam {beam}",
+        provenance=provenance,
         skipped_drift=skipped,
+        paired_nominal_ms=nominal,
     )
+
+
+def _scale_by_paired_reference(
+    data: np.ndarray, devices: list[str], references: list[float | None], path: Path
+) -> dict[str, float] | None:
+    """Scales ``data`` (rows of encoder/decoder mean and std) in place by each device's median
+    paired reference over the row's own; returns the medians (None: not every row is paired)."""
+    paired = sum(r is not None for r in references)
+    if paired == 0:
+        return None
+    if paired < len(references):
+        log.warning(
+            "%s: %d of %d rows have a paired reference; reading every row unscaled (collect paired rows into "
+            "a file of their own)", path, paired, len(references),
+        )  # fmt: skip
+        return None
+    ref = np.array(references, dtype=np.float64)
+    nominal = {d: float(np.median([r for r, rd in zip(ref, devices) if rd == d])) for d in dict.fromkeys(devices)}
+    data *= (np.array([nominal[d] for d in devices]) / ref)[:, None]
+    return nominal
 
 
 def _json_number(value: Any, where: str, field: str, positive: bool) -> float:

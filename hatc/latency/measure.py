@@ -115,6 +115,7 @@ class Measurement:
     database: str
     build_seconds: float
     runs: tuple[tuple[float, float], ...]  # every kept run's (encoder, decoder) ms, in order
+    paired_reference_ms: float | None = None  # the paired reference's trimmed mean (encoder + decoder)
 
     @property
     def latency_ms(self) -> float:
@@ -136,6 +137,7 @@ class Measurement:
             "tuned": self.tuned,
             "database": self.database,
             "build_seconds": self.build_seconds,
+            **({"paired_reference_ms": self.paired_reference_ms} if self.paired_reference_ms is not None else {}),
         }
 
     def to_row(self, arch: Architecture, space: SearchSpace, target: Target, **extra: Any) -> dict[str, Any]:
@@ -158,6 +160,7 @@ class Measurement:
             target=target.name,
             tuned=self.tuned,
             host_cpu=host_cpu(),
+            **({"paired_reference_ms": self.paired_reference_ms} if self.paired_reference_ms is not None else {}),
             **extra,
         )
 
@@ -203,6 +206,30 @@ def check_key(target: Target, tracker: str | None, key: str | None) -> str | Non
     return key
 
 
+class PairedReference:
+    """A reference architecture measured together with every architecture.
+
+    Its runs alternate with the measured architecture's, so both see the same state of
+    the machine; the ratio of the two cancels the machine's slow drift and bursts (on
+    the development VM a row's spread between runs fell from 6.2% to 1.2%). Built once
+    (the first time it is needed) and kept for every later measurement, so use one per
+    collection: the same target, database, protocol and vocabulary.
+    """
+
+    def __init__(self, arch: Architecture):
+        self.arch = arch
+        self.built: _Built | None = None
+
+
+@dataclass(frozen=True)
+class _Built:
+    """One architecture's compiled encoder and decoder-step modules and their graphs."""
+
+    libs: list[Any]
+    graphs: tuple[Any, Any]
+    signature: Any
+
+
 def measure_latency(
     arch: Architecture,
     space: SearchSpace,
@@ -218,6 +245,7 @@ def measure_latency(
     progress: Callable[[str], None] | None = None,
     build_guard: AbstractContextManager | None = None,
     run_guard: AbstractContextManager | None = None,
+    paired: PairedReference | None = None,
 ) -> Measurement:
     """Builds ``arch`` (random weights) with the target's tuning database and measures it.
 
@@ -233,6 +261,8 @@ def measure_latency(
         build_guard, run_guard: held while building and while the device runs
             (``latency collect`` passes locks so that builds never overlap, and,
             when the devices are this machine, never overlap a measurement either).
+        paired: a reference measured in the same session, its runs alternating with
+            the architecture's (``Measurement.paired_reference_ms``).
 
     Raises:
         LatencyError: an emulated key, a device target without a tracker, no
@@ -257,25 +287,31 @@ def measure_latency(
     from hatc.compile.tvm_build import build_module, import_graphs
     from hatc.static.model import ModelConfig, SubTransformer
 
+    def build(arch: Architecture, directory: Path) -> _Built:
+        torch.manual_seed(0)
+        model = SubTransformer(arch, ModelConfig(vocab_size, space.qkv_dim, space.super_embed_dim)).eval()
+        say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
+        graphs = export_onnx(model, directory, protocol.bucket, batch=protocol.beam)
+        encoder, decoder = import_graphs(graphs)
+        missing = tuning.missing_workloads(encoder, target, database) + tuning.missing_workloads(
+            decoder, target, database
+        )
+        if missing:
+            raise LatencyError(
+                f"the tuning database at {db_path} lacks {len(missing)} workload(s) of this architecture "
+                f"({', '.join(sorted(set(missing))[:3])}{', ...' if len(set(missing)) > 3 else ''}); "
+                f"hatc measures tuned builds only; run `{hint}`"
+            )
+        say(f"building for {target.name} with the tuning database")
+        libs = [build_module(g, target, database=database) for g in (encoder, decoder)]
+        return _Built(libs, (encoder, decoder), graphs.signature)
+
     start = time.perf_counter()
-    torch.manual_seed(0)
-    model = SubTransformer(arch, ModelConfig(vocab_size, space.qkv_dim, space.super_embed_dim)).eval()
     with tempfile.TemporaryDirectory(prefix="hatc-measure-") as tmp:
         with build_guard or contextlib.nullcontext():  # torch.export and TVM's passes are not thread-safe
-            say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
-            graphs = export_onnx(model, Path(tmp) / "graphs", protocol.bucket, batch=protocol.beam)
-            encoder, decoder = import_graphs(graphs)
-            missing = tuning.missing_workloads(encoder, target, database) + tuning.missing_workloads(
-                decoder, target, database
-            )
-            if missing:
-                raise LatencyError(
-                    f"the tuning database at {db_path} lacks {len(missing)} workload(s) of this architecture "
-                    f"({', '.join(sorted(set(missing))[:3])}{', ...' if len(set(missing)) > 3 else ''}); "
-                    f"hatc measures tuned builds only; run `{hint}`"
-                )
-            say(f"building for {target.name} with the tuning database")
-            libs = [build_module(g, target, database=database) for g in (encoder, decoder)]
+            built = build(arch, Path(tmp) / "graphs")
+            if paired is not None and paired.built is None:
+                paired.built = build(paired.arch, Path(tmp) / "reference")
         build_seconds = time.perf_counter() - start
         with run_guard or contextlib.nullcontext():
             if tracker is None:
@@ -288,32 +324,39 @@ def measure_latency(
                 # tracker/key@server: rows name the very device (drift is checked per device).
                 device_name = f"{parse_tracker(tracker)}/{key}@{session.device_address}"
                 protocol = replace(protocol, threads=None)
-            runner = _Runner(libs, (encoder, decoder), graphs.signature, target, session, Path(tmp), protocol.src_len)
-            say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}")
-            runs = [runner.run(protocol) for _ in range(protocol.warmup + protocol.repeats)][protocol.warmup :]
+            runners = [_Runner(built, target, session, Path(tmp), protocol.src_len)]
+            if paired is not None and paired.built is not None:
+                runners.append(_Runner(paired.built, target, session, Path(tmp), protocol.src_len, "reference"))
+            with_reference = " (alternating with the paired reference)" if paired else ""
+            say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}{with_reference}")
+            # Alternating runs: the architecture and its reference see the same machine.
+            all_runs = [[r.run(protocol) for r in runners] for _ in range(protocol.warmup + protocol.repeats)]
+            runs = [each[0] for each in all_runs[protocol.warmup :]]
+            reference_runs = [each[1] for each in all_runs[protocol.warmup :]] if paired else []
             # The session closes (the device is free again) only when its last remote object
             # is gone, and TVM's wrappers hold reference cycles: collect them now, not minutes later.
-            del runner, session
+            del runners, session
             gc.collect()
     enc_mean, enc_std = trimmed([r[0] for r in runs], protocol.trim)
     dec_mean, dec_std = trimmed([r[1] for r in runs], protocol.trim)
+    paired_ms = trimmed([e + d for e, d in reference_runs], protocol.trim)[0] if reference_runs else None
     return Measurement(
-        enc_mean, dec_mean, enc_std, dec_std, device_name, protocol, True, str(db_path), build_seconds, tuple(runs)
-    )
+        enc_mean, dec_mean, enc_std, dec_std, device_name, protocol, True, str(db_path), build_seconds, tuple(runs),
+        paired_ms,
+    )  # fmt: skip
 
 
 class _Runner:
     """Both graphs on one device (local or remote) with the stateful VM API:
     inputs and caches stay on the device between steps; only timing comes back."""
 
-    def __init__(
-        self, libs: list[Any], graphs: tuple[Any, Any], sig: Any, target: Target, session: Any, tmp: Path, src_len: int
-    ):
+    def __init__(self, built: _Built, target: Target, session: Any, tmp: Path, src_len: int, name: str = "arch"):
         import tvm
         from tvm import relax
 
         from hatc.compile.tvm_build import export_library
 
+        libs, graphs, sig = built.libs, built.graphs, built.signature
         self.sig, self._tvm = sig, tvm
         if session is None:
             self.dev = tvm.cuda() if target.device == "cuda" else tvm.cpu()
@@ -322,7 +365,7 @@ class _Runner:
             self.dev = session.cuda() if target.device == "cuda" else session.cpu()
             modules = []
             for lib, graph in zip(libs, graphs):
-                path = export_library(lib, tmp / f"{graph.name}.so", target)
+                path = export_library(lib, tmp / f"{name}-{graph.name}.so", target)
                 session.upload(str(path))
                 modules.append(session.load_module(path.name))
         self.vms = [relax.VirtualMachine(m, self.dev) for m in modules]

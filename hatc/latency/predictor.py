@@ -386,6 +386,8 @@ def fit_predictor(
                 "rows": len(table),
                 "skipped_drift": table.skipped_drift,
                 "devices": list(table.devices),
+                # Paired rows were scaled to each device's median reference: predictions are at that speed.
+                "paired_nominal_ms": table.paired_nominal_ms,
             },
             "split": {"rule": SPLIT_RULE, "train": len(train), "valid": len(valid), "test": len(test)},
             "candidates": candidates,
