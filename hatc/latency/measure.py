@@ -219,6 +219,8 @@ class PairedReference:
     def __init__(self, arch: Architecture):
         self.arch = arch
         self.built: _Built | None = None
+        # Its shared libraries for RPC devices, linked once (seconds each) and uploaded per session.
+        self.libraries = tempfile.TemporaryDirectory(prefix="hatc-paired-")
 
 
 @dataclass(frozen=True)
@@ -326,7 +328,8 @@ def measure_latency(
                 protocol = replace(protocol, threads=None)
             runners = [_Runner(built, target, session, Path(tmp), protocol.src_len)]
             if paired is not None and paired.built is not None:
-                runners.append(_Runner(paired.built, target, session, Path(tmp), protocol.src_len, "reference"))
+                libraries = Path(paired.libraries.name)
+                runners.append(_Runner(paired.built, target, session, libraries, protocol.src_len, "reference"))
             with_reference = " (alternating with the paired reference)" if paired else ""
             say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}{with_reference}")
             # Alternating runs: the architecture and its reference see the same machine.
@@ -365,7 +368,9 @@ class _Runner:
             self.dev = session.cuda() if target.device == "cuda" else session.cpu()
             modules = []
             for lib, graph in zip(libs, graphs):
-                path = export_library(lib, tmp / f"{name}-{graph.name}.so", target)
+                path = tmp / f"{name}-{graph.name}.so"
+                if not path.exists():  # a paired reference's libraries are linked once
+                    export_library(lib, path.with_name(f".{path.name}"), target).rename(path)  # whole or absent
                 session.upload(str(path))
                 modules.append(session.load_module(path.name))
         self.vms = [relax.VirtualMachine(m, self.dev) for m in modules]
