@@ -220,6 +220,20 @@ def test_bad_collections_are_one_line_and_exit_2(cli, tmp_path, extra, message):
     assert not (tmp_path / "rows.jsonl").exists()
 
 
+@pytest.mark.parametrize(("held", "flag", "asked"), [({}, "--no-paired", []), ({"paired_reference_ms": 80.0},
+                         "--paired", ["--no-paired"])])  # fmt: skip
+def test_resuming_a_file_of_the_other_pairing_is_refused(cli, tmp_path, held, flag, asked):
+    """fit scales paired rows only when every row is paired: a file never mixes them."""
+    space = load_space("tiny")
+    out = tmp_path / "rows.jsonl"
+    row = make_row(space.smallest(), space, 1.0, 2.0, 0.0, 0.0, "local/x86", {"src_len": 30, "steps": 30, "beam": 4,
+                   "repeats": 3}, {}, **held)  # fmt: skip
+    out.write_text(json.dumps(row) + "\n")
+    result = cli(*collect_args(out, tmp_path / "db", 3), *asked)
+    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"resume it with {flag}" in result.stderr and out.read_text().count("\n") == 1
+
+
 def test_no_device_of_the_key_is_one_clear_line(cli, tmp_path):
     with running_tracker(tmp_path / "tracker.log") as tracker:
         start = time.monotonic()

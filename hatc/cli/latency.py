@@ -267,7 +267,8 @@ def collect(
         int, typer.Option("--reference-every", min=1, help="Rows per device between drift checks.")
     ] = 50,
     drift_tolerance: Annotated[
-        float, typer.Option("--drift-tolerance", min=0.0, help="Reference move that counts as drift (fraction).")
+        float,
+        typer.Option("--drift-tolerance", min=0.0, help="Reference move that counts as drift (fraction; --no-paired)."),
     ] = 0.15,
     paired: Annotated[
         bool,
@@ -296,7 +297,7 @@ def collect(
     builds and measurements take turns (never overlap). Refuses *-qemu keys."""
     import threading
 
-    from hatc.latency.collect import CollectConfig, plan_architectures
+    from hatc.latency.collect import CollectConfig, check_pairing, plan_architectures
     from hatc.latency.collect import collect as collect_rows
     from hatc.latency.measure import PairedReference, check_key, measure_latency, protocol_for
     from hatc.targets import load_target
@@ -305,6 +306,7 @@ def collect(
     key = check_key(tgt, tracker, key)  # refuse emulated keys before anything connects
     space_obj = load_space(space)
     protocol = protocol_for(space_obj, tgt, beam=beam, repeats=repeats, warmup=warmup)
+    check_pairing(out, paired)  # before any device is asked for
     plan = plan_architectures(space_obj, n, seed)
     if tracker is None:
         workers, local = 1, True

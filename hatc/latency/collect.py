@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,19 +120,34 @@ def drop_torn_tail(path: Path) -> bool:
     return True
 
 
-def measured_keys(path: Path) -> set[str]:
-    """Architectures the dataset already holds as usable rows (not drift-flagged, not references)."""
-    keys: set[str] = set()
+def _measured_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The file's complete rows of measured architectures (references included)."""
     if not path.exists():
-        return keys
+        return
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and "arch" in row and not row.get("reference") and not row.get("drift"):
-            keys.add(arch_key(row["arch"]))
-    return keys
+        if isinstance(row, dict) and "arch" in row:
+            yield row
+
+
+def measured_keys(path: Path) -> set[str]:
+    """Architectures the dataset already holds as usable rows (not drift-flagged, not references)."""
+    return {arch_key(r["arch"]) for r in _measured_rows(path) if not r.get("reference") and not r.get("drift")}
+
+
+def check_pairing(path: Path, paired: bool) -> None:
+    """Refuses to append paired rows to a file of unpaired ones or the other way round:
+    readers scale paired rows only when every row is paired."""
+    kinds = {"paired_reference_ms" in row for row in _measured_rows(path)}
+    if kinds and paired not in kinds:
+        held, flag = ("unpaired", "--no-paired") if paired else ("paired", "--paired")
+        raise HatcError(
+            f"{path} holds {held} rows: resume it with {flag}, or collect "
+            f"{'paired' if paired else 'unpaired'} rows into another --out file"
+        )
 
 
 def flag_drift(path: Path, device: str, keys: set[str]) -> int:

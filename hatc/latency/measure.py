@@ -137,8 +137,11 @@ class Measurement:
             "tuned": self.tuned,
             "database": self.database,
             "build_seconds": self.build_seconds,
-            **({"paired_reference_ms": self.paired_reference_ms} if self.paired_reference_ms is not None else {}),
+            **self._paired_fields(),
         }
+
+    def _paired_fields(self) -> dict[str, float]:
+        return {} if self.paired_reference_ms is None else {"paired_reference_ms": self.paired_reference_ms}
 
     def to_row(self, arch: Architecture, space: SearchSpace, target: Target, **extra: Any) -> dict[str, Any]:
         """A latency dataset row (``hatc.latency.dataset.make_row``) for ``latency collect``."""
@@ -160,7 +163,7 @@ class Measurement:
             target=target.name,
             tuned=self.tuned,
             host_cpu=host_cpu(),
-            **({"paired_reference_ms": self.paired_reference_ms} if self.paired_reference_ms is not None else {}),
+            **self._paired_fields(),
             **extra,
         )
 
