@@ -138,6 +138,7 @@ def test_measure_locally_with_the_database(tuned, tmp_path):
     assert (out["beam"], out["src_len"], out["steps"]) == (BEAM, 30, 30)
     assert out["device"] == "local/x86" and out["tuned"] is True
     assert out["protocol"]["bucket"] == BUCKET and out["protocol"]["repeats"] == 3
+    assert out["protocol"]["placements"] == 3  # PLACEMENTS (4), at most one per kept run
     # The measurement is a latency dataset row.
     space = load_space("tiny")
     m = Measurement(

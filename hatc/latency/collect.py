@@ -10,7 +10,8 @@ every device of a key, one row appended per architecture as soon as it is measur
   ``max_failures`` times in a row stops, and the others finish the work. Every
   architecture is written exactly once (one lock guards the file and the done set).
 - Outliers: a row whose repeats spread more than ``outlier_std`` (std / mean, encoder
-  or decoder) is measured once more and the steadier measurement is kept.
+  or decoder; for paired rows, of the runs' ratio to the reference) is measured once
+  more and the steadier measurement is kept.
 - Drift: each worker measures a reference architecture first, after every
   ``reference_every`` rows and after its last row; rows name their device. When a
   device's reference moved by more than ``drift_tolerance`` from the median of its
@@ -170,6 +171,10 @@ def flag_drift(path: Path, device: str, keys: set[str]) -> int:
 
 
 def relative_std(row: dict[str, Any]) -> float:
+    """A row's noise: its runs' std / mean (encoder or decoder, the larger); for a paired row
+    the spread of its ratio to the reference (the machine's changes of speed divided out)."""
+    if "paired_ratio_cv" in row:
+        return row["paired_ratio_cv"]
     return max(row["encoder_std_ms"] / row["encoder_ms"], row["decoder_std_ms"] / row["decoder_ms"])
 
 

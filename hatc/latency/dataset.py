@@ -28,6 +28,7 @@ row schema (``ROW_FIELDS``)::
                                                 # row of the same arch supersedes earlier ones
      "paired_reference_ms": 80.2,               # optional: the reference architecture measured
                                                 # with this row, runs alternating (collect --paired)
+     "paired_ratio_cv": 0.02,                   # optional: std / mean of the runs' ratio to it
      "host_cpu": "...", "hat_features": {...}, "layer_features": [...]}  # optional, informative
 
 Features are always recomputed from ``arch``; stored feature copies are only
@@ -88,6 +89,7 @@ OPTIONAL_ROW_FIELDS = (
     "id",
     "latency_ms",
     "paired_reference_ms",
+    "paired_ratio_cv",
 )
 PROTOCOL_FIELDS = ("src_len", "steps", "beam", "repeats")
 # HAT measured its released data with eager PyTorch, decoder at fairseq's default beam 5.

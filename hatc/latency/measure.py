@@ -7,8 +7,14 @@ key/value cache at decoder batch = ``beam``, embedding and vocabulary projection
 (and log-softmax) included. ``warmup`` full runs are discarded, then ``repeats``
 runs are kept; each reports the encoder time and the sum of the step times, and
 the result is their trimmed mean (the fastest and slowest ``trim`` fraction
-dropped) and the std of the kept runs. Timings come from TVM's own
-``time_evaluator`` on the device, so RPC round trips are not counted.
+dropped) and the std of the kept runs. The kept runs are spread over
+``placements`` fresh allocations of the weights (memory placement moves some
+architectures' latency). Timings come from TVM's own ``time_evaluator`` on the
+device, so RPC round trips are not counted.
+
+Paired measurement (``PairedReference``): a reference architecture runs with every
+measured one, their runs alternating, so that the ratio of the two cancels the
+machine's changes of speed.
 
 Only tuned builds are measured: the architecture (random weights; latency does
 not depend on them) is built with the target's tuning database, and a database
@@ -29,7 +35,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +51,7 @@ from hatc.targets import Target
 log = logging.getLogger(__name__)
 
 TRIM = 0.1  # fraction of repeats dropped at each end
+PLACEMENTS = 4  # fresh allocations per measurement (``Protocol.placements``)
 
 
 class LatencyError(HatcError):
@@ -62,10 +69,21 @@ class Protocol:
     warmup: int  # full runs discarded
     repeats: int  # full runs kept (then trimmed)
     trim: float = TRIM
+    # The kept runs are spread evenly over this many fresh allocations of the weights and
+    # VMs: where memory lands moves some architectures by 10-25% on the development VM
+    # (two placements of one build measured 0.52 and 0.46 of the reference), and one
+    # placement would fix a row on either mode.
+    placements: int = 1  # protocol_for gives PLACEMENTS; 1 is what rows older than placements had
     threads: int | None = 1  # TVM_NUM_THREADS when measured here; None on an RPC device (its server's own)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def placement_starts(protocol: Protocol) -> set[int]:
+    """The kept runs' indices at which a fresh placement starts (the first is 0)."""
+    placements = max(1, min(protocol.placements, protocol.repeats))
+    return {i * protocol.repeats // placements for i in range(placements)}
 
 
 def protocol_for(
@@ -97,6 +115,7 @@ def protocol_for(
         bucket=bucket,
         warmup=warmup,
         repeats=repeats,
+        placements=min(PLACEMENTS, repeats),
         threads=int(os.environ.get("TVM_NUM_THREADS", "1")),
     )
 
@@ -116,6 +135,7 @@ class Measurement:
     build_seconds: float
     runs: tuple[tuple[float, float], ...]  # every kept run's (encoder, decoder) ms, in order
     paired_reference_ms: float | None = None  # the paired reference's trimmed mean (encoder + decoder)
+    reference_runs: tuple[tuple[float, float], ...] = ()  # the reference's kept runs, alternating with ``runs``
 
     @property
     def latency_ms(self) -> float:
@@ -140,8 +160,22 @@ class Measurement:
             **self._paired_fields(),
         }
 
+    @property
+    def paired_ratio_cv(self) -> float | None:
+        """std / mean of the kept runs' latency over their reference's: the row's noise once the
+        machine's changes of speed are divided out (None when unpaired)."""
+        if not self.reference_runs:
+            return None
+        ratios = np.array([sum(own) / sum(ref) for own, ref in zip(self.runs, self.reference_runs, strict=True)])
+        return float(ratios.std() / ratios.mean())
+
     def _paired_fields(self) -> dict[str, float]:
-        return {} if self.paired_reference_ms is None else {"paired_reference_ms": self.paired_reference_ms}
+        if self.paired_reference_ms is None:
+            return {}
+        fields = {"paired_reference_ms": self.paired_reference_ms}
+        if self.paired_ratio_cv is not None:
+            fields["paired_ratio_cv"] = self.paired_ratio_cv
+        return fields
 
     def to_row(self, arch: Architecture, space: SearchSpace, target: Target, **extra: Any) -> dict[str, Any]:
         """A latency dataset row (``hatc.latency.dataset.make_row``) for ``latency collect``."""
@@ -212,9 +246,12 @@ def check_key(target: Target, tracker: str | None, key: str | None) -> str | Non
 class PairedReference:
     """A reference architecture measured together with every architecture.
 
-    Its runs alternate with the measured architecture's, so both see the same state of
-    the machine; the ratio of the two cancels the machine's slow drift and bursts (on
-    the development VM a row's spread between runs fell from 6.2% to 1.2%). Built once
+    Its runs alternate with the measured architecture's, so both see nearly the same state
+    of the machine; the ratio of the two cancels the machine's slow drift and bursts (on
+    the development VM a row's spread between rounds fell from 6.2% to 1.2%). Whole runs
+    alternate, not single calls: with the reference's calls interleaved step by step, the
+    smallest `tiny` architecture measured 1.4x slower than alone (even after two untimed
+    calls before each timed one), while whole runs alternating measure it as alone. Built once
     (the first time it is needed) and kept for every later measurement, so use one per
     collection: the same target, database, protocol and vocabulary.
     """
@@ -336,9 +373,17 @@ def measure_latency(
             with_reference = " (alternating with the paired reference)" if paired else ""
             say(f"measuring: {protocol.warmup} warm-up + {protocol.repeats} runs on {device_name}{with_reference}")
             # Alternating runs: the architecture and its reference see the same machine.
-            all_runs = [[r.run(protocol) for r in runners] for _ in range(protocol.warmup + protocol.repeats)]
-            runs = [each[0] for each in all_runs[protocol.warmup :]]
-            reference_runs = [each[1] for each in all_runs[protocol.warmup :]] if paired else []
+            for _ in range(protocol.warmup):
+                for runner in runners:
+                    runner.run(protocol)
+            all_runs = []
+            for i in range(protocol.repeats):
+                if i in placement_starts(protocol) and i > 0:  # the first placement is the warm-ups'
+                    for runner in runners:
+                        runner.allocate()
+                all_runs.append([r.run(protocol) for r in runners])
+            runs = [each[0] for each in all_runs]
+            reference_runs = [each[1] for each in all_runs] if paired else []
             # The session closes (the device is free again) only when its last remote object
             # is gone, and TVM's wrappers hold reference cycles: collect them now, not minutes later.
             del runners, session
@@ -348,7 +393,7 @@ def measure_latency(
     paired_ms = trimmed([e + d for e, d in reference_runs], protocol.trim)[0] if reference_runs else None
     return Measurement(
         enc_mean, dec_mean, enc_std, dec_std, device_name, protocol, True, str(db_path), build_seconds, tuple(runs),
-        paired_ms,
+        paired_ms, tuple(reference_runs),
     )  # fmt: skip
 
 
@@ -358,7 +403,6 @@ class _Runner:
 
     def __init__(self, built: _Built, target: Target, session: Any, tmp: Path, src_len: int, name: str = "arch"):
         import tvm
-        from tvm import relax
 
         from hatc.compile.tvm_build import export_library
 
@@ -376,13 +420,20 @@ class _Runner:
                     export_library(lib, path.with_name(f".{path.name}"), target).rename(path)  # whole or absent
                 session.upload(str(path))
                 modules.append(session.load_module(path.name))
-        self.vms = [relax.VirtualMachine(m, self.dev) for m in modules]
-        self.params = [[self.tensor(p.numpy()) for p in g.params] for g in graphs]
+        self.modules, self.graphs = modules, graphs
+        self.allocate()
         # The one sentence: random real tokens, padded to the bucket.
         rng = np.random.default_rng(0)
         src = np.full((sig.encoder_batch, sig.src_len), sig.pad_idx, dtype=np.int64)
         src[:, :src_len] = rng.integers(sig.pad_idx + 1, sig.vocab_size, (sig.encoder_batch, src_len))
         self.src = self.tensor(src)
+
+    def allocate(self) -> None:
+        """Fresh VMs and weights on the device: new memory placement (see ``Protocol.placements``)."""
+        from tvm import relax
+
+        self.vms = [relax.VirtualMachine(m, self.dev) for m in self.modules]
+        self.params = [[self.tensor(p.numpy()) for p in g.params] for g in self.graphs]
 
     def tensor(self, array: np.ndarray) -> Any:
         array = np.asarray(array)  # not ascontiguousarray: it turns 0-d weights (scalars) into 1-d
@@ -394,11 +445,12 @@ class _Runner:
         seconds = vm.time_evaluator("invoke_stateful", self.dev, number=1, repeat=1)("main").mean
         return seconds * 1e3, vm.get_outputs("main")
 
-    def run(self, protocol: Protocol) -> tuple[float, float]:
-        """One full protocol run: (encoder ms, sum of decoder-step ms)."""
+    def calls(self, protocol: Protocol) -> Iterator[float]:
+        """One full protocol run, one timed call at a time: the encoder's ms, then each decoder step's."""
         sig = self.sig
         enc_vm, dec_vm = self.vms
         enc_ms, enc_out = self._timed(enc_vm, [self.src], self.params[0])
+        yield enc_ms
         # Repeating the encoder's outputs to the beam's rows is host bookkeeping, not timed.
         repeat = sig.batch // sig.encoder_batch
         enc_np = [o.numpy() for o in enc_out]
@@ -409,11 +461,14 @@ class _Runner:
         inputs = sig.decoder_inputs()
         caches = [self.tensor(np.zeros(inputs[n][0], dtype=np.float32)) for n in sig.cache_names()]
         tokens = self.tensor(np.full((sig.batch, 1), 2, dtype=np.int64))  # token ids do not change the work
-        dec_ms = 0.0
         for t in range(protocol.steps):
             ms, out = self._timed(
                 dec_vm, [tokens, self.tensor(np.array([t], dtype=np.int64)), src_mask, *caches, *cross], self.params[1]
             )
-            dec_ms += ms
+            yield ms
             caches = list(out[1:])
-        return enc_ms, dec_ms
+
+    def run(self, protocol: Protocol) -> tuple[float, float]:
+        """One full protocol run: (encoder ms, sum of decoder-step ms)."""
+        times = list(self.calls(protocol))
+        return times[0], sum(times[1:])
