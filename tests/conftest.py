@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HATC_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end quickstart (the longest test by far) first: pyproject's two workers
+    take whole files in this order, so one runs it while the other runs the rest."""
+    items.sort(key=lambda item: item.path.name != "test_quickstart.py")  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -196,9 +196,30 @@ def test_verify_measures_the_top_candidates_on_a_device(cli, workspace, tuned, t
         measured = row["measured_latency_ms"]
         assert measured > 0 and row["within_budget"] == (measured <= parse_budget(budget))
         assert row["error"] == pytest.approx((row["predicted_latency_ms"] - measured) / measured)
+        assert row["nominal_latency_ms"] is None  # an unpaired predictor: compared as measured
     assert verify["mape"] == pytest.approx(np.mean([abs(r["error"]) for r in rows]))
     written = json.loads((tmp_path / "verified" / "search.json").read_text())
     assert written["verify"]["mape"] == verify["mape"]
+
+
+def test_verify_with_a_paired_predictor_compares_at_the_typical_speed(cli, workspace, tuned, tmp_path):
+    """A predictor fitted on paired rows predicts at the device's typical speed: the candidates
+    are measured paired (here on this machine) and scaled to that speed before comparing."""
+    from hatc.latency.predictor import registered_predictor
+
+    predictor = registered_predictor("x86", "tiny")
+    predictor.info["dataset"] = {**predictor.info["dataset"], "paired_nominal_ms": {"local/x86": 40.0}}
+    path = predictor.save(tmp_path / "paired.json")
+    budget = f"{sum(_latencies(load_space('tiny'))) / 2:.0f}ms"
+    result = cli("search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL,
+                 "--out", tmp_path / "verified", "--predictor", path, "--verify", "1", "--db", tuned[0],
+                 "--json")  # fmt: skip
+    assert result.code == 0, result.stderr[-3000:]
+    (row,) = json.loads(result.stdout)["results"][budget]["verified"]
+    nominal = row["measured_latency_ms"] * 40.0 / row["paired_reference_ms"]
+    assert row["nominal_latency_ms"] == pytest.approx(nominal)
+    assert row["error"] == pytest.approx((row["predicted_latency_ms"] - nominal) / nominal)
+    assert row["within_budget"] == (nominal <= parse_budget(budget))
 
 
 def test_verify_refuses_an_emulated_key_before_searching(cli, workspace, tmp_path):

@@ -135,11 +135,14 @@ def _print_verified(summary: dict) -> None:
     )  # fmt: skip
     for label, r in summary["results"].items():
         for row in r["verified"]:
+            measured = f"{row['measured_latency_ms']:.1f} ms"
+            if row.get("nominal_latency_ms") is not None:  # a paired predictor: compared at the typical speed
+                measured += f" ({row['nominal_latency_ms']:.1f} at typical speed)"
             table.add_row(
                 label,
                 f"{row['valid_loss']:.4f}",
                 f"{row['predicted_latency_ms']:.1f} ms",
-                f"{row['measured_latency_ms']:.1f} ms",
+                measured,
                 f"{row['error']:+.1%}",
                 "yes" if row["within_budget"] else "NO",
             )

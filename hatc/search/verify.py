@@ -5,6 +5,11 @@ The measurement is ``hatc latency measure``'s (tuned builds only, HAT's protocol
 at the predictor's own beam, so that predicted and measured describe the same
 thing; the vocabulary is the supernet's. An architecture shared by several
 budgets is measured once.
+
+A predictor fitted on paired rows predicts latency at the device's typical speed
+(its median reference, ``paired_nominal_ms``): the candidates are then measured
+paired too, and compared at that speed (``nominal_latency_ms``), so the machine's
+drift since the collection does not count as the predictor's error.
 """
 
 from __future__ import annotations
@@ -36,11 +41,13 @@ def verify_candidates(
     Raises:
         LatencyError / RpcError (HatcError): an untuned build, an emulated key, no device.
     """
-    from hatc.latency.measure import measure_latency, protocol_for
+    from hatc.latency.measure import PairedReference, measure_latency, protocol_for
     from hatc.targets import load_target
 
     target = load_target(predictor.target)
     protocol = protocol_for(space, target, beam=int(predictor.protocol.get("beam", target.latency.beam)))
+    nominal = paired_nominal(predictor)
+    paired = PairedReference(space.largest()) if nominal else None
     measured: dict[str, Any] = {}  # arch JSON -> Measurement
     per_budget: dict[str, list[dict[str, Any]]] = {}
     for label, result in results.items():
@@ -50,9 +57,19 @@ def verify_candidates(
             if name not in measured:
                 progress(f"measuring candidate {len(measured) + 1} ({label}, predicted {predicted:.1f} ms)")
                 measured[name] = measure_latency(
-                    arch, space, target, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size
+                    arch,
+                    space,
+                    target,
+                    protocol,
+                    db=db,
+                    tracker=tracker,
+                    key=key,
+                    vocab_size=vocab_size,
+                    paired=paired,
                 )
             m = measured[name]
+            at_nominal = nominal_latency(m, nominal)
+            compared = m.latency_ms if at_nominal is None else at_nominal
             rows.append(
                 {
                     "arch": arch.to_dict(),
@@ -61,8 +78,10 @@ def verify_candidates(
                     "measured_latency_ms": m.latency_ms,
                     "encoder_ms": m.encoder_ms,
                     "decoder_ms": m.decoder_ms,
-                    "error": (predicted - m.latency_ms) / m.latency_ms,
-                    "within_budget": m.latency_ms <= result.budget_ms,
+                    "paired_reference_ms": m.paired_reference_ms,
+                    "nominal_latency_ms": at_nominal,
+                    "error": (predicted - compared) / compared,
+                    "within_budget": compared <= result.budget_ms,
                 }
             )
         per_budget[label] = rows
@@ -76,6 +95,19 @@ def verify_candidates(
         "protocol": protocol.to_dict(),
         "per_budget": per_budget,
     }
+
+
+def paired_nominal(predictor: Predictor) -> dict[str, float]:
+    """Device -> its median paired reference (ms) when the predictor was fitted on paired rows."""
+    return (predictor.info.get("dataset") or {}).get("paired_nominal_ms") or {}
+
+
+def nominal_latency(m: Any, nominal: dict[str, float]) -> float | None:
+    """A paired measurement's latency at its device's typical speed (what a paired predictor
+    predicts), or None when the predictor knows no typical speed for that device."""
+    if m.paired_reference_ms is None or m.device not in nominal:
+        return None
+    return m.latency_ms * nominal[m.device] / m.paired_reference_ms
 
 
 def _candidates(result: SearchResult, k: int) -> list[tuple[Architecture, float, float]]:
