@@ -116,6 +116,31 @@ def test_an_error_no_retry_can_fix_stops_the_collection(tmp_path):
         collect(plan_architectures(space, 5, seed=0), space, tmp_path / "rows.jsonl", untuned, workers=2)
 
 
+def test_noisy_rows_are_measured_again_and_the_steadier_kept(tmp_path):
+    """Unpaired rows by their runs' spread (10%), paired rows by their ratio's (15%)."""
+    space = load_space("tiny")
+    plan = plan_architectures(space, 6, seed=0)[2:]  # not the largest: that is the drift reference
+    spreads = {  # arch -> the noise its successive measurements report
+        arch_key(plan[0]): [{"decoder_std_ms": 5.0}, {"decoder_std_ms": 0.1}],  # over 10%: again, the second kept
+        arch_key(plan[1]): [{"paired_ratio_cv": 0.12}],  # paired, under 15%: once
+        arch_key(plan[2]): [{"paired_ratio_cv": 0.30}, {"paired_ratio_cv": 0.40}],  # again, the first kept
+        arch_key(plan[3]): [{}],  # steady: once
+    }
+    device = FakeDevice(space)
+
+    def noisy(arch):
+        row = device(arch)
+        return {**row, **spreads[arch_key(arch)].pop(0)} if arch_key(arch) in spreads else row
+
+    out = tmp_path / "rows.jsonl"
+    summary = collect(plan, space, out, noisy, workers=1, reference=space.largest())
+    kept = {arch_key(r["arch"]): r for r in data_rows(out)}
+    assert summary.outliers_remeasured == 2 and len(kept) == 4
+    assert kept[arch_key(plan[0])]["decoder_std_ms"] == 0.1 and kept[arch_key(plan[0])]["outlier_remeasured"]
+    assert kept[arch_key(plan[2])]["paired_ratio_cv"] == 0.30 and kept[arch_key(plan[2])]["outlier_remeasured"]
+    assert not any(kept[arch_key(plan[i])].get("outlier_remeasured") for i in (1, 3))
+
+
 def test_a_drifted_device_gets_its_rows_flagged_and_measured_again(tmp_path):
     space = load_space("tiny")
     plan = plan_architectures(space, 9, seed=0)
