@@ -140,6 +140,11 @@ def test_noisy_rows_are_measured_again_and_the_steadier_kept(tmp_path):
     assert kept[arch_key(plan[2])]["paired_ratio_cv"] == 0.30 and kept[arch_key(plan[2])]["outlier_remeasured"]
     assert not any(kept[arch_key(plan[i])].get("outlier_remeasured") for i in (1, 3))
 
+    spreads[arch_key(plan[0])] = [{"decoder_std_ms": 5.0}]  # with remeasure_outliers=False: written as measured
+    kept_as_is = collect(plan[:1], space, tmp_path / "as-is.jsonl", noisy, workers=1, reference=space.largest(),
+                         config=CollectConfig(remeasure_outliers=False))  # fmt: skip
+    assert kept_as_is.outliers_remeasured == 0 and data_rows(tmp_path / "as-is.jsonl")[0]["decoder_std_ms"] == 5.0
+
 
 def test_a_drifted_device_gets_its_rows_flagged_and_measured_again(tmp_path):
     space = load_space("tiny")

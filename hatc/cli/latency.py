@@ -278,6 +278,14 @@ def collect(
             "divides out the machine's drift. Paired rows are never flagged for drift.",
         ),
     ] = True,
+    remeasure_outliers: Annotated[
+        bool,
+        typer.Option(
+            "--remeasure-outliers/--keep-outliers",
+            help="Measure a row whose runs spread too much once more and keep the steadier (doubles a noisy "
+            "row's time; quick, few-repeat collections may keep them).",
+        ),
+    ] = True,
     wait_devices: Annotated[
         float, typer.Option("--wait-devices", min=0.0, help="Seconds to wait for a device of the key to register.")
     ] = 60.0,
@@ -333,7 +341,11 @@ def collect(
     where = f"{workers} '{key}' device(s) at {tracker}" if tracker else f"this machine ({tgt.name})"
     stderr.print(f"collecting {len(plan)} architectures of '{space_obj.name}' on {where} into {out}")
     # Paired rows carry their own reference: a drift changes both, and fit divides it out.
-    config = CollectConfig(reference_every=reference_every, drift_tolerance=math.inf if paired else drift_tolerance)
+    config = CollectConfig(
+        reference_every=reference_every,
+        drift_tolerance=math.inf if paired else drift_tolerance,
+        remeasure_outliers=remeasure_outliers,
+    )
     progress = Progress(
         TextColumn("measured"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[last]}"),
         TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,

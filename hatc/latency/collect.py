@@ -58,6 +58,7 @@ class CollectConfig:
     # more spread in a ratio than in a quiet machine's runs: 7.3% median, 11% at the 90th
     # percentile over 43 rows on the development VM, where 10% sent 18 of them round again.
     outlier_ratio_cv: float = 0.15
+    remeasure_outliers: bool = True  # False: outliers are written as measured
     max_failures: int = 3  # consecutive failures after which a worker stops
 
 
@@ -234,7 +235,7 @@ def collect(
 
     def measure_steady(arch: Architecture) -> tuple[dict[str, Any], bool]:
         row = measure(arch)
-        if not is_outlier(row, config):
+        if not config.remeasure_outliers or not is_outlier(row, config):
             return row, False
         again = measure(arch)
         return (again if relative_std(again) < relative_std(row) else row), True
