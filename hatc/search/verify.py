@@ -57,16 +57,9 @@ def verify_candidates(
             if name not in measured:
                 progress(f"measuring candidate {len(measured) + 1} ({label}, predicted {predicted:.1f} ms)")
                 measured[name] = measure_latency(
-                    arch,
-                    space,
-                    target,
-                    protocol,
-                    db=db,
-                    tracker=tracker,
-                    key=key,
-                    vocab_size=vocab_size,
+                    arch, space, target, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size,
                     paired=paired,
-                )
+                )  # fmt: skip
             m = measured[name]
             at_nominal = nominal_latency(m, nominal)
             compared = m.latency_ms if at_nominal is None else at_nominal
