@@ -172,10 +172,7 @@ class Measurement:
     def _paired_fields(self) -> dict[str, float]:
         if self.paired_reference_ms is None:
             return {}
-        fields = {"paired_reference_ms": self.paired_reference_ms}
-        if self.paired_ratio_cv is not None:
-            fields["paired_ratio_cv"] = self.paired_ratio_cv
-        return fields
+        return {"paired_reference_ms": self.paired_reference_ms, "paired_ratio_cv": self.paired_ratio_cv}
 
     def to_row(self, arch: Architecture, space: SearchSpace, target: Target, **extra: Any) -> dict[str, Any]:
         """A latency dataset row (``hatc.latency.dataset.make_row``) for ``latency collect``."""
