@@ -373,9 +373,9 @@ def measure_latency(
             for _ in range(protocol.warmup):
                 for runner in runners:
                     runner.run(protocol)
-            all_runs = []
+            all_runs, fresh = [], placement_starts(protocol) - {0}  # the first placement is the warm-ups'
             for i in range(protocol.repeats):
-                if i in placement_starts(protocol) and i > 0:  # the first placement is the warm-ups'
+                if i in fresh:
                     for runner in runners:
                         runner.allocate()
                 all_runs.append([r.run(protocol) for r in runners])

@@ -62,6 +62,9 @@ def verify_candidates(
                 )  # fmt: skip
             m = measured[name]
             at_nominal = nominal_latency(m, nominal)
+            if nominal and at_nominal is None:  # e.g. a server restarted on another port: another device name
+                progress(f"{m.device} is not among the predictor's devices ({', '.join(nominal)}): "
+                         "its typical speed is unknown, so this candidate is compared as measured")  # fmt: skip
             compared = m.latency_ms if at_nominal is None else at_nominal
             rows.append(
                 {
