@@ -16,7 +16,7 @@ try:  # typer >= 0.29 vendors click
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
-from hatc.cli import arch, data, search, targets, train, translate
+from hatc.cli import arch, data, keys, search, targets, train, translate
 from hatc.cli import compile as compile_cli
 from hatc.cli import latency as latency_cli
 from hatc.cli import quickstart as quickstart_cli
@@ -38,6 +38,7 @@ app.command("targets")(targets.list_targets)
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.add_typer(rpc_cli.app, name="rpc")
+app.add_typer(keys.app, name="keys")
 app.command("compile")(compile_cli.compile_command)
 app.command("tune")(tune_cli.tune_command)
 app.command()(translate.translate)

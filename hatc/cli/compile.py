@@ -43,6 +43,10 @@ def compile_command(
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing artifact.")] = False,
+    sign: Annotated[
+        Path | None,
+        typer.Option(help="Sign the manifest with this Ed25519 private key ('hatc keys generate' makes one)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compile a SubTransformer into an artifact: libraries, weights, subword model, manifest."""
@@ -61,6 +65,7 @@ def compile_command(
         lenpen=lenpen,
         buckets=parse_buckets(buckets) if buckets else BUCKETS,
         force=force,
+        sign=sign,
         **({"sentences": tuple(read_lines(sentences))} if sentences else {}),
     )
     progress = Progress(
@@ -94,13 +99,15 @@ def compile_command(
                 "parity": manifest["parity"],
                 "max_abs_diff": worst,
                 "files": len(manifest["files"]),
+                "signed_by": result.signed_by,
                 "seconds": round(result.seconds, 1),
                 "warnings": result.warnings,
             }
         )
         return
-    size = sum(p.stat().st_size for p in result.directory.rglob("*") if p.is_file())
-    stdout.print(f"artifact {result.directory} ({len(manifest['files']) + 1} files, {size / 1e6:.1f} MB)")
+    files = [p for p in result.directory.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    stdout.print(f"artifact {result.directory} ({len(files)} files, {size / 1e6:.1f} MB)")
     stdout.print(f"archive  {result.archive} ({result.archive.stat().st_size / 1e6:.1f} MB)")
     stdout.print(
         f"target {manifest['target']['name']}, backend {manifest['backend']}, buckets "
@@ -114,4 +121,6 @@ def compile_command(
         f"greedy   {greedy['sentences']} sentences through every bucket that holds them ({greedy['checks']} runs): "
         "the same tokens as PyTorch"
     )
+    if result.signed_by is not None:
+        stdout.print(f"signed   by key {result.signed_by} (manifest.sig; check with 'hatc translate --trust hatc.pub')")
     stdout.print(f"done in {result.seconds:.1f} s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import time
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ def tracker(
 ) -> None:
     """Run TVM's RPC tracker in the foreground (Ctrl-C stops it)."""
     addr = TrackerAddress(host, port)
+    _warn_if_exposed(host, "tracker")
     if not port_free(host, port):
         raise RpcError(f"cannot bind {addr}: the port is in use (another tracker?); choose --port")
     child = spawn(tracker_command(host, port), f"the RPC tracker at {addr}")
@@ -85,6 +87,7 @@ def server(
     addr, key = parse_tracker(tracker), check_key(key)
     tracker_summary(addr)  # fail now, not after TVM's 60 s of retries
     _warn_if_unreachable(host, addr)
+    _warn_if_exposed(host, "server")
     port = _server_port(host, port)
     env = server_env(threads or host_cores())
     child = spawn(server_command(addr, key, host, port), f"the RPC server '{key}' on {host}:{port}", env=env)
@@ -159,6 +162,7 @@ def emulate(
         return
     key = emulator.device.key
     _warn_if_unreachable(host, addr)
+    _warn_if_exposed(host, "server")
     port = _server_port(host, port)
     env = server_env(threads or host_cores())
     command = server_command(addr, key, host, port, python=emulator.python())
@@ -191,6 +195,24 @@ def _warn_if_unreachable(host: str, tracker: TrackerAddress) -> None:
         stderr.print(
             f"[yellow]warning:[/] the server binds {host}, so only clients on this machine can use it; "
             "pass --host 0.0.0.0 to serve clients of a remote tracker",
+            soft_wrap=True,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback only."""
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):  # unresolvable: assume it is reachable from elsewhere
+        return False
+
+
+def _warn_if_exposed(host: str, what: str) -> None:
+    # TVM's RPC has no authentication: a server runs whatever library a client uploads.
+    if not is_loopback(host):
+        stderr.print(
+            f"[yellow]warning:[/] the RPC {what} binds {host}: TVM's RPC has no authentication, and its servers "
+            "run any code a client uploads; keep it on a trusted network (see docs/devices.md)",
             soft_wrap=True,
         )
 

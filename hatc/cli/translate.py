@@ -69,11 +69,12 @@ def _translate_artifact(
     max_len: int,
     tracker: str | None = None,
     key: str | None = None,
+    trust: Path | None = None,
 ) -> list[str]:
     from hatc.runtime import Translator  # torch-free: numpy, the TVM runtime or onnxruntime
     from hatc.runtime.artifact import open_artifact
 
-    opened, session = open_artifact(path), None
+    opened, session = open_artifact(path, trust=trust), None  # verified before anything is loaded or uploaded
     if tracker is not None:
         from hatc.rpc import parse_tracker, request_session, wait_for_devices
 
@@ -109,6 +110,14 @@ def translate(
         str | None, typer.Option("--tracker", help="Run the artifact on a device of this RPC tracker (HOST:PORT).")
     ] = None,
     key: Annotated[str | None, typer.Option("--key", help="Device key (default: the artifact's target's).")] = None,
+    trust: Annotated[
+        Path | None,
+        typer.Option(
+            "--trust",
+            envvar="HATC_TRUST",
+            help="Public key (hatc.pub): refuse an artifact that this key did not sign. Env: HATC_TRUST.",
+        ),
+    ] = None,
 ) -> None:
     """Translate sentences (one a line) and print one translation a line.
 
@@ -118,10 +127,12 @@ def translate(
         raise HatcError("give exactly one of --checkpoint CKPT or --artifact DIR|TAR.GZ")
     if artifact is None and (tracker is not None or key is not None):
         raise HatcError("--tracker/--key run an artifact on a device: give --artifact")
+    if artifact is None and trust is not None:
+        raise HatcError("--trust (or HATC_TRUST) checks an artifact's signature: give --artifact, not --checkpoint")
     if artifact is not None:
         if arch is not None:
             raise HatcError("--arch applies to checkpoints; an artifact holds one SubTransformer")
-        translations = _translate_artifact(artifact, input, beam, lenpen, max_len, tracker, key)
+        translations = _translate_artifact(artifact, input, beam, lenpen, max_len, tracker, key, trust)
     else:
         from hatc.checkpoint import load_subtransformer
         from hatc.decode import DecodeOptions

@@ -40,6 +40,7 @@ from hatc.data.subword import BOS, EOS, PAD, UNK
 from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 from hatc.errors import HatcError
 from hatc.runtime.artifact import FORMAT, MANIFEST, SUBWORD, WEIGHTS, sha256_file, write_archive
+from hatc.runtime.signing import SIGNATURE, key_id, load_private_key, signature_for
 from hatc.targets import Target, load_target
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class CompileRequest:
     buckets: tuple[int, ...] = BUCKETS
     sentences: tuple[str, ...] = verify.SENTENCES  # greedy translations that must equal PyTorch's
     force: bool = False  # replace an existing artifact
+    sign: Path | None = None  # an Ed25519 private key (hatc keys generate): writes manifest.sig
 
 
 @dataclass
@@ -72,6 +74,7 @@ class CompileResult:
     manifest: dict[str, Any]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    signed_by: str | None = None  # the signing key's id
 
 
 def parse_buckets(text: str) -> tuple[int, ...]:
@@ -143,7 +146,7 @@ def _file_hashes(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, SIGNATURE)
     }
 
 
@@ -176,6 +179,7 @@ def compile_artifact(
     """
     start = time.perf_counter()
     target = _check_request(request)
+    signing_key = load_private_key(request.sign) if request.sign is not None else None  # before any work
     warnings: list[str] = []
     loaded = load_subtransformer(request.checkpoint, request.arch)
     if target_capacity(max(request.buckets)) > loaded.model.cfg.max_positions:
@@ -216,13 +220,17 @@ def compile_artifact(
             }
             manifest = _manifest(request, target, loaded, graphs, parity, tuning, options)
             manifest["files"] = _file_hashes(staging)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+            manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
+            (staging / MANIFEST).write_bytes(manifest_bytes)
+            if signing_key is not None:  # detached: the manifest pins every file, the signature pins the manifest
+                (staging / SIGNATURE).write_bytes(signature_for(manifest_bytes, signing_key))
         archive = out.with_name(out.name + ".tar.gz")
         write_archive(staging, archive)
         _replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return CompileResult(out, archive, manifest, time.perf_counter() - start, warnings)
+    signed_by = key_id(signing_key.public_key()) if signing_key is not None else None
+    return CompileResult(out, archive, manifest, time.perf_counter() - start, warnings, signed_by)
 
 
 def _replace_dir(staging: Path, out: Path) -> None:

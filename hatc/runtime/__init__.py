@@ -4,7 +4,8 @@ Imports only numpy, the subword library, and (when an artifact is loaded) the
 TVM runtime or onnxruntime; a test runs it in a process where importing torch
 fails. The modules:
 
-- ``artifact``: the artifact layout, opening a directory or .tar.gz, sha256 checks.
+- ``artifact``: the artifact layout, opening a directory or .tar.gz, path and sha256 checks.
+- ``signing``: Ed25519 signatures over the manifest (``--sign`` / ``--trust``).
 - ``backends``: runners over the artifact's TVM libraries (local or RPC) or ONNX graphs.
 - ``search``: greedy and beam search in numpy, with ``hatc.decode``'s rules.
 - ``translator``: text in, text out.

@@ -10,24 +10,31 @@ Layout (paths relative to the artifact directory)::
     graphs/encoder.s16.onnx  onnxruntime backend: the ONNX graphs instead of libraries,
     graphs/weights.bin       their weights as ONNX external data, deduplicated
 
-Opening verifies every sha256 listed in the manifest before anything is
-loaded, so a tampered, truncated or missing file is refused by name. Imports
-neither torch nor TVM.
+Opening checks the layout before any file but the manifest is read: every
+path the manifest references (libraries, graphs, weights, tokenizer) must be
+relative, inside the artifact, reached through no symbolic link, and listed in
+``files``, and the artifact may hold nothing else (but ``manifest.sig``). Then
+it verifies every listed sha256, so a tampered, truncated or missing file is
+refused by name. With a trusted public key it first checks the manifest's
+signature (``hatc.runtime.signing``). Imports neither torch nor TVM.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hatc.errors import HatcError
+from hatc.runtime.signing import SIGNATURE, load_public_key, verify_signature
 
 FORMAT = "hatc-artifact/1"
 MANIFEST = "manifest.json"
@@ -97,13 +104,20 @@ class Artifact:
         self.close()
 
 
-def read_manifest(root: Path, source: Path) -> dict[str, Any]:
-    """Parses and checks ``manifest.json`` (errors name ``source``)."""
+def read_manifest_bytes(root: Path, source: Path) -> bytes:
+    """``manifest.json``'s bytes, read once: what a signature covers is what gets parsed."""
     path = root / MANIFEST
+    if path.is_symlink():
+        raise ArtifactError(f"{source}: {MANIFEST} is a symbolic link; refusing it")
     if not path.is_file():
         raise ArtifactError(f"{source}: no {MANIFEST}; not a hatc artifact")
+    return path.read_bytes()
+
+
+def parse_manifest(data: bytes, source: Path) -> dict[str, Any]:
+    """Parses and checks ``manifest.json``'s bytes (errors name ``source``)."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{source}: {MANIFEST} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -117,19 +131,101 @@ def read_manifest(root: Path, source: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(root: Path, manifest: dict[str, Any], source: Path) -> None:
-    """Every file the manifest lists exists inside ``root`` and has its sha256."""
+def referenced_files(manifest: dict[str, Any], source: Path) -> dict[str, str]:
+    """Every file the runtime would open, by the manifest field that names it.
+
+    Raises:
+        ArtifactError: a graph entry without its file, or a path that is not a string.
+    """
+    refs: dict[str, Any] = {}
+    graphs = manifest["graphs"]
+    if not isinstance(graphs, dict) or not graphs:
+        raise ArtifactError(f"{source}: {MANIFEST} field graphs lists no length buckets")
+    for bucket, entry in graphs.items():
+        for graph in ("encoder", "decoder_step"):
+            try:
+                refs[f"graphs.{bucket}.{graph}.file"] = entry[graph]["file"]
+            except (KeyError, TypeError):
+                raise ArtifactError(f"{source}: {MANIFEST} field graphs.{bucket}.{graph}.file is missing") from None
+    refs["weights"] = manifest.get("weights")
+    tokenizer = manifest.get("tokenizer") or {}
+    refs["tokenizer.file"] = tokenizer.get("file", SUBWORD) if isinstance(tokenizer, dict) else None
+    for field_name, value in refs.items():
+        if not isinstance(value, str):
+            raise ArtifactError(f"{source}: {MANIFEST} field {field_name} is {value!r}, not a path")
+    return refs
+
+
+def _check_relative(relative: object, where: str, source: Path) -> str:
+    """A plain relative path inside the artifact: no absolute path, no '..', no '.', no backslash."""
+    path = PurePosixPath(relative) if isinstance(relative, str) else None
+    if (
+        path is None
+        or not relative
+        or path.is_absolute()
+        or "\\" in relative
+        or path.as_posix() != relative
+        or any(part in ("", ".", "..") for part in relative.split("/"))
+    ):
+        raise ArtifactError(
+            f"{source}: {MANIFEST} {where} {relative!r} is not a plain relative path inside the artifact; refusing it"
+        )
+    return relative
+
+
+def _check_no_links(root: Path, relative: str, source: Path) -> None:
+    """Each component of ``relative`` below ``root`` exists and is not a symbolic link; the last a regular file."""
+    current = root
+    parts = relative.split("/")
+    for i, part in enumerate(parts):
+        current = current / part
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            raise ArtifactError(f"{source}: file {relative} is missing") from None
+        if stat.S_ISLNK(mode):
+            raise ArtifactError(f"{source}: {relative} goes through a symbolic link; refusing it")
+        if i == len(parts) - 1 and not stat.S_ISREG(mode):
+            raise ArtifactError(f"{source}: {relative} is not a regular file")
+
+
+def check_layout(root: Path, manifest: dict[str, Any], source: Path) -> None:
+    """The manifest's paths are safe and listed, and the artifact holds nothing unlisted.
+
+    Reads no file but the manifest (already read): run before anything is loaded.
+
+    Raises:
+        ArtifactError: naming the field or path that breaks a rule.
+    """
     files = manifest["files"]
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{source}: {MANIFEST} lists no files")
-    base = root.resolve()
-    for relative, expected in sorted(files.items()):
-        path = (root / relative).resolve()
-        if base not in path.parents:  # a manifest must not point outside its artifact
-            raise ArtifactError(f"{source}: {MANIFEST} names a file outside the artifact: {relative}")
-        if not path.is_file():
-            raise ArtifactError(f"{source}: file {relative} is missing")
-        if sha256_file(path) != expected:
+    for relative in files:
+        _check_relative(relative, "lists", source)
+    for field_name, relative in referenced_files(manifest, source).items():
+        _check_relative(relative, f"field {field_name} names", source)
+        if relative not in files:
+            raise ArtifactError(
+                f"{source}: {MANIFEST} field {field_name} names {relative}, which its files list does not pin; "
+                "refusing it"
+            )
+    for relative in files:
+        _check_no_links(root, relative, source)
+    expected = set(files) | {MANIFEST, SIGNATURE}
+    for directory, dirnames, filenames in os.walk(root):
+        here = Path(directory)
+        for name in sorted(dirnames + filenames):
+            relative = (here / name).relative_to(root).as_posix()
+            if (here / name).is_symlink():
+                raise ArtifactError(f"{source}: {relative} is a symbolic link; an artifact holds none")
+            if name in filenames and relative not in expected:
+                raise ArtifactError(f"{source}: {relative} is not listed in {MANIFEST}; refusing an unlisted file")
+
+
+def verify_files(root: Path, manifest: dict[str, Any], source: Path) -> None:
+    """Every file the manifest lists has its sha256 (run after ``check_layout``)."""
+    for relative, expected in sorted(manifest["files"].items()):
+        if sha256_file(root / relative) != expected:
             raise ArtifactError(f"{source}: file {relative} does not match its sha256 (tampered or truncated)")
 
 
@@ -149,14 +245,22 @@ def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory, Path]:
     return tmp, root
 
 
-def open_artifact(path: str | Path) -> Artifact:
+def open_artifact(path: str | Path, trust: str | Path | None = None) -> Artifact:
     """Opens and verifies an artifact directory or ``.tar.gz``.
 
+    Args:
+        trust: a public key file (``hatc.pub``): the artifact must carry a
+            signature by that key over its manifest, checked first.
+
     Raises:
-        ArtifactError: missing path, unreadable archive, bad manifest, or a
+        ArtifactError: missing path, unreadable archive, bad manifest, a path
+            outside the artifact or not pinned by it, an unlisted file, or a
             file whose sha256 differs from the manifest's (named).
+        SigningError: with ``trust``: unsigned, another key, or a manifest
+            changed after signing.
     """
     source = Path(path)
+    public_key = load_public_key(Path(trust)) if trust is not None else None  # a bad key fails before any work
     if not source.exists():
         raise ArtifactError(f"{source}: no such artifact")
     tmp = None
@@ -167,7 +271,11 @@ def open_artifact(path: str | Path) -> Artifact:
     else:
         raise ArtifactError(f"{source}: an artifact is a directory or a .tar.gz")
     try:
-        manifest = read_manifest(root, source)
+        data = read_manifest_bytes(root, source)
+        if public_key is not None:
+            verify_signature(data, root / SIGNATURE, public_key, source)
+        manifest = parse_manifest(data, source)
+        check_layout(root, manifest, source)
         verify_files(root, manifest, source)
     except BaseException:
         if tmp is not None:
