@@ -8,13 +8,9 @@ success, 2 on bad input (a HatcError: one line, no traceback), 1 otherwise.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
-
-try:  # typer >= 0.29 vendors click
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_exceptions
 
 from hatc.cli import arch, data, keys, search, targets, train, translate
 from hatc.cli import compile as compile_cli
@@ -47,7 +43,17 @@ app.command()(search.search)
 app.command("quickstart")(quickstart_cli.quickstart)
 
 
+def _click_exceptions() -> Any:
+    """typer's vendored click exceptions (a private module: typer >= 0.29 vendors click and
+    exports no public name for usage errors). The one place hatc touches it; an upgrade that
+    moves it fails here, loudly, and tests/test_private_apis.py says so."""
+    from typer._click import exceptions
+
+    return exceptions
+
+
 def main() -> None:
+    click_exceptions = _click_exceptions()
     try:
         # standalone_mode=False lets usage errors reach us, so they too are one line.
         code = app(standalone_mode=False)
