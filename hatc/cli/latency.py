@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -303,54 +302,22 @@ def collect(
     --tracker). Re-running the same command skips what the file holds; a device
     that fails gives its work back to the queue. When the devices are this machine,
     builds and measurements take turns (never overlap). Refuses *-qemu keys."""
-    import threading
+    from hatc.latency.collect_job import CollectRequest, CollectStart, collect_dataset
 
-    from hatc.latency.collect import CollectConfig, check_pairing, plan_architectures
-    from hatc.latency.collect import collect as collect_rows
-    from hatc.latency.measure import PairedReference, check_key, measure_latency, protocol_for
-    from hatc.targets import load_target
-
-    tgt = load_target(target)
-    key = check_key(tgt, tracker, key)  # refuse emulated keys before anything connects
-    space_obj = load_space(space)
-    protocol = protocol_for(space_obj, tgt, beam=beam, repeats=repeats, warmup=warmup)
-    check_pairing(out, paired)  # before any device is asked for
-    plan = plan_architectures(space_obj, n, seed)
-    if tracker is None:
-        workers, local = 1, True
-    else:
-        from hatc.rpc import is_local_host, parse_tracker, wait_for_devices
-
-        status = wait_for_devices(parse_tracker(tracker), key, wait_devices)
-        workers = status.keys[key].total
-        hosts = {a.rsplit(":", 1)[0].strip("[]") for k, a in status.servers if k == key}
-        local = all(is_local_host(h) for h in hosts)
-    build_lock = threading.Lock()  # one build at a time (TVM's compiler is not shared across threads)
-    run_guard = build_lock if local else None  # local devices: a measurement never overlaps a build
-    reference = space_obj.largest()  # the slowest: its noise is the smallest share of its latency
-    pair = PairedReference(reference) if paired else None
-
-    def measure(arch: Any) -> dict[str, Any]:
-        result = measure_latency(
-            arch, space_obj, tgt, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size,
-            request_timeout_s=request_timeout, build_guard=build_lock, run_guard=run_guard,
-            paired=pair,
-        )  # fmt: skip
-        return result.to_row(arch, space_obj, tgt)
-
-    where = f"{workers} '{key}' device(s) at {tracker}" if tracker else f"this machine ({tgt.name})"
-    stderr.print(f"collecting {len(plan)} architectures of '{space_obj.name}' on {where} into {out}")
-    # Paired rows carry their own reference: a drift changes both, and fit divides it out.
-    config = CollectConfig(
-        reference_every=reference_every,
-        drift_tolerance=math.inf if paired else drift_tolerance,
-        remeasure_outliers=remeasure_outliers,
-    )
+    request = CollectRequest(
+        target=target, space=space, out=out, n=n, seed=seed, tracker=tracker, key=key, beam=beam, repeats=repeats,
+        warmup=warmup, db=db, vocab_size=vocab_size, reference_every=reference_every, drift_tolerance=drift_tolerance,
+        paired=paired, remeasure_outliers=remeasure_outliers, wait_devices_s=wait_devices,
+        request_timeout_s=request_timeout, minutes=minutes,
+    )  # fmt: skip
     progress = Progress(
         TextColumn("measured"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[last]}"),
         TimeElapsedColumn(), console=stderr, disable=not stderr.is_terminal,
     )  # fmt: skip
     task = progress.add_task("collect", total=None, last="")
+
+    def on_start(start: CollectStart) -> None:
+        stderr.print(f"collecting {start.planned} architectures of '{start.space}' on {start.where} into {start.out}")
 
     def on_row(row: dict[str, Any], summary: Any, total: int) -> None:
         done = summary.measured + summary.remeasured
@@ -363,10 +330,7 @@ def collect(
 
     try:
         with sigterm_interrupts(), progress:
-            summary = collect_rows(
-                plan, space_obj, out, measure, workers, config, on_row=on_row, on_log=on_log, minutes=minutes,
-                reference=reference,
-            )  # fmt: skip
+            result = collect_dataset(request, on_start=on_start, on_row=on_row, on_log=on_log)
     except KeyboardInterrupt:
         # Every written row is complete (flushed and fsynced). Workers may be inside TVM
         # calls that an interpreter shutdown would abort on, so leave at once.
@@ -374,7 +338,7 @@ def collect(
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(130)
-    report = {**summary.to_dict(), "out": str(out), "target": tgt.name, "space": space_obj.name, "workers": workers}
+    summary, report = result.summary, result.to_dict()
     if as_json:
         emit_json(report)
         return

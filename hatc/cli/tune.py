@@ -10,19 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.compile.signature import BUCKETS
-from hatc.compile.tuning import (
-    DEFAULT_TRIALS_PER_TASK,
-    DEFAULT_VOCAB,
-    RemoteDevice,
-    TuneConfig,
-    TuneProgress,
-    TuneReport,
-    check_tunable,
-    tune,
-)
+from hatc.compile.tune_job import TuneRequest, run_tune
+from hatc.compile.tuning import DEFAULT_TRIALS_PER_TASK, DEFAULT_VOCAB, TuneProgress, TuneReport
 from hatc.errors import HatcError
-from hatc.space import SearchSpace, load_space
-from hatc.targets import Target, load_target
 
 
 def parse_ints(text: str, what: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
@@ -83,72 +73,32 @@ def tune_command(
     Host targets (x86) tune here; others (rpi4) on a device through --tracker.
     Resumable: workloads already in the database with this run's trials are skipped.
     'hatc compile' and 'hatc latency measure' use the database."""
-    tgt = load_target(target)
-    if trials is not None and trials < 1:
-        raise HatcError(f"--trials must be at least 1, got {trials}")
-    pad_idx, max_positions = 0, 1024
-    space_obj = load_space(space) if space is not None else None
-    if checkpoint is not None:
-        from hatc.checkpoint import model_config_of, read_checkpoint, space_of
-
-        state = read_checkpoint(checkpoint)
-        cfg = model_config_of(state)
-        if vocab_size is not None and vocab_size != cfg.vocab_size:
-            raise HatcError(f"--vocab-size {vocab_size} contradicts the checkpoint's vocabulary ({cfg.vocab_size})")
-        vocab_size, pad_idx, max_positions = cfg.vocab_size, cfg.pad_idx, cfg.max_positions
-        space_obj = space_obj or space_of(state)
-    if space_obj is None:
-        raise HatcError("give --space (a space name or YAML file) or --checkpoint")
-    if vocab_size is not None and vocab_size < 2:
-        raise HatcError(f"--vocab-size must be at least 2, got {vocab_size}")
-    config = TuneConfig(
-        buckets=parse_ints(buckets, "--buckets", BUCKETS),
-        beams=parse_ints(beam, "--beam") if beam is not None else (tgt.latency.beam,),
-        vocab_size=vocab_size or DEFAULT_VOCAB,
-        pad_idx=pad_idx,
-        max_positions=max_positions,
+    request = TuneRequest(
+        target=target,
+        space=space,
+        checkpoint=checkpoint,
         trials=trials,
+        db=db,
+        buckets=parse_ints(buckets, "--buckets", BUCKETS),
+        beams=parse_ints(beam, "--beam") if beam is not None else None,
+        vocab_size=vocab_size,
         seed=seed,
+        tracker=tracker,
+        key=key,
     )
-    remote = _remote_device(tgt, tracker, key)
-    check_tunable(tgt, remote)
-    if remote is not None:
-        _check_remote(remote)
-    report = _tune_with_progress(space_obj, tgt, config, db, remote)
+    report = _tune_with_progress(request)
     if as_json:
         emit_json(report.to_dict())
         return
     _print_report(report)
 
 
-def _remote_device(target: Target, tracker: str | None, key: str | None) -> RemoteDevice | None:
-    """The tracker's device to tune on, or None to tune here."""
-    if tracker is None:
-        if key is not None:
-            raise HatcError("--key names a device of an RPC tracker: give --tracker HOST:PORT too")
-        return None
-    from hatc.rpc import parse_tracker
-
-    return RemoteDevice(parse_tracker(tracker), key or target.rpc_key)
-
-
-def _check_remote(remote: RemoteDevice) -> None:
-    """Fails now if no device of the key is registered; warns on an emulated one."""
-    from hatc.rpc import is_emulated_key, wait_for_devices
-
-    wait_for_devices(remote.tracker, remote.key, timeout_s=10.0)
-    if is_emulated_key(remote.key):
-        stderr.print(
-            f"warning: '{remote.key}' is an emulated device: schedules get picked by emulated timings. "
-            "Good for checking the path; tune on the real device for a database you deploy with.",
-            soft_wrap=True,
-        )
-
-
-def _tune_with_progress(
-    space: SearchSpace, target: Target, config: TuneConfig, db: Path | None, remote: RemoteDevice | None
-) -> TuneReport:
+def _tune_with_progress(request: TuneRequest) -> TuneReport:
     """A live bar on a terminal; otherwise one line per exported graph pair and per finished task."""
+
+    def warn(text: str) -> None:
+        stderr.print(f"warning: {text}", soft_wrap=True)
+
     if not stderr.is_terminal:
         last = {"done": -1}
 
@@ -160,7 +110,7 @@ def _tune_with_progress(
                 text = f"{event.stage}: {event.done}/{event.total} {what}{trials}  {event.task}".rstrip()
                 stderr.print(text, soft_wrap=True)
 
-        return tune(space, target, config, db, line, remote)
+        return run_tune(request, line, warn)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -181,7 +131,7 @@ def _tune_with_progress(
                 info = f"trials {event.trials}/{event.trials_total}  {event.task}"
                 bar.update(work, completed=event.done, total=event.total, info=info, visible=True)
 
-        return tune(space, target, config, db, show, remote)
+        return run_tune(request, show, lambda text: bar.console.print(f"warning: {text}", soft_wrap=True))
 
 
 def _print_report(r: TuneReport) -> None:

@@ -188,6 +188,190 @@ def is_outlier(row: dict[str, Any], config: CollectConfig) -> bool:
     return relative_std(row) > limit
 
 
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else ""
+
+
+class _Collection:
+    """One run of ``collect``: the queue, the file and the drift bookkeeping, shared by
+    the worker threads under one lock. Each method is one step a worker takes."""
+
+    def __init__(
+        self,
+        plan: list[Architecture],
+        space: SearchSpace,
+        out: Path,
+        measure: MeasureFn,
+        config: CollectConfig,
+        reference: Architecture,
+        on_row: Callable[[dict[str, Any], CollectSummary, int], None],
+        on_log: Callable[[str], None],
+        minutes: float | None,
+    ):
+        self.space, self.out, self.measure, self.config = space, out, measure, config
+        self.reference, self.on_row, self.on_log = reference, on_row, on_log
+        self.done = measured_keys(out)
+        self.todo = deque(a for a in plan if arch_key(a) not in self.done)
+        self.total = len(self.todo)
+        self.summary = CollectSummary(planned=len(plan), skipped=len(plan) - self.total)
+        self.lock = threading.Lock()
+        self.redo: set[str] = set()  # drifted: measured again even though in ``done``
+        self.redone: set[str] = set()  # measured again once already: a second drift does not queue them again
+        self.fatal: list[HatcError] = []  # an error no retry can fix: every worker stops
+        self.references: dict[str, list[float]] = {}  # device -> its reference latencies so far
+        self.since_check: dict[str, list[Architecture]] = {}  # device -> rows since its last good check
+        self.start = time.monotonic()
+        self.deadline = self.start + 60 * minutes if minutes is not None else float("inf")
+
+    def measure_steady(self, arch: Architecture) -> tuple[dict[str, Any], bool]:
+        """A row, measured twice (the steadier kept) when the first spread too much."""
+        row = self.measure(arch)
+        if not self.config.remeasure_outliers or not is_outlier(row, self.config):
+            return row, False
+        again = self.measure(arch)
+        return (again if relative_std(again) < relative_std(row) else row), True
+
+    def write(self, arch: Architecture, row: dict[str, Any], outlier: bool) -> None:
+        key = arch_key(arch)
+        summary = self.summary
+        with self.lock:
+            if key in self.done and key not in self.redo:
+                return  # another worker measured it meanwhile (after a requeue)
+            row = {**row, "layer_features": layer_features(arch, self.space).tolist()}
+            if outlier:
+                row["outlier_remeasured"] = True
+                summary.outliers_remeasured += 1
+            if key in self.redo:
+                row["remeasured"] = True
+                self.redo.discard(key)
+                summary.remeasured += 1
+            else:
+                summary.measured += 1
+            append_rows(self.out, [row])
+            self.done.add(key)
+            self.since_check.setdefault(row["device"], []).append(arch)
+            summary.seconds = time.monotonic() - self.start
+            self.on_row(row, summary, self.total)
+
+    def measure_reference(self) -> tuple[str, float]:
+        ref = self.measure(self.reference)
+        features = layer_features(self.reference, self.space).tolist()
+        with self.lock:
+            append_rows(self.out, [{**ref, "reference": True, "layer_features": features}])
+            self.summary.references += 1
+        return ref["device"], ref["latency_ms"]
+
+    def baseline_of(self, device: str, latency: float) -> float:
+        """The median of the device's earlier references (the median resists one odd check)."""
+        with self.lock:
+            earlier = self.references.get(device)
+            return float(np.median(earlier)) if earlier else latency
+
+    def check_reference(self) -> None:
+        tolerance = self.config.drift_tolerance
+        device, latency = self.measure_reference()
+        baseline = self.baseline_of(device, latency)
+        moved = latency / baseline - 1
+        if abs(moved) > tolerance:
+            # One slow check can be a burst of noise (shared machines have them), not drift:
+            # the rows are flagged only if a second check moved too, and only that one counts.
+            self.on_log(f"{device}: the reference moved {moved:+.1%}; checking it once more")
+            confirming_device, latency = self.measure_reference()
+            if confirming_device != device:  # another device of the key answered: its next check decides
+                return
+            moved = latency / baseline - 1
+        with self.lock:
+            self.references.setdefault(device, []).append(latency)
+            rows = [a for a in self.since_check.pop(device, []) if arch_key(a) not in self.redone]
+            if abs(moved) <= tolerance:
+                return
+            self.summary.drifts += 1
+            keys = {arch_key(a) for a in rows}
+            flagged = flag_drift(self.out, device, keys) if keys else 0
+            self.redo.update(keys)
+            self.redone.update(keys)
+            self.done.difference_update(keys)
+            self.todo.extend(rows)
+        self.on_log(f"{device}: the reference moved {moved:+.1%} again; {flagged} rows flagged and queued again")
+
+    def next_arch(self) -> Architecture | None:
+        """The next architecture to measure, or None when the queue is empty or time is up."""
+        with self.lock:
+            if not self.todo or time.monotonic() > self.deadline:
+                return None
+            return self.todo.popleft()
+
+    def measure_or_requeue(self, arch: Architecture) -> tuple[dict[str, Any], bool]:
+        try:
+            return self.measure_steady(arch)
+        except BaseException:
+            with self.lock:
+                self.todo.appendleft(arch)  # back in the queue, first in line
+            raise
+
+    def count_failure(self, e: Exception, log_line: str) -> None:
+        with self.lock:
+            self.summary.failures.append(f"{type(e).__name__}: {e}")
+        self.on_log(log_line)
+
+    def worker(self) -> None:
+        """Measures from the queue until it is empty, time is up, or ``max_failures`` in a row."""
+        failures, since_reference = 0, None  # None: the first reference is still to measure
+        while failures < self.config.max_failures:
+            try:
+                with self.lock:
+                    empty = not self.todo
+                if since_reference is None:
+                    due = not empty
+                else:  # every so often, and once more after the last row
+                    due = since_reference >= self.config.reference_every or (empty and since_reference > 0)
+                if due:
+                    self.check_reference()
+                    since_reference = 0
+                    continue  # a drift may have queued rows again
+                arch = self.next_arch()
+                if arch is None:
+                    return
+                row, outlier = self.measure_or_requeue(arch)
+            except HatcError as e:
+                if not isinstance(e, RpcError):  # bad input (an untuned build, ...): retrying cannot help
+                    with self.lock:
+                        self.fatal.append(e)
+                        self.todo.clear()
+                    return
+                failures += 1
+                self.count_failure(e, f"a device was not available ({first_line(e)}); requeued")
+                continue
+            except Exception as e:  # noqa: BLE001 - any device fault: count it, retry elsewhere
+                failures += 1
+                self.count_failure(e, f"a measurement failed ({type(e).__name__}: {first_line(e)}); requeued")
+                continue
+            failures = 0
+            self.write(arch, row, outlier)
+            since_reference += 1
+
+    def run(self, workers: int) -> CollectSummary:
+        threads = [threading.Thread(target=self.worker, name=f"collect-{i}", daemon=True) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # short joins keep the main thread responsive to Ctrl-C
+        summary = self.summary
+        summary.seconds = time.monotonic() - self.start
+        if self.fatal:
+            raise self.fatal[0]
+        summary.unfinished = len(self.todo)
+        if self.todo and time.monotonic() <= self.deadline:
+            last = summary.failures[-1] if summary.failures else "no worker left"
+            raise HatcError(
+                f"{len(self.todo)} of {summary.planned} architectures are not measured: every worker gave up after "
+                f"{self.config.max_failures} failures in a row (last: {last.splitlines()[0][:300]}); "
+                f"rows so far are kept in {self.out}: run the same command again to continue"
+            )
+        return summary
+
+
 def collect(
     plan: list[Architecture],
     space: SearchSpace,
@@ -219,147 +403,5 @@ def collect(
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(out)
-    done = measured_keys(out)
-    todo = deque(a for a in plan if arch_key(a) not in done)
-    total = len(todo)
-    summary = CollectSummary(planned=len(plan), skipped=len(plan) - total)
-    reference = reference or plan[0]
-    lock = threading.Lock()
-    redo: set[str] = set()  # drifted: measured again even though in ``done``
-    redone: set[str] = set()  # measured again once already: a second drift does not queue them again
-    fatal: list[HatcError] = []  # an error no retry can fix: every worker stops
-    references: dict[str, list[float]] = {}  # device -> its reference latencies so far
-    since_check: dict[str, list[Architecture]] = {}  # device -> rows since its last good check
-    start = time.monotonic()
-    deadline = start + 60 * minutes if minutes is not None else float("inf")
-
-    def measure_steady(arch: Architecture) -> tuple[dict[str, Any], bool]:
-        row = measure(arch)
-        if not config.remeasure_outliers or not is_outlier(row, config):
-            return row, False
-        again = measure(arch)
-        return (again if relative_std(again) < relative_std(row) else row), True
-
-    def write(arch: Architecture, row: dict[str, Any], outlier: bool) -> None:
-        key = arch_key(arch)
-        with lock:
-            if key in done and key not in redo:
-                return  # another worker measured it meanwhile (after a requeue)
-            row = {**row, "layer_features": layer_features(arch, space).tolist()}
-            if outlier:
-                row["outlier_remeasured"] = True
-                summary.outliers_remeasured += 1
-            if key in redo:
-                row["remeasured"] = True
-                redo.discard(key)
-                summary.remeasured += 1
-            else:
-                summary.measured += 1
-            append_rows(out, [row])
-            done.add(key)
-            since_check.setdefault(row["device"], []).append(arch)
-            summary.seconds = time.monotonic() - start
-            on_row(row, summary, total)
-
-    def measure_reference() -> tuple[str, float]:
-        ref = measure(reference)
-        with lock:
-            append_rows(out, [{**ref, "reference": True, "layer_features": layer_features(reference, space).tolist()}])
-            summary.references += 1
-        return ref["device"], ref["latency_ms"]
-
-    def baseline_of(device: str, latency: float) -> float:
-        """The median of the device's earlier references (the median resists one odd check)."""
-        with lock:
-            earlier = references.get(device)
-            return float(np.median(earlier)) if earlier else latency
-
-    def check_reference() -> None:
-        device, latency = measure_reference()
-        baseline = baseline_of(device, latency)
-        moved = latency / baseline - 1
-        if abs(moved) > config.drift_tolerance:
-            # One slow check can be a burst of noise (shared machines have them), not drift:
-            # the rows are flagged only if a second check moved too, and only that one counts.
-            on_log(f"{device}: the reference moved {moved:+.1%}; checking it once more")
-            confirming_device, latency = measure_reference()
-            if confirming_device != device:  # another device of the key answered: its next check decides
-                return
-            moved = latency / baseline - 1
-        with lock:
-            references.setdefault(device, []).append(latency)
-            rows = [a for a in since_check.pop(device, []) if arch_key(a) not in redone]
-            if abs(moved) <= config.drift_tolerance:
-                return
-            summary.drifts += 1
-            keys = {arch_key(a) for a in rows}
-            flagged = flag_drift(out, device, keys) if keys else 0
-            redo.update(keys)
-            redone.update(keys)
-            done.difference_update(keys)
-            todo.extend(rows)
-        on_log(f"{device}: the reference moved {moved:+.1%} again; {flagged} rows flagged and queued again")
-
-    def worker() -> None:
-        failures, since_reference = 0, None  # None: the first reference is still to measure
-        while failures < config.max_failures:
-            try:
-                with lock:
-                    empty = not todo
-                if since_reference is None:
-                    due = not empty
-                else:  # every so often, and once more after the last row
-                    due = since_reference >= config.reference_every or (empty and since_reference > 0)
-                if due:
-                    check_reference()
-                    since_reference = 0
-                    continue  # a drift may have queued rows again
-                with lock:
-                    if not todo or time.monotonic() > deadline:
-                        return
-                    arch = todo.popleft()
-                try:
-                    row, outlier = measure_steady(arch)
-                except BaseException:
-                    with lock:
-                        todo.appendleft(arch)  # back in the queue, first in line
-                    raise
-            except HatcError as e:
-                if not isinstance(e, RpcError):  # bad input (an untuned build, ...): retrying cannot help
-                    with lock:
-                        fatal.append(e)
-                        todo.clear()
-                    return
-                failures += 1
-                with lock:
-                    summary.failures.append(f"{type(e).__name__}: {e}")
-                on_log(f"a device was not available ({str(e).splitlines()[0][:200]}); requeued")
-                continue
-            except Exception as e:  # noqa: BLE001 - any device fault: count it, retry elsewhere
-                failures += 1
-                with lock:
-                    summary.failures.append(f"{type(e).__name__}: {e}")
-                on_log(f"a measurement failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); requeued")
-                continue
-            failures = 0
-            write(arch, row, outlier)
-            since_reference += 1
-
-    threads = [threading.Thread(target=worker, name=f"collect-{i}", daemon=True) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.2)  # short joins keep the main thread responsive to Ctrl-C
-    summary.seconds = time.monotonic() - start
-    if fatal:
-        raise fatal[0]
-    summary.unfinished = len(todo)
-    if todo and time.monotonic() <= deadline:
-        last = summary.failures[-1] if summary.failures else "no worker left"
-        raise HatcError(
-            f"{len(todo)} of {summary.planned} architectures are not measured: every worker gave up after "
-            f"{config.max_failures} failures in a row (last: {last.splitlines()[0][:300]}); "
-            f"rows so far are kept in {out}: run the same command again to continue"
-        )
-    return summary
+    run = _Collection(plan, space, out, measure, config, reference or plan[0], on_row, on_log, minutes)
+    return run.run(workers)

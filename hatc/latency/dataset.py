@@ -197,12 +197,8 @@ def _csv_number(cell: str, path: Path, line: int, column: str) -> float:
 
 
 # ----- hatc's JSON lines -----------------------------------------------------------
-def read_hatc_jsonl(path: str | Path) -> LatencyTable:
-    """Reads hatc's JSON-lines dataset. Drift-flagged and reference rows are
-    skipped; of several rows of one architecture the last wins (the collector
-    re-measures after a drift); a torn last line (a crash mid-write) is
-    skipped with a warning; any other malformed line is an error."""
-    path = Path(path)
+def _json_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line; a torn last line is skipped with a warning."""
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     rows: list[tuple[int, dict[str, Any]]] = []
@@ -221,107 +217,138 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
         rows.append((number, row))
     if not rows:
         raise DatasetError(f"{path}: empty dataset (no rows)")
+    return rows
 
-    spaces: dict[str, SearchSpace] = {}
-    archs: list[Architecture] = []
-    values: list[tuple[float, float, float, float]] = []
-    row_devices: list[str] = []
-    references: list[float | None] = []  # each kept row's paired reference, if any
-    protocol: dict[str, Any] | None = None
-    targets: set[str] = set()
-    devices: dict[str, None] = {}
-    space_name, skipped = None, 0
-    position: dict[str, int] = {}  # arch -> its index in archs/values
-    for number, row in rows:
-        where = f"{path}:{number}"
-        missing = [k for k in ROW_FIELDS if k not in row]
-        if missing:
-            raise DatasetError(f"{where}: missing field(s) {', '.join(missing)}")
+
+class _HatcRows:
+    """Checks hatc rows one by one against the earlier ones (one space, one protocol,
+    one target) and keeps the last row of each architecture that is training data."""
+
+    def __init__(self) -> None:
+        self.spaces: dict[str, SearchSpace] = {}
+        self.space_name: str | None = None
+        self.protocol: dict[str, Any] | None = None
+        self.targets: set[str] = set()
+        self.devices: dict[str, None] = {}  # in order of appearance
+        self.skipped = 0  # drift checks and drifted rows
+        self.archs: list[Architecture] = []
+        self.values: list[tuple[float, ...]] = []  # encoder, decoder ms and their stds
+        self.row_devices: list[str] = []
+        self.references: list[float | None] = []  # each kept row's paired reference, if any
+        self._position: dict[str, int] = {}  # arch -> its index in the lists above
+
+    def space_of(self, row: dict[str, Any], where: str) -> SearchSpace:
         if not isinstance(row["space"], str):
             raise DatasetError(f"{where}: field 'space' must be a space name or file")
-        if space_name is None:
-            space_name = row["space"]
-        elif row["space"] != space_name:
-            raise DatasetError(f"{where}: field 'space' is '{row['space']}' but earlier rows are '{space_name}'")
-        if space_name not in spaces:
+        if self.space_name is None:
+            self.space_name = row["space"]
+        elif row["space"] != self.space_name:
+            raise DatasetError(f"{where}: field 'space' is '{row['space']}' but earlier rows are '{self.space_name}'")
+        if self.space_name not in self.spaces:
             try:
-                spaces[space_name] = load_space(space_name)
+                self.spaces[self.space_name] = load_space(self.space_name)
             except SpaceError as e:
                 raise DatasetError(f"{where}: field 'space': {e}") from None
-        space = spaces[space_name]
-        try:
-            arch = space.validate(Architecture.from_dict(row["arch"], "field 'arch'"), "field 'arch'")
-        except ArchError as e:
-            raise DatasetError(f"{where}: {e}") from None
+        return self.spaces[self.space_name]
+
+    def check_protocol(self, row: dict[str, Any], where: str) -> None:
         if not isinstance(row["protocol"], dict):
             raise DatasetError(f"{where}: field 'protocol' must be an object with {', '.join(PROTOCOL_FIELDS)}")
         lacking = [k for k in PROTOCOL_FIELDS if k not in row["protocol"]]
         if lacking:
             raise DatasetError(f"{where}: field 'protocol' lacks {', '.join(lacking)}")
-        if protocol is None:
-            protocol = row["protocol"]
-        else:
-            for key in PROTOCOL_FIELDS:
-                if row["protocol"][key] != protocol[key]:
-                    raise DatasetError(
-                        f"{where}: field 'protocol.{key}' is {row['protocol'][key]!r} but earlier rows have "
-                        f"{protocol[key]!r}; fit one predictor per protocol"
-                    )
-        measured = tuple(
-            _json_number(row[k], where, k, positive=k.endswith("_ms") and "std" not in k)
-            for k in ("encoder_ms", "decoder_ms", "encoder_std_ms", "decoder_std_ms")
-        )
+        if self.protocol is None:
+            self.protocol = row["protocol"]
+            return
+        for key in PROTOCOL_FIELDS:
+            if row["protocol"][key] != self.protocol[key]:
+                raise DatasetError(
+                    f"{where}: field 'protocol.{key}' is {row['protocol'][key]!r} but earlier rows have "
+                    f"{self.protocol[key]!r}; fit one predictor per protocol"
+                )
+
+    def check_origin(self, row: dict[str, Any], where: str) -> None:
+        """The row's device, target and drift flag are well-formed."""
         if not isinstance(row["device"], str):
             raise DatasetError(f"{where}: field 'device' must be a string")
         if row.get("target") is not None:
             if not isinstance(row["target"], str):
                 raise DatasetError(f"{where}: field 'target' must be a string")
-            targets.add(row["target"])
+            self.targets.add(row["target"])
         if row.get("drift", False) not in (True, False):
             raise DatasetError(f"{where}: field 'drift' must be true or false")
+
+    def add(self, row: dict[str, Any], where: str) -> None:
+        missing = [k for k in ROW_FIELDS if k not in row]
+        if missing:
+            raise DatasetError(f"{where}: missing field(s) {', '.join(missing)}")
+        space = self.space_of(row, where)
+        try:
+            arch = space.validate(Architecture.from_dict(row["arch"], "field 'arch'"), "field 'arch'")
+        except ArchError as e:
+            raise DatasetError(f"{where}: {e}") from None
+        self.check_protocol(row, where)
+        measured = tuple(
+            _json_number(row[k], where, k, positive=k.endswith("_ms") and "std" not in k)
+            for k in ("encoder_ms", "decoder_ms", "encoder_std_ms", "decoder_std_ms")
+        )
+        self.check_origin(row, where)
         if row.get("drift", False) or row.get("reference", False):
-            skipped += 1  # drift checks and drifted rows are not training data
-            continue
+            self.skipped += 1  # drift checks and drifted rows are not training data
+            return
         paired = row.get("paired_reference_ms")
         if paired is not None:
             paired = _json_number(paired, where, "paired_reference_ms", positive=True)
+        self.keep(arch, measured, row["device"], paired)
+
+    def keep(self, arch: Architecture, measured: tuple[float, ...], device: str, paired: float | None) -> None:
         key = arch.to_json()
-        if key not in position:
-            position[key] = len(archs)
-            archs.append(arch)
-            values.append(measured)  # type: ignore[arg-type]
-            row_devices.append(row["device"])
-            references.append(paired)
+        if key not in self._position:
+            self._position[key] = len(self.archs)
+            self.archs.append(arch)
+            self.values.append(measured)
+            self.row_devices.append(device)
+            self.references.append(paired)
         else:  # re-measured after drift: the later row supersedes
-            i = position[key]
-            values[i], row_devices[i], references[i] = measured, row["device"], paired  # type: ignore[assignment]
-        devices[row["device"]] = None
-    if len(targets) > 1:
-        raise DatasetError(f"{path}: rows from several targets ({', '.join(sorted(targets))}); fit one per target")
-    if not archs:
+            i = self._position[key]
+            self.values[i], self.row_devices[i], self.references[i] = measured, device, paired
+        self.devices[device] = None
+
+
+def read_hatc_jsonl(path: str | Path) -> LatencyTable:
+    """Reads hatc's JSON-lines dataset. Drift-flagged and reference rows are
+    skipped; of several rows of one architecture the last wins (the collector
+    re-measures after a drift); a torn last line (a crash mid-write) is
+    skipped with a warning; any other malformed line is an error."""
+    path = Path(path)
+    rows = _HatcRows()
+    for number, row in _json_lines(path):
+        rows.add(row, f"{path}:{number}")
+    if len(rows.targets) > 1:
+        raise DatasetError(f"{path}: rows from several targets ({', '.join(sorted(rows.targets))}); fit one per target")
+    if not rows.archs:
         raise DatasetError(f"{path}: every row is flagged as drifted; re-measure them")
-    data = np.array(values, dtype=np.float64)
-    assert space_name is not None and protocol is not None
-    beam = protocol.get("beam")
-    provenance = f"hatc, {', '.join(devices)}, beam {beam}"
-    nominal = _scale_by_paired_reference(data, row_devices, references, path)
+    data = np.array(rows.values, dtype=np.float64)
+    assert rows.space_name is not None and rows.protocol is not None
+    provenance = f"hatc, {', '.join(rows.devices)}, beam {rows.protocol.get('beam')}"
+    nominal = _scale_by_paired_reference(data, rows.row_devices, rows.references, path)
     if nominal is not None:
         provenance += ", paired reference (scaled to its median)"
     return LatencyTable(
         source=str(path),
         format="hatc",
-        hat=np.stack([hat_features(a) for a in archs]),
+        hat=np.stack([hat_features(a) for a in rows.archs]),
         encoder_ms=data[:, 0],
         decoder_ms=data[:, 1],
         encoder_std_ms=data[:, 2],
         decoder_std_ms=data[:, 3],
-        archs=tuple(archs),
-        space=spaces[space_name],
-        target=next(iter(targets), None),
-        protocol=dict(protocol),
-        devices=tuple(devices),
+        archs=tuple(rows.archs),
+        space=rows.spaces[rows.space_name],
+        target=next(iter(rows.targets), None),
+        protocol=dict(rows.protocol),
+        devices=tuple(rows.devices),
         provenance=provenance,
-        skipped_drift=skipped,
+        skipped_drift=rows.skipped,
         paired_nominal_ms=nominal,
     )
 
