@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from hatc import atomic
 from hatc.errors import ArchError
 
 # Per-layer fields, each a tuple with one entry per active layer.
@@ -153,6 +155,19 @@ class Architecture:
         return yaml.safe_dump(self.to_hat_dict(), sort_keys=False, default_flow_style=None)
 
 
+def arch_key(arch: Architecture | Mapping[str, Any]) -> str:
+    """An architecture's identity as a string, for caches and sets: its fields as compact
+    JSON in field order (``Architecture.to_json``).
+
+    A mapping (the ``arch`` of a row read back from a results file) gives the key of the
+    architecture it holds, whatever its key order; keys that are not fields (``space``)
+    are left out. Search saves these keys (``evaluations.json``), so the format is fixed.
+    """
+    if isinstance(arch, Architecture):
+        return arch.to_json()
+    return json.dumps({f.name: arch[f.name] for f in fields(Architecture) if f.name in arch}, separators=(",", ":"))
+
+
 def _ende_from_hat(value: Any, source: str) -> int:
     # HAT: -1 = last layer only, 1 = last two, 2 = last three (k - 1 for k >= 2).
     if value == -1:
@@ -206,6 +221,4 @@ def write_arch_file(arch: Architecture, path: str | Path, space: str | None = No
     else:
         data = arch.to_dict() if space is None else {"space": space, **arch.to_dict()}
         text = json.dumps(data, indent=2) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic.write_text(path, text)

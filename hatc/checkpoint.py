@@ -10,7 +10,6 @@ corrupt checkpoint.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hatc import atomic
 from hatc.arch import Architecture
 from hatc.data.subword import SubwordModel
 from hatc.elastic.supernet import SuperTransformer
@@ -31,14 +31,10 @@ KINDS = ("supernet", "subnet")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Atomically writes ``state`` to ``path`` (temp file, fsync, rename)."""
+    """Atomically writes ``state`` to ``path`` (``hatc.atomic``: temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    with atomic.replacing(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

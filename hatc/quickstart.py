@@ -18,7 +18,6 @@ without PyTorch) -> report (table, Pareto PNG, Markdown).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hatc import atomic
 from hatc.errors import DataError, HatcError, Interrupted
 
 SPACE = "tiny"
@@ -108,9 +108,7 @@ class Quickstart:
             self.state = saved
 
     def save(self) -> None:
-        tmp = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        tmp.write_text(json.dumps(self.state, indent=1) + "\n")
-        os.replace(tmp, self.state_path)
+        atomic.write_text(self.state_path, json.dumps(self.state, indent=1) + "\n")
 
     def stage(self, name: str, run: Callable[[], Any]) -> Any:
         """``run()``'s result, from the state file when the stage finished before."""
@@ -376,6 +374,4 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, stages: d
     lines += ["", "![Pareto front: predicted latency vs validation loss](pareto.png)", "", f"Sample: *{sample}*", ""]
     lines += [f"- {r['model']}: {r['sample']}" for r in rows]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()), ""]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic.write_text(path, "\n".join(lines))

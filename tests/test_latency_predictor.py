@@ -100,6 +100,11 @@ def test_kendall_tau_matches_the_definition_with_ties():
     x, y = rng.integers(0, 5, 530), rng.integers(0, 4, 530)  # many ties, more than one row block
     assert kendall_tau(x, y) == pytest.approx(_tau_b_reference(x, y))
     assert kendall_tau(x, x + 0.5 * y) > 0.8
+    # Ties: 4 concordant, 0 discordant of 6 pairs, one tie on each side: tau-b 4/sqrt(5*5),
+    # not tau-a (4/6) nor SciPy's tau-c (0.75).
+    assert kendall_tau(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 3])) == pytest.approx(0.8)
+    assert np.isnan(kendall_tau(np.array([1.0]), np.array([2.0])))
+    assert np.isnan(kendall_tau(np.array([1, 1, 1]), np.array([1, 2, 3])))
 
 
 # ----- hatc datasets: fit, predict, registry ---------------------------------------------------

@@ -1,8 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 import yaml
 
-from hatc.arch import Architecture, parse_arch_text
+from hatc.arch import Architecture, arch_key, parse_arch_text
 from hatc.errors import ArchError, SpaceError
 from hatc.features import HAT_FEATURE_NAMES, hat_features, layer_feature_names, layer_features
 from hatc.space import BUILTIN_SPACES, SearchSpace, load_space
@@ -102,6 +104,15 @@ def test_hat_yaml_import_export_round_trip(shared_data):
         (shared_data / "hat-configs" / "HAT_wmt14ende_raspberrypi@6.9s_bleu@28.4.yml").read_text(), "pi"
     )
     assert arch.decoder_ende_layers == (1, 2, 2, 2, 1)
+
+
+def test_arch_key_is_the_json_and_a_row_dict_keys_the_same():
+    space = load_space("tiny")
+    a, b = space.smallest(), space.largest()
+    assert arch_key(a) == a.to_json() and arch_key(a) != arch_key(b)  # search saves these keys: format fixed
+    row = json.loads(json.dumps({"space": "tiny", **dict(reversed(a.to_dict().items()))}))  # as read back
+    assert arch_key(row) == arch_key(a)
+    assert arch_key(Architecture.from_dict(json.loads(arch_key(a)))) == arch_key(a)
 
 
 def test_architecture_rejects_wrong_list_length():

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hatc import atomic
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.data.corpus import read_lines
 from hatc.data.dataset import DataDir
@@ -180,9 +181,7 @@ def evaluate(
     loaded = load_subtransformer(checkpoint, arch)
     hypotheses = _translate_with_progress(loaded, sources, DecodeOptions(beam=beam, lenpen=lenpen, max_len=max_len))
     if output is not None:
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-        tmp.replace(output)
+        atomic.write_text(output, "".join(h + "\n" for h in hypotheses))
     result = score(hypotheses, references) | {"beam": beam, "lenpen": lenpen, "arch": loaded.arch.to_dict()}
     if as_json:
         emit_json(result)

@@ -21,13 +21,13 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hatc import atomic
 from hatc.arch import Architecture
 from hatc.compile.tuning_db import MODULE_EQUALITY, PIPELINE, graph_tasks
 from hatc.space import SearchSpace
@@ -149,16 +149,6 @@ def _plan_path(db_dir: Path, key: dict[str, Any]) -> Path:
     return db_dir / "plans" / f"{key['space']['name']}-{digest}.json"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def _load_plan(path: Path, key: dict[str, Any]) -> tuple[list[Workload], dict[str, int], int] | None:
     import tvm
 
@@ -255,5 +245,6 @@ def plan_workloads(
                 for w in workloads
             ],
         }
-        _atomic_write(path, json.dumps(data) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, json.dumps(data) + "\n")
     return workloads, per_graph, len(archs), False

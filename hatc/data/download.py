@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from hatc import atomic
 from hatc.errors import DataError
 
 # Multi30k task 1, raw text (the public dataset repository's data/task1/raw).
@@ -16,7 +16,7 @@ CORPORA = {"multi30k": (MULTI30K_BASE, MULTI30K_FILES)}
 
 
 def download(corpus: str, out: Path, timeout: float = 30.0) -> list[Path]:
-    """Downloads every file of ``corpus`` into ``out`` (each via a temp file)."""
+    """Downloads every file of ``corpus`` into ``out`` (each written atomically)."""
     if corpus not in CORPORA:
         raise DataError(f"unknown corpus '{corpus}'; known: {', '.join(CORPORA)}")
     base, files = CORPORA[corpus]
@@ -28,12 +28,8 @@ def download(corpus: str, out: Path, timeout: float = 30.0) -> list[Path]:
             written.append(target)
             continue
         try:
-            with (
-                urllib.request.urlopen(base + name, timeout=timeout) as response,
-                tempfile.NamedTemporaryFile(dir=out, prefix=f".{name}.", delete=False) as tmp,
-            ):
-                tmp.write(response.read())
-            Path(tmp.name).replace(target)
+            with urllib.request.urlopen(base + name, timeout=timeout) as response:
+                atomic.write_bytes(target, response.read())
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise DataError(f"cannot download {base + name}: {reason} (offline? copy the files into {out})") from None

@@ -13,9 +13,7 @@ recorded in the file.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import hatc
+from hatc import atomic
 from hatc.arch import Architecture
 from hatc.errors import HatcError, SpaceError
 from hatc.features import HAT_FEATURE_NAMES, layer_feature_names
@@ -64,21 +63,13 @@ def split_indices(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def kendall_tau(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's tau-b (ties counted as SciPy does), O(n^2) in row blocks."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    """Kendall's tau-b: ties in either ranking shrink the denominator (NaN when one side is all ties)."""
+    import scipy.stats  # only when scoring a fit: it adds ~0.5 s to every import of this module
+
     if len(x) < 2:
-        return float("nan")
-    s = untied_x = untied_y = 0
-    for start in range(0, len(x), 512):
-        dx = np.sign(x[start : start + 512, None] - x[None, :])
-        dy = np.sign(y[start : start + 512, None] - y[None, :])
-        s += int(np.sum(dx * dy))
-        untied_x += int(np.count_nonzero(dx))
-        untied_y += int(np.count_nonzero(dy))
-    # Each pair was counted twice (i, j) and (j, i); the factors cancel.
-    if untied_x == 0 or untied_y == 0:
-        return float("nan")
-    return float(s / np.sqrt(float(untied_x) * float(untied_y)))
+        return float("nan")  # SciPy returns NaN too, with a warning
+    # variant="b" (SciPy's default) is the tau-b hatc has always recorded; "c" (Stuart's) differs on ties.
+    return float(scipy.stats.kendalltau(x, y, variant="b").statistic)
 
 
 def accuracy(y: np.ndarray, pred: np.ndarray) -> dict[str, float | int]:
@@ -145,20 +136,10 @@ class Predictor:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Writes the predictor atomically (temporary file, then rename)."""
+        """Writes the predictor atomically (``hatc.atomic``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a predictor is an ordinary file
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, separators=(",", ":"))
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic.write_text(path, json.dumps(self.to_dict(), separators=(",", ":")) + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "predictor") -> Predictor:
@@ -411,12 +392,6 @@ def pick_model(valid_errors: dict[str, np.ndarray]) -> str:
         if kind == best or np.mean(diff) <= np.std(diff, ddof=1) / np.sqrt(len(diff)):
             return kind
     return best
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _versions() -> dict[str, str]:

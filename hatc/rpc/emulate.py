@@ -41,6 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hatc import atomic
 from hatc.errors import HatcError
 from hatc.paths import cache_dir
 from hatc.rpc.tracker import EMULATED_SUFFIX, RpcError
@@ -400,10 +401,7 @@ exec {q(qemu)} -L {q(str(emulator.sysroot))} -cpu {q(device.qemu_cpu)} -0 {q(str
   {q(str(python))} "$@"
 """
     emulator.wrapper.parent.mkdir(parents=True, exist_ok=True)
-    tmp = emulator.wrapper.with_name(emulator.wrapper.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, emulator.wrapper)
+    atomic.write_text(emulator.wrapper, text, mode=0o755)
 
 
 _VERIFY = """
@@ -465,9 +463,7 @@ def _load_state(root: Path) -> dict[str, Any]:
 
 
 def _save_state(root: Path, state: dict[str, Any]) -> None:
-    tmp = root / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, root / "state.json")
+    atomic.write_text(root / "state.json", json.dumps(state, indent=1, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from hatc import atomic
 from hatc.errors import HatcError
 from hatc.runtime.signing import SIGNATURE, load_public_key, verify_signature
 
@@ -285,15 +286,10 @@ def open_artifact(path: str | Path, trust: str | Path | None = None) -> Artifact
 
 
 def write_archive(directory: Path, archive: Path) -> Path:
-    """``directory`` as a .tar.gz whose one top-level entry is its name; atomic (temp file, rename)."""
+    """``directory`` as a .tar.gz whose one top-level entry is its name; atomic (``hatc.atomic``)."""
     archive = Path(archive)
-    tmp = archive.with_name(f".{archive.name}.tmp")
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(directory, arcname=archive.name.removesuffix(".tar.gz").removesuffix(".tgz"))
-        tmp.replace(archive)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replacing(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(directory, arcname=archive.name.removesuffix(".tar.gz").removesuffix(".tgz"))
     return archive
 
 

@@ -17,11 +17,11 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hatc import atomic
 from hatc.errors import HatcError
 
 SIGNATURE = "manifest.sig"  # beside manifest.json; the one file the manifest cannot list
@@ -48,21 +48,6 @@ def key_id(public_key: Any) -> str:
     serialization, _ = _crypto()
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Writes ``path`` whole with ``mode`` from the start (a private key is never readable by others)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # O_CREAT's mode is masked by the umask
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -92,8 +77,9 @@ def generate_keys(out: Path, force: bool = False) -> KeyPair:
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_new(private_path, private_pem, 0o600)
-    _write_new(public_path, public_pem, 0o644)
+    # The temp file is 0600 until complete: the private key is never readable by others.
+    atomic.write_bytes(private_path, private_pem, mode=0o600)
+    atomic.write_bytes(public_path, public_pem, mode=0o644)
     return KeyPair(private_path, public_path, key_id(private.public_key()))
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hatc.arch import Architecture
+from hatc.arch import Architecture, arch_key
 from hatc.errors import HatcError
 from hatc.space import SearchSpace
 
@@ -53,10 +53,6 @@ class SearchConfig:
         if not 0.0 <= self.mutation_prob <= 1.0:
             raise HatcError(f"mutation probability must be within [0, 1], got {self.mutation_prob}")
         return self
-
-
-def arch_key(arch: Architecture) -> str:
-    return arch.to_json()
 
 
 class CachedLatency:

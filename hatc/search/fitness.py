@@ -6,11 +6,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hatc.arch import Architecture
+from hatc.arch import Architecture, arch_key
 from hatc.data.batching import collate, token_batches
 from hatc.data.dataset import ParallelSplit
 from hatc.elastic.supernet import SuperTransformer
-from hatc.search.evolution import arch_key
 from hatc.train.loop import label_smoothed_loss
 
 

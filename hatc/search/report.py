@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from hatc import atomic
 
 
 def pareto_front(latency: np.ndarray, loss: np.ndarray) -> np.ndarray:
@@ -44,7 +45,8 @@ def plot_pareto(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic.replacing(path) as tmp:  # keeps the suffix: savefig picks the format by it
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)

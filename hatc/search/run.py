@@ -14,7 +14,6 @@ Outputs in OUT (each written atomically):
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hatc
+from hatc import atomic
 from hatc.arch import Architecture, write_arch_file
 from hatc.checkpoint import model_config_of, read_checkpoint, space_of
 from hatc.data.dataset import DataDir
@@ -109,9 +109,7 @@ def resolve_inputs(req: SearchRequest, on_scored: Callable[[int], None] = lambda
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
 
 
 def run_search(
