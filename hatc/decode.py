@@ -1,10 +1,18 @@
 """Decoding with the incremental key/value cache: greedy and batched beam search.
 
-Beam search follows fairseq's rules, which HAT's BLEU numbers come from: at
-every step each sentence keeps its ``beam`` best unfinished hypotheses; a
-hypothesis that emits EOS is finished with score ``sum(log p) / len ** lenpen``
-(len counts the EOS); a sentence is done once it has ``beam`` finished
-hypotheses, and the best finished one is returned.
+Beam search follows fairseq's ``SequenceGenerator`` (beam search, no
+``min_len``), whose BLEU numbers HAT reports:
+
+- a sentence may produce at most ``limit`` tokens (``DecodeOptions.limit``,
+  fairseq's ``max_len``, at most the model's positions - 1): at step
+  ``limit`` only EOS is allowed;
+- every step ranks the top ``2 * beam`` candidates (extensions of the live
+  hypotheses) by summed log-probability; an EOS among the first ``beam`` of
+  them finishes its hypothesis with score ``sum(log p) / len ** lenpen`` (len
+  counts the EOS); an EOS ranked lower is dropped; the ``beam`` best non-EOS
+  candidates live on;
+- a sentence is done once it has ``beam`` finished hypotheses (or at step
+  ``limit``), and the best finished one is returned.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -27,25 +36,28 @@ DEFAULT_LENPEN = 0.6  # HAT's WMT setting
 class DecodeOptions:
     beam: int = DEFAULT_BEAM
     lenpen: float = DEFAULT_LENPEN
-    max_len_a: float = 1.2  # at most a * source length + b target tokens
+    max_len_a: float = 1.2  # at most a * source length + b target tokens before the EOS (fairseq's max_len)
     max_len_b: int = 10
-    max_len: int = 256  # hard cap on target tokens (the model's positions bound it too)
+    max_len: int = 256  # hard cap on those tokens (the model's positions bound it too)
 
     def limit(self, src_len: int) -> int:
+        """Target tokens (EOS not counted) a source of ``src_len`` tokens (EOS counted) may produce."""
         return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
 
 
-def _limits(src: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
+def _limits(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> torch.Tensor:
     """Per-sentence length limits from the real (unpadded) source lengths, so
-    a sentence decodes the same whatever it is batched with."""
-    return torch.tensor([options.limit(int(n)) for n in src.ne(PAD).sum(dim=1)])
+    a sentence decodes the same whatever it is batched with; the EOS after
+    ``limit`` tokens needs ``limit + 1`` decoder positions (BOS takes one)."""
+    cap = model.cfg.max_positions - 1
+    return torch.tensor([min(options.limit(int(n)), cap) for n in src.ne(PAD).sum(dim=1)])
 
 
 def _step_logprobs(model: SubTransformer, tokens: torch.Tensor, cache, step: int, limits: torch.Tensor):
     logits, cache = model.decode_step(tokens, cache)
     lprobs = F.log_softmax(logits.float(), dim=-1)
     lprobs[:, PAD] = lprobs[:, BOS] = float("-inf")  # never generated
-    full = step + 1 >= limits  # out of room: only EOS may follow
+    full = step >= limits  # out of room: only EOS may follow
     if full.any():
         eos = lprobs[full, EOS]
         lprobs[full] = float("-inf")
@@ -57,12 +69,12 @@ def _step_logprobs(model: SubTransformer, tokens: torch.Tensor, cache, step: int
 def greedy(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
     """Arg-max decoding of a padded batch (B, S) -> token ids without EOS."""
     batch = src.shape[0]
-    limits = _limits(src, options)
+    limits = _limits(model, src, options)
     cache = model.start_decoding(model.encode(src))
     tokens = torch.full((batch, 1), BOS, dtype=torch.long)
     out = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
-    for step in range(int(limits.max())):
+    for step in range(int(limits.max()) + 1):
         lprobs, cache = _step_logprobs(model, tokens, cache, step, limits)
         tokens = lprobs.argmax(-1, keepdim=True)
         for i in torch.nonzero(~done).flatten().tolist():
@@ -75,11 +87,17 @@ def greedy(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> 
     return out
 
 
+def _normalized(score: float, length: int, lenpen: float) -> float:
+    """A finished hypothesis's score: ``score / length ** lenpen``, in float32 as
+    fairseq divides; ``length`` counts the EOS."""
+    return float(np.float32(score) / np.float32(length**lenpen))
+
+
 @torch.no_grad()
 def beam_search(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> list[list[int]]:
     """Batched beam search of a padded batch (B, S) -> best token ids without EOS."""
     batch, k = src.shape[0], options.beam
-    limits = _limits(src, options).repeat_interleave(k)
+    limits = _limits(model, src, options)
     enc = model.encode(src)
     cache = model.start_decoding(enc.index_select(torch.arange(batch).repeat_interleave(k)))
     tokens = torch.full((batch * k, 1), BOS, dtype=torch.long)
@@ -87,33 +105,32 @@ def beam_search(model: SubTransformer, src: torch.Tensor, options: DecodeOptions
     scores = torch.zeros(batch, k)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    for step in range(int(limits.max())):
-        lprobs, cache = _step_logprobs(model, tokens, cache, step, limits)
+    done = [False] * batch
+    for step in range(int(limits.max()) + 1):
+        lprobs, cache = _step_logprobs(model, tokens, cache, step, limits.repeat_interleave(k))
         vocab = lprobs.shape[-1]
         candidates = (scores.unsqueeze(-1) + lprobs.view(batch, k, vocab)).view(batch, k * vocab)
-        top_scores, top_ids = candidates.topk(2 * k, dim=-1)  # enough to keep k non-EOS
+        top_scores, top_ids = candidates.topk(2 * k, dim=-1)  # at most k are EOS: k non-EOS remain
         new_scores = torch.full((batch, k), float("-inf"))
-        origin = torch.zeros(batch, k, dtype=torch.long)
+        origin = torch.arange(batch * k).view(batch, k)
         new_tokens = torch.full((batch, k), PAD, dtype=torch.long)
         for b in range(batch):
-            if len(finished[b]) >= k:  # done: keep feeding harmless (-inf) beams
-                origin[b] = b * k
+            if done[b]:  # keep feeding harmless (-inf) beams
                 continue
             kept = 0
-            for score, flat in zip(top_scores[b].tolist(), top_ids[b].tolist()):
-                if score == float("-inf"):
+            for rank, (score, flat) in enumerate(zip(top_scores[b].tolist(), top_ids[b].tolist())):
+                if score == float("-inf") or kept == k:  # the rest can neither finish nor live on
                     break
                 beam, token = divmod(flat, vocab)
-                if token == EOS:
-                    if len(finished[b]) < k:
+                if token == EOS:  # finishes only among the top k candidates; dropped below them
+                    if rank < k and len(finished[b]) < k:
                         hyp = history[b * k + beam].tolist()
-                        finished[b].append((score / (len(hyp) + 1) ** options.lenpen, hyp))
+                        finished[b].append((_normalized(score, step + 1, options.lenpen), hyp))
                     continue
                 new_scores[b, kept], origin[b, kept], new_tokens[b, kept] = score, b * k + beam, token
                 kept += 1
-                if kept == k:
-                    break
-        if all(len(f) >= k for f in finished):
+            done[b] = len(finished[b]) >= k or step >= int(limits[b])
+        if all(done):
             break
         order = origin.view(-1)
         cache = cache.index_select(order)
@@ -144,7 +161,7 @@ def translate_lines(
     for number, ids in enumerate(encoded, start=1):
         if len(ids) > max_positions:
             raise HatcError(f"input line {number} has {len(ids)} subwords; the model takes at most {max_positions}")
-    options = replace(options, max_len=min(options.max_len, max_positions))
+    options = replace(options, max_len=min(options.max_len, max_positions - 1))
     order = sorted(range(len(lines)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(lines)
     search = greedy if options.beam == 1 else beam_search

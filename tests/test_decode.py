@@ -45,16 +45,15 @@ def test_greedy_incremental_equals_full_recomputation(model):
     for src, hyp in zip(sources, fast):
         prefix = [BOS]
         with torch.no_grad():
-            while len(prefix) <= options.limit(len(src)):
+            while len(prefix) <= options.limit(len(src)):  # up to `limit` tokens, then EOS
                 logits = model(torch.tensor([src]), torch.tensor([prefix]))[0, -1]
                 logits[[0, BOS]] = float("-inf")
-                if len(prefix) >= options.limit(len(src)):
-                    break
                 token = int(logits.argmax())
                 if token == EOS:
                     break
                 prefix.append(token)
         assert hyp == prefix[1:]
+    assert any(len(hyp) == options.limit(len(src)) for src, hyp in zip(sources, fast))  # the limit is reached
 
 
 def test_beam_search_does_not_depend_on_batching(model):

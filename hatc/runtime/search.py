@@ -5,13 +5,16 @@ from), one sentence at a time, so that an artifact translates exactly as its
 checkpoint does:
 
 - a sentence of n source tokens (EOS included) may produce at most
-  ``min(max_len, int(max_len_a * n + max_len_b))`` target tokens, the last of
-  which must be EOS (only EOS is allowed at the limit);
+  ``limit = min(max_len, int(max_len_a * n + max_len_b))`` target tokens
+  before its EOS (fairseq's ``max_len``; at most the graph's cache capacity -
+  1): at step ``limit`` only EOS is allowed;
 - PAD and BOS are never generated;
-- beam search keeps the ``beam`` best unfinished hypotheses per step, chosen
-  from the top 2 x beam candidates; a hypothesis that emits EOS is finished
-  with score ``sum(log p) / len ** lenpen`` (len counts the EOS); the sentence
-  is done at ``beam`` finished hypotheses and the best finished one wins;
+- every beam search step ranks the top 2 x beam candidates; an EOS among the
+  first ``beam`` of them finishes its hypothesis with score
+  ``sum(log p) / len ** lenpen`` (len counts the EOS), an EOS ranked lower is
+  dropped, and the ``beam`` best non-EOS candidates live on; the sentence is
+  done at ``beam`` finished hypotheses (or at step ``limit``) and the best
+  finished one wins;
 - scores accumulate in float32, as PyTorch's do, so ties break identically.
 
 The decoder graph's batch B is the compiled beam; a smaller beam uses the
@@ -46,11 +49,16 @@ class SearchOptions:
         return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
 
 
+def _limit(decoding: Decoding, src: list[int], options: SearchOptions) -> int:
+    """Tokens before the EOS; the EOS after ``limit`` tokens takes cache slot ``limit``."""
+    return min(options.limit(len(src)), decoding.sig.capacity - 1)
+
+
 def _mask(log_probs: np.ndarray, step: int, limit: int) -> np.ndarray:
     """A float32 copy with PAD/BOS forbidden, and only EOS allowed at the limit."""
     lp = np.array(log_probs, dtype=np.float32)
     lp[:, PAD] = lp[:, BOS] = NEG_INF
-    if step + 1 >= limit:
+    if step >= limit:
         eos = lp[:, EOS].copy()
         lp[:] = NEG_INF
         lp[:, EOS] = eos
@@ -66,11 +74,11 @@ def _top(candidates: np.ndarray, n: int) -> np.ndarray:
 
 def greedy(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
     """Arg-max decoding of one source (ids ending in EOS) -> target ids without EOS."""
-    limit = options.limit(len(src))
+    limit = _limit(decoding, src, options)
     decoding.start(np.asarray([src], dtype=np.int64))
     tokens = np.full(decoding.sig.batch, BOS, dtype=np.int64)
     out: list[int] = []
-    for step in range(limit):
+    for step in range(limit + 1):
         lp = _mask(decoding.advance(tokens)[:1], step, limit)
         token = int(np.argmax(lp[0]))
         if token == EOS:
@@ -80,19 +88,25 @@ def greedy(decoding: Decoding, src: list[int], options: SearchOptions) -> list[i
     return out
 
 
+def _normalized(score: float, length: int, lenpen: float) -> float:
+    """A finished hypothesis's score: ``score / length ** lenpen``, in float32 as
+    fairseq divides; ``length`` counts the EOS."""
+    return float(np.float32(score) / np.float32(length**lenpen))
+
+
 def beam_search(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
     """Beam search of one source (ids ending in EOS) -> the best target ids without EOS."""
     rows, k = decoding.sig.batch, options.beam
     if k > rows:
         raise ValueError(f"beam {k} exceeds the decoder graph's {rows} rows")
-    limit = options.limit(len(src))
+    limit = _limit(decoding, src, options)
     decoding.start(np.asarray([src], dtype=np.int64))
     tokens = np.full(rows, BOS, dtype=np.int64)
     history = np.zeros((k, 0), dtype=np.int64)
     scores = np.full(k, NEG_INF, dtype=np.float32)
     scores[0] = 0.0  # all beams start identical: expand only the first
     finished: list[tuple[float, list[int]]] = []
-    for step in range(limit):
+    for step in range(limit + 1):
         lp = _mask(decoding.advance(tokens)[:k], step, limit)
         vocab = lp.shape[1]
         candidates = (scores[:, None] + lp).reshape(-1)  # float32, as PyTorch adds them
@@ -100,21 +114,18 @@ def beam_search(decoding: Decoding, src: list[int], options: SearchOptions) -> l
         origin = np.zeros(k, dtype=np.int64)
         new_tokens = np.full(k, PAD, dtype=np.int64)
         kept = 0
-        for flat in _top(candidates, 2 * k).tolist():  # enough to keep k non-EOS
+        for rank, flat in enumerate(_top(candidates, 2 * k).tolist()):  # at most k are EOS: k non-EOS remain
             score = float(candidates[flat])
-            if score == float("-inf"):
+            if score == float("-inf") or kept == k:  # the rest can neither finish nor live on
                 break
             beam, token = divmod(flat, vocab)
-            if token == EOS:
-                if len(finished) < k:
-                    hyp = history[beam].tolist()
-                    finished.append((score / (len(hyp) + 1) ** options.lenpen, hyp))
+            if token == EOS:  # finishes only among the top k candidates; dropped below them
+                if rank < k and len(finished) < k:
+                    finished.append((_normalized(score, step + 1, options.lenpen), history[beam].tolist()))
                 continue
             new_scores[kept], origin[kept], new_tokens[kept] = score, beam, token
             kept += 1
-            if kept == k:
-                break
-        if len(finished) >= k:
+        if len(finished) >= k or step >= limit:
             break
         order = np.zeros(rows, dtype=np.int64)
         order[:k] = origin
