@@ -13,11 +13,10 @@ import pytest
 from conftest import BEAM, VOCAB
 from rpc_helpers import hatc_process, running_server, running_tracker, wait_until
 
-from hatc.arch import Architecture
+from hatc.arch import Architecture, arch_key
 from hatc.errors import HatcError
 from hatc.latency.collect import (
     CollectConfig,
-    arch_key,
     collect,
     drop_torn_tail,
     measured_keys,

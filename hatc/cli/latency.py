@@ -214,11 +214,11 @@ def measure(
     Random weights; source of the space's length (30 tokens; 23 for iwslt), the
     encoder once, then as many incremental decoder steps at batch = beam;
     trimmed mean of the repeats. Refuses untuned builds and emulated (*-qemu) keys."""
-    from hatc.latency.measure import check_key, measure_latency, protocol_for
+    from hatc.latency.measure import measure_latency, measurement_key, protocol_for
     from hatc.targets import load_target
 
     tgt = load_target(target)
-    check_key(tgt, tracker, key)  # refuse before parsing or building anything
+    measurement_key(tgt, tracker, key)  # refuse before parsing or building anything
     if tracker is not None:
         from hatc.rpc import parse_tracker
 

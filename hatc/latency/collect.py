@@ -27,8 +27,6 @@ CLI), so this module holds only the bookkeeping.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -39,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from hatc.arch import Architecture
+from hatc import atomic
+from hatc.arch import Architecture, arch_key
 from hatc.errors import HatcError
 from hatc.features import layer_features
 from hatc.latency.dataset import append_rows
@@ -89,11 +88,6 @@ class CollectSummary:
             "seconds": round(self.seconds, 3),
             "archs_per_min": round(60 * self.measured / self.seconds, 3) if self.seconds > 0 else None,
         }
-
-
-def arch_key(arch: Architecture | dict[str, Any]) -> str:
-    data = arch.to_dict() if isinstance(arch, Architecture) else arch
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def plan_architectures(space: SearchSpace, n: int, seed: int) -> list[Architecture]:
@@ -166,12 +160,7 @@ def flag_drift(path: Path, device: str, keys: set[str]) -> int:
             row["drift"], flagged = True, flagged + 1
             line = json.dumps(row, separators=(",", ":"))
         lines.append(line)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("".join(f"{line}\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(f"{line}\n" for line in lines))
     return flagged
 
 

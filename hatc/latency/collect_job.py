@@ -96,11 +96,11 @@ def collect_dataset(
         HatcError: bad input (target, space, an emulated key, a file of the
             other pairing) before any device is asked for; or every device gave up.
     """
-    from hatc.latency.measure import PairedReference, check_key, measure_latency, protocol_for
+    from hatc.latency.measure import PairedReference, measure_latency, measurement_key, protocol_for
     from hatc.targets import load_target
 
     target = load_target(request.target)
-    key = check_key(target, request.tracker, request.key)  # refuse emulated keys before anything connects
+    key = measurement_key(target, request.tracker, request.key)  # refuse emulated keys before anything connects
     space = load_space(request.space)
     protocol = protocol_for(space, target, beam=request.beam, repeats=request.repeats, warmup=request.warmup)
     check_pairing(request.out, request.paired)  # before any device is asked for

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from hatc import atomic
 from hatc.arch import Architecture
 from hatc.errors import HatcError
 from hatc.space import SearchSpace
@@ -223,7 +224,7 @@ def tune_command(target: Target, space: SearchSpace, protocol: Protocol, db: Pat
     return command + (f" --db {db}" if db is not None else "")
 
 
-def check_key(target: Target, tracker: str | None, key: str | None) -> str | None:
+def measurement_key(target: Target, tracker: str | None, key: str | None) -> str | None:
     """The RPC key to measure on (None: locally), refusing what hatc never records."""
     from hatc.rpc import is_emulated_key
 
@@ -308,7 +309,7 @@ def measure_latency(
             database, or a database that lacks workloads of this architecture
             (the messages give the ``hatc tune`` command to run).
     """
-    key = check_key(target, tracker, key)  # before anything slow or remote
+    key = measurement_key(target, tracker, key)  # before anything slow or remote
     from hatc.compile import tuning
 
     db_path = Path(db) if db is not None else tuning.tuning_db_path(target)
@@ -414,7 +415,8 @@ class _Runner:
             for lib, graph in zip(libs, graphs):
                 path = tmp / f"{name}-{graph.name}.so"
                 if not path.exists():  # a paired reference's libraries are linked once
-                    export_library(lib, path.with_name(f".{path.name}"), target).rename(path)  # whole or absent
+                    with atomic.replacing(path) as part:  # whole or absent
+                        export_library(lib, part, target)
                 session.upload(str(path))
                 modules.append(session.load_module(path.name))
         self.modules, self.graphs = modules, graphs

@@ -121,10 +121,10 @@ def run_search(
     """Runs the search for every budget (smallest first) and writes OUT."""
     req.cfg.validate()
     if req.verify:
-        from hatc.latency.measure import check_key
+        from hatc.latency.measure import measurement_key
         from hatc.targets import load_target
 
-        check_key(load_target(req.target), req.tracker, req.key)  # refuse before searching for minutes
+        measurement_key(load_target(req.target), req.tracker, req.key)  # refuse before searching for minutes
     req.out.mkdir(parents=True, exist_ok=True)
     existing = list(req.out.glob("state-*.json"))
     if existing and not req.resume:
