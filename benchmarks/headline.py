@@ -10,9 +10,13 @@ options: HAT's defaults, so this is also the search-time benchmark).
         --workdir runs/headline --out benchmarks/results/headline.json
 
 Latencies: `hatc latency measure` (HAT's protocol, tuned database, one thread),
-the models alternated ``--rounds`` times, medians. BLEU: `hatc evaluate`
-on the data's test split (beam 4). The search keeps its state in the workdir,
-so a re-run resumes it.
+the models alternated ``--rounds`` times; a speed-up is the median of the
+per-round ratios (each round measures the largest and the winner back to back,
+so a machine that changes speed between rounds moves both). BLEU: `hatc
+evaluate` on the data's test split (beam 4); a BLEU difference comes with its
+95% paired bootstrap interval over the same test sentences
+(``hatc.evaluate.paired_bootstrap``, 1000 resamples). The search keeps its
+state in the workdir, so a re-run resumes it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ import time
 from pathlib import Path
 
 import hatc
+from hatc.atomic import write_text
 from hatc.checkpoint import model_config_of, read_checkpoint, space_of
+from hatc.data.corpus import read_lines
+from hatc.data.dataset import DataDir
+from hatc.evaluate import paired_bootstrap
 
 
 def hatc_json(*args: object, env: dict[str, str] | None = None) -> dict:
@@ -73,11 +81,19 @@ def main() -> None:
     state = read_checkpoint(args.checkpoint)
     space, vocab_size = space_of(state).name, model_config_of(state).vocab_size
     data = args.data or Path(state["data"]["dir"])
-    bleu = {}
+    bleu, translations = {}, {}
     for name, arch in models.items():
+        output = args.workdir / f"test.{name}.txt"
         evaluated = hatc_json("evaluate", "--checkpoint", args.checkpoint, "--arch", arch, "--data", data,
-                              "--split", "test")  # fmt: skip
-        bleu[name] = evaluated["bleu"]
+                              "--split", "test", "--output", output)  # fmt: skip
+        bleu[name], translations[name] = evaluated["bleu"], read_lines(output)
+    data_dir = DataDir(data)
+    references = read_lines(data_dir.path / f"test.{data_dir.tgt}")
+    versus_largest = {
+        name: paired_bootstrap(translations["largest"], translations[name], references)
+        for name in models
+        if name != "largest"
+    }
 
     env = {**os.environ, "TVM_NUM_THREADS": "1"}
     latency: dict[str, list[float]] = {name: [] for name in models}
@@ -87,6 +103,8 @@ def main() -> None:
                                  "--db", args.db, "--vocab-size", vocab_size, env=env)  # fmt: skip
             latency[name].append(measured["latency_ms"])
     median = {name: statistics.median(v) for name, v in latency.items()}
+    # Paired by round: the largest's latency over the model's, in the same round.
+    ratios = {name: [big / own for big, own in zip(latency["largest"], v)] for name, v in latency.items()}
 
     rows = []
     for name in models:
@@ -95,17 +113,22 @@ def main() -> None:
             "predicted_latency_ms": found[name]["predicted_latency_ms"] if name in found else None,
             "valid_loss": found[name]["valid_loss"] if name in found else None,
             "measured_latency_ms": median[name],
-            "speedup": median["largest"] / median[name],
+            "speedup": statistics.median(ratios[name]),
+            "speedup_rounds": ratios[name],
             "bleu": bleu[name],
             "bleu_delta": bleu[name] - bleu["largest"],
+            "bleu_delta_ci95": versus_largest[name]["ci95"] if name in versus_largest else [0.0, 0.0],
+            "bleu_delta_p_value": versus_largest[name]["p_value"] if name in versus_largest else None,
             "arch": found[name]["arch"] if name in found else "largest",
         })  # fmt: skip
-    print("| model | predicted ms | measured ms (median) | speed-up | test BLEU | BLEU vs largest |")
+    print("| model | predicted ms | measured ms (median) | speed-up (median of rounds) | test BLEU "
+          "| BLEU vs largest (95% CI) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for row in rows:
         predicted = "-" if row["predicted_latency_ms"] is None else f"{row['predicted_latency_ms']:.1f}"
+        low, high = row["bleu_delta_ci95"]
         print(f"| {row['model']} | {predicted} | {row['measured_latency_ms']:.1f} | {row['speedup']:.2f}x "
-              f"| {row['bleu']:.2f} | {row['bleu_delta']:+.2f} |")  # fmt: skip
+              f"| {row['bleu']:.2f} | {row['bleu_delta']:+.2f} [{low:+.2f}, {high:+.2f}] |")  # fmt: skip
     goal = [r["model"] for r in rows if r["speedup"] >= 2.0 and r["bleu_delta"] >= -0.5]
     print(f"goal (>= 2x at <= 0.5 BLEU loss): {'met by ' + ', '.join(goal) if goal else 'not met'}")
     print(f"search: {search['evaluated']} architectures scored in {search['wall_s'] / 60:.1f} min "
@@ -122,7 +145,7 @@ def main() -> None:
         "hatc": hatc.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_text(args.out, json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
