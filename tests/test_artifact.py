@@ -74,7 +74,7 @@ def no_tuning_databases(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def subword(tmp_path_factory, shared_data) -> Path:
-    from hatc.data.dataset import prepare
+    from hatc.data.datadir import prepare
 
     out = tmp_path_factory.mktemp("data") / "m30k"
     m30k = shared_data / "multi30k"
@@ -195,8 +195,9 @@ def test_numpy_beam_search_equals_pytorch_token_for_token(compiled, checkpoint):
 
     from hatc.checkpoint import load_subtransformer
     from hatc.data.subword import EOS
-    from hatc.decode import DecodeOptions, beam_search, greedy
-    from hatc.runtime import SearchOptions, Translator
+    from hatc.decode import beam_search, greedy
+    from hatc.decoding import DecodeOptions
+    from hatc.runtime import Translator
 
     model = load_subtransformer(checkpoint).model
     rng = np.random.default_rng(0)
@@ -206,7 +207,7 @@ def test_numpy_beam_search_equals_pytorch_token_for_token(compiled, checkpoint):
             beam, lenpen = (2, 3, 1)[i % 3], (0.6, 1.0)[i % 2]
             search = greedy if beam == 1 else beam_search
             expected = search(model, torch.tensor([src]), DecodeOptions(beam=beam, lenpen=lenpen))[0]
-            options = SearchOptions(beam=beam, lenpen=lenpen)
+            options = DecodeOptions(beam=beam, lenpen=lenpen)
             assert translator.translate_ids(src, options) == expected, (i, beam, lenpen)
             if len(src) <= 16:
                 assert translator.translate_ids(src, options, bucket=32) == expected
@@ -325,10 +326,10 @@ def test_arch_not_matching_a_subtransformer_checkpoint(cli, checkpoint, tmp_path
 
 
 def test_a_mismatch_refuses_to_write(cli, checkpoint, tmp_path, monkeypatch):
-    import hatc.compile.verify as verify
+    import hatc.compile.checks as checks
 
-    strict = verify.check_parity
-    monkeypatch.setattr(verify, "check_parity", lambda *a, **k: strict(*a, **{**k, "tolerance": 0.0}))
+    strict = checks.check_parity
+    monkeypatch.setattr(checks, "check_parity", lambda *a, **k: strict(*a, **{**k, "tolerance": 0.0}))
     args = ("--target", "x86", "--out", tmp_path / "a", "--buckets", "16", "--backend", "onnxruntime")
     one_line_error(
         cli("compile", "--checkpoint", checkpoint, *args), "bucket 16", "differs from PyTorch by", "not written"
@@ -337,9 +338,10 @@ def test_a_mismatch_refuses_to_write(cli, checkpoint, tmp_path, monkeypatch):
 
 
 def test_a_database_that_lacks_the_workloads_is_applied_but_not_called_tuned(cli, checkpoint, tmp_path):
-    tuning = pytest.importorskip("hatc.compile.tuning")
+    from hatc.compile import tuning_db
+
     db = tmp_path / "db"
-    tuning.load_database(db, create=True)  # an empty database: every workload missing
+    tuning_db.load_database(db, create=True)  # an empty database: every workload missing
     out = tmp_path / "a"
     built = cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--buckets", "16", "--db", db)
     assert built.code == 0, built.stderr
@@ -363,11 +365,9 @@ def test_bad_buckets(cli, checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def rpi4_artifact(tmp_path_factory, checkpoint) -> tuple[Path, dict]:
     """The rpi4 artifact (cross-compiled, the 16-token bucket only), compiled once."""
-    from hatc.targets import load_target
+    from rpc_helpers import require_cross_compiler
 
-    missing = load_target("rpi4").missing_tools()
-    if missing:  # a machine without Debian's cross compiler (.ci/run installs it)
-        pytest.skip(f"no aarch64 cross compiler: {missing[0].hint}")
+    require_cross_compiler()  # skips without Debian's cross compiler; fails under CI (.ci/run installs it)
     out = tmp_path_factory.mktemp("artifacts") / "rpi4"
     args = ["compile", "--checkpoint", checkpoint, "--target", "rpi4", "--out", out, "--buckets", "16", "--json"]
     built = run_cli(*args)
@@ -431,10 +431,13 @@ def test_cuda_artifact_builds_and_runs_only_on_a_gpu(cli, checkpoint, tmp_path, 
 
 
 def test_runtime_defaults_match_hatc_decode():
-    from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
-    from hatc.runtime import search
+    import hatc.decode
+    import hatc.runtime
+    from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 
-    assert (search.DEFAULT_BEAM, search.DEFAULT_LENPEN) == (DEFAULT_BEAM, DEFAULT_LENPEN)
-    ours, theirs = search.SearchOptions(), DecodeOptions()
+    # one definition: both searches, the CLI and the manifest use hatc.decoding's
+    assert hatc.runtime.DecodeOptions is hatc.decode.DecodeOptions is DecodeOptions
+    ours, theirs = hatc.runtime.DecodeOptions(), DecodeOptions()
+    assert (ours.beam, ours.lenpen) == (DEFAULT_BEAM, DEFAULT_LENPEN)
     assert (ours.max_len_a, ours.max_len_b, ours.max_len) == (theirs.max_len_a, theirs.max_len_b, theirs.max_len)
     assert all(ours.limit(n) == theirs.limit(n) for n in range(0, 400))

@@ -9,13 +9,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from rpc_helpers import require_cross_compiler
 
 from hatc.compile.export import ExportedGraphs, export_onnx
 from hatc.compile.graphs import fixed_cache_decode, graph_signature
 from hatc.compile.parity import ParityError, check_parity
-from hatc.compile.runners import Decoding, OrtRunner
-from hatc.compile.signature import BUCKETS, bucket_for, target_capacity
 from hatc.errors import HatcError
+from hatc.runtime.runners import Decoding, OrtRunner
+from hatc.runtime.signature import BUCKETS, bucket_for, target_capacity
 from hatc.space import load_space
 from hatc.static.model import ModelConfig, SubTransformer
 from hatc.targets import load_target
@@ -159,10 +160,8 @@ def test_tvm_weights_are_parameters_not_constants(exported, tmp_path):
     assert lib.stat().st_size < 4 * n_weights  # far smaller than the float32 weights
 
 
-@pytest.mark.skipif(
-    shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler (.ci/run installs it)"
-)
 def test_rpi4_library_is_an_aarch64_elf(exported, tmp_path):
+    require_cross_compiler()  # skips without it; fails under CI (.ci/run installs it)
     from hatc.compile.tvm_build import EM_AARCH64, build_graphs, elf_machine, export_library
 
     rpi4 = load_target("rpi4")

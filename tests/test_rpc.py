@@ -21,6 +21,7 @@ from rpc_helpers import (
     emulated_rpi4_or_skip,
     free_port,
     hatc_process,
+    require_cross_compiler,
     running_emulated_rpi4,
     running_server,
     running_tracker,
@@ -231,12 +232,8 @@ def test_tracker_stops_cleanly_on_ctrl_c(tmp_path):
 @pytest.fixture(scope="module")
 def emulated(tracker, tmp_path_factory) -> Iterator[Path]:
     """`hatc rpc emulate rpi4` registered at the module's tracker as rpi4-qemu; yields its log."""
-    from hatc.targets import load_target
-
     emulated_rpi4_or_skip()
-    rpi4 = load_target("rpi4")
-    if rpi4.missing_tools():
-        pytest.skip(f"no cross compiler: {rpi4.missing_tools()[0].hint}")
+    require_cross_compiler()
     log = tmp_path_factory.mktemp("emulate") / "emulate.log"
     with running_emulated_rpi4(tracker, log):
         yield log
@@ -248,8 +245,8 @@ def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulated, tmp_path
     from tvm.script import ir as I
     from tvm.script import relax as R
 
-    from hatc.compile.tvm_build import EM_AARCH64, elf_machine, export_library, tvm_target_of
-    from hatc.targets import load_target
+    from hatc.compile.tvm_build import EM_AARCH64, elf_machine, export_library
+    from hatc.targets import load_target, tvm_target_of
 
     @I.ir_module
     class Module:
@@ -285,7 +282,7 @@ def test_emulated_rpi4_runs_a_cross_compiled_library(tracker, emulated, tmp_path
 def test_tune_rpi4_through_the_tracker_on_the_emulated_rpi4(cli, tracker, emulated, tmp_path):
     """`hatc tune --target rpi4 --tracker`: candidates cross-linked here, measured on
     rpi4-qemu through MetaSchedule's RPC runner, recorded for the aarch64 target; resumable."""
-    from hatc.compile.tuning import load_database
+    from hatc.compile.tuning_db import load_database
 
     space, db = micro_space(tmp_path), tmp_path / "db"
     args = ["tune", "--target", "rpi4", "--space", space, "--buckets", "16", "--beam", "1", "--vocab-size", "64",
