@@ -63,7 +63,7 @@ def _eager_run(model, src, beam: int) -> tuple[float, float]:
 def _graph_run(runner, src, beam: int) -> tuple[float, float]:
     import numpy as np
 
-    from hatc.compile.runners import Decoding
+    from hatc.runtime.runners import Decoding
 
     decoding = Decoding(runner)
     start = time.perf_counter()
@@ -82,10 +82,10 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
 
     from hatc.compile.export import export_onnx
     from hatc.compile.parity import check_parity
-    from hatc.compile.runners import OrtRunner
-    from hatc.compile.tuning import load_database, missing_workloads
+    from hatc.compile.tuning_db import load_database, missing_workloads
     from hatc.compile.tvm_build import TvmRunner, build_graphs, import_graphs
     from hatc.cost import count_flops, count_params
+    from hatc.runtime.runners import OrtRunner
     from hatc.space import load_space
     from hatc.static.model import ModelConfig, SubTransformer
     from hatc.targets import load_target
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/backends.json"))
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM loads
-    from hatc.compile.tuning import tuning_db_path
+    from hatc.compile.tuning_db import tuning_db_path
 
     args.db = args.db or tuning_db_path("x86")
 

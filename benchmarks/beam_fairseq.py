@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -31,15 +30,16 @@ from pathlib import Path
 import numpy as np
 import sacrebleu
 import torch
-from sacrebleu.metrics import BLEU
-from sacrebleu.significance import PairedTest, estimate_ci
 
 import hatc
+from hatc import atomic
 from hatc.checkpoint import load_subtransformer
 from hatc.data.corpus import read_lines
-from hatc.data.dataset import DataDir
+from hatc.data.datadir import DataDir
 from hatc.data.subword import BOS, EOS, PAD
-from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions, beam_search, pad_batch
+from hatc.decode import beam_search, pad_batch
+from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
+from hatc.evaluate import paired_bootstrap
 from hatc.evaluate import score as score_corpus
 from hatc.static.model import SubTransformer
 
@@ -136,41 +136,6 @@ def translate(
     return results, at_limit
 
 
-def paired_bootstrap(old: list[str], new: list[str], refs: list[str], n_samples: int) -> dict:
-    """sacreBLEU's paired bootstrap test (old as the baseline) and the 95% CI of
-    new - old over the same resamples."""
-    test = PairedTest([("old", old), ("new", new)], {"BLEU": BLEU()}, [refs], test_type="bs", n_samples=n_samples)
-    signatures, results = test()
-    baseline, system = results["BLEU"]
-    # _paired_bs_test's draw, replayed: same seed, same call
-    seed = os.environ.get("SACREBLEU_SEED", "12345")
-    rng = np.random.default_rng(None if seed.lower() == "none" else int(seed))
-    idxs = rng.choice(len(new), size=(n_samples, len(new)), replace=True)
-    metric = BLEU()
-    stats = {
-        name: np.array(metric._extract_corpus_statistics(hyps, [refs]), dtype="float32")
-        for name, hyps in (("old", old), ("new", new))
-    }
-    resampled = {
-        name: np.array([metric._compute_score_from_stats(s.sum(0)).score for s in st[idxs]])
-        for name, st in stats.items()
-    }
-    diffs = np.sort(resampled["new"] - resampled["old"])
-    low = len(diffs) // 40  # estimate_ci's 2.5% / 97.5% order statistics
-    mean_diff, half_width = estimate_ci(diffs)
-    return {
-        "test": "paired bootstrap resampling (sacrebleu.significance.PairedTest, test_type='bs')",
-        "signature": str(signatures["BLEU"]),
-        "resamples": n_samples,
-        "seed": seed,
-        "p_value": system.p_value,
-        "old": {"mean": baseline.mean, "ci95_half_width": baseline.ci},
-        "new": {"mean": system.mean, "ci95_half_width": system.ci},
-        "delta": {"mean": float(mean_diff), "ci95": [float(diffs[low]), float(diffs[len(diffs) - low - 1])],
-                  "ci95_half_width": float(half_width)},
-    }  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Subnet or supernet checkpoint.")
@@ -200,7 +165,7 @@ def main() -> None:
     scores = {name: score_corpus(hyps, references) for name, hyps in outputs.items()}
     changed = [i for i, (a, b) in enumerate(zip(outputs["old"], outputs["new"])) if a != b]
     longer = sum(len(outputs["new"][i].split()) > len(outputs["old"][i].split()) for i in changed)
-    bootstrap = paired_bootstrap(outputs["old"], outputs["new"], references, args.resamples)
+    bootstrap = paired_bootstrap(outputs["old"], outputs["new"], references, samples=args.resamples)
     result = {
         "benchmark": "beam_fairseq",
         "checkpoint": {
@@ -253,16 +218,14 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    atomic.write_text(out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
 
-    delta = bootstrap["delta"]
+    low, high = bootstrap["ci95"]
     print(f"{'rule':<34} {'BLEU':>7} {'chrF':>7}")
     print(f"{'old (EOS at any rank < 2k)':<34} {scores['old']['bleu']:7.2f} {scores['old']['chrf']:7.2f}")
     print(f"{'new (fairseq: EOS in the top k)':<34} {scores['new']['bleu']:7.2f} {scores['new']['chrf']:7.2f}")
     print(
-        f"delta {result['bleu']['delta']:+.3f} BLEU, 95% CI [{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}] "
+        f"delta {result['bleu']['delta']:+.3f} BLEU, 95% CI [{low:+.3f}, {high:+.3f}] "
         f"(paired bootstrap, {args.resamples} resamples), p = {bootstrap['p_value']:.4f}; "
         f"{len(changed)} of {len(sources)} sentences changed "
         f"({result['changed']['both_at_length_limit']} where both ran into their length limits); wrote {out}"

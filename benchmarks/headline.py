@@ -34,7 +34,7 @@ import hatc
 from hatc.atomic import write_text
 from hatc.checkpoint import model_config_of, read_checkpoint, space_of
 from hatc.data.corpus import read_lines
-from hatc.data.dataset import DataDir
+from hatc.data.datadir import DataDir
 from hatc.evaluate import paired_bootstrap
 
 

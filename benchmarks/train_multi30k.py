@@ -33,7 +33,7 @@ import torch
 
 import hatc
 from hatc.data.batching import collate, token_batches
-from hatc.data.dataset import DataDir
+from hatc.data.datadir import DataDir
 from hatc.elastic.supernet import SuperTransformer
 from hatc.space import load_space
 from hatc.train.loop import label_smoothed_loss

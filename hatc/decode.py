@@ -18,31 +18,16 @@ Beam search follows fairseq's ``SequenceGenerator`` (beam search, no
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hatc.data.subword import BOS, EOS, PAD, SubwordModel
+from hatc.decoding import DecodeOptions
 from hatc.errors import HatcError
 from hatc.static.model import SubTransformer
-
-DEFAULT_BEAM = 4
-DEFAULT_LENPEN = 0.6  # HAT's WMT setting
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    beam: int = DEFAULT_BEAM
-    lenpen: float = DEFAULT_LENPEN
-    max_len_a: float = 1.2  # at most a * source length + b target tokens before the EOS (fairseq's max_len)
-    max_len_b: int = 10
-    max_len: int = 256  # hard cap on those tokens (the model's positions bound it too)
-
-    def limit(self, src_len: int) -> int:
-        """Target tokens (EOS not counted) a source of ``src_len`` tokens (EOS counted) may produce."""
-        return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
 
 
 def _limits(model: SubTransformer, src: torch.Tensor, options: DecodeOptions) -> torch.Tensor:

@@ -106,6 +106,24 @@ class Target:
         }
 
 
+def default_tvm_threads() -> None:
+    """TVM takes half the hardware threads on x86 unless told; hatc's compiling, tuning and
+    measuring use one unless ``TVM_NUM_THREADS`` says otherwise (a shared machine wants a choice)."""
+    os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+
+def tvm_target_of(target: Target) -> Any:
+    """The ``tvm.target.Target`` of a hatc target (errors name the target file). Imports TVM."""
+    default_tvm_threads()
+    import tvm
+
+    config = target.resolved_tvm_target()
+    try:
+        return tvm.target.Target(config)
+    except (ValueError, tvm.TVMError) as e:
+        raise HatcError(f"{target.source}: TVM rejects the target {config}: {e}") from e
+
+
 def _host_mcpu() -> str:
     from tvm.target import detect_target  # lazy: only detection needs TVM
 

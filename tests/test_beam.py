@@ -1,7 +1,7 @@
 """Beam search follows fairseq's rule, in both implementations.
 
 ``hatc.decode.beam_search`` (PyTorch, checkpoints) and
-``hatc.runtime.search.beam_search`` (numpy, artifacts) run here on scripted
+``hatc.runtime.beam.beam_search`` (numpy, artifacts) run here on scripted
 decoders: log-probs that depend only on the source and the prefix, drawn from
 a generator seeded by both. Each implementation is checked
 
@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from hatc.data.subword import BOS, EOS, PAD, UNK
-from hatc.decode import DecodeOptions, beam_search, greedy, pad_batch
-from hatc.runtime import search
+from hatc.decode import beam_search, greedy, pad_batch
+from hatc.decoding import DecodeOptions
+from hatc.runtime import beam as numpy_search
 
 NEG_INF = -math.inf
 
@@ -98,7 +99,7 @@ class ScriptedModel:
 
 
 class ScriptedDecoding:
-    """Stands in for ``hatc.compile.runners.Decoding`` in hatc.runtime.search."""
+    """Stands in for ``hatc.runtime.runners.Decoding`` in hatc.runtime.beam."""
 
     def __init__(self, script: Script, rows: int, capacity: int = 64):
         self.script = script
@@ -125,8 +126,8 @@ def run_torch(script: Script, sources: list[list[int]], options: DecodeOptions) 
 
 
 def run_numpy(script: Script, sources: list[list[int]], options: DecodeOptions) -> list[list[int]]:
-    rules = search.SearchOptions(options.beam, options.lenpen, options.max_len_a, options.max_len_b, options.max_len)
-    return [search.decode(ScriptedDecoding(script, rows=options.beam), src, rules) for src in sources]
+    rules = options  # one DecodeOptions for both searches
+    return [numpy_search.decode(ScriptedDecoding(script, rows=options.beam), src, rules) for src in sources]
 
 
 IMPLEMENTATIONS = {"torch": run_torch, "numpy": run_numpy}
@@ -514,13 +515,13 @@ def test_beam_search_stays_within_the_model_positions():
     options = DecodeOptions(beam=2, max_len_a=0, max_len_b=50)
     assert beam_search(model, pad_batch([[7, EOS]]), options) == [[4] * 5]
     assert greedy(model, pad_batch([[7, EOS]]), options) == [[4] * 5]
-    rules = search.SearchOptions(2, 0.6, 0, 50, 256)
-    assert search.beam_search(ScriptedDecoding(script, rows=2, capacity=6), [7, EOS], rules) == [4] * 5
-    assert search.greedy(ScriptedDecoding(script, rows=2, capacity=6), [7, EOS], rules) == [4] * 5
+    rules = DecodeOptions(2, 0.6, 0, 50, 256)
+    assert numpy_search.beam_search(ScriptedDecoding(script, rows=2, capacity=6), [7, EOS], rules) == [4] * 5
+    assert numpy_search.greedy(ScriptedDecoding(script, rows=2, capacity=6), [7, EOS], rules) == [4] * 5
 
 
 class ModelDecoding:
-    """``hatc.compile.runners.Decoding`` over a SubTransformer's own incremental
+    """``hatc.runtime.runners.Decoding`` over a SubTransformer's own incremental
     decoding, so that the numpy search runs on the log-probs PyTorch's sees."""
 
     def __init__(self, model, rows: int):
@@ -557,7 +558,7 @@ def test_both_implementations_agree_on_a_model():
         beam, lenpen = 2 + i % 4, (0.6, 1.0, 0.0)[i % 3]
         options = DecodeOptions(beam=beam, lenpen=lenpen)
         expected = beam_search(model, pad_batch([src]), options)[0]
-        rules = search.SearchOptions(beam, lenpen)
-        assert search.beam_search(ModelDecoding(model, rows=beam), src, rules) == expected, i
+        rules = DecodeOptions(beam, lenpen)
+        assert numpy_search.beam_search(ModelDecoding(model, rows=beam), src, rules) == expected, i
         results.add(tuple(expected))
     assert len(results) > 6

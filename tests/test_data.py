@@ -9,7 +9,7 @@ import pytest
 
 from hatc.data.batching import collate, token_batches
 from hatc.data.corpus import read_lines
-from hatc.data.dataset import DataDir
+from hatc.data.datadir import DataDir
 from hatc.data.subword import BOS, EOS, PAD, SubwordModel
 
 

@@ -9,7 +9,8 @@ import sacrebleu
 import torch
 
 from hatc.data.subword import BOS, EOS
-from hatc.decode import DecodeOptions, beam_search, greedy, pad_batch
+from hatc.decode import beam_search, greedy, pad_batch
+from hatc.decoding import DecodeOptions
 from hatc.space import load_space
 from hatc.static.model import ModelConfig, SubTransformer
 
@@ -66,7 +67,7 @@ def test_beam_search_does_not_depend_on_batching(model):
 
 
 def test_evaluate_bleu_is_sacrebleus_own(cli, tmp_path, shared_data):
-    from hatc.data.dataset import prepare
+    from hatc.data.datadir import prepare
 
     m30k = shared_data / "multi30k"
     data = tmp_path / "data"

@@ -36,7 +36,7 @@ def test_shipped_targets_are_known():
 
 @pytest.mark.parametrize("name", sorted(known_targets()))
 def test_every_shipped_target_loads_and_tvm_accepts_it(name):
-    from hatc.compile.tvm_build import tvm_target_of
+    from hatc.targets import tvm_target_of
 
     target = load_target(name)
     assert target.name == name and target.description and target.rpc_key
@@ -117,7 +117,7 @@ def test_missing_cross_compiler_gives_install_hint(tmp_path):
 
 def test_targets_and_compile_modules_do_not_import_tvm():
     code = (
-        "import sys, hatc, hatc.targets, hatc.compile.export, hatc.compile.runners, hatc.compile.tvm_build;"
+        "import sys, hatc, hatc.targets, hatc.compile.export, hatc.runtime.runners, hatc.compile.tvm_build;"
         "hatc.targets.load_target('rpi4');"
         "assert 'tvm' not in sys.modules, 'tvm imported'"
     )

@@ -19,7 +19,7 @@ TRAIN = ["--max-tokens", "600", "--warmup", "4", "--save-every", "2", "--lr", "2
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, shared_data):
-    from hatc.data.dataset import prepare
+    from hatc.data.datadir import prepare
 
     out = tmp_path_factory.mktemp("data") / "m30k"
     m30k = shared_data / "multi30k"
@@ -103,7 +103,7 @@ def test_bad_checkpoints_are_refused(cli, data_dir, tmp_path):
     # Resuming a run on data with another vocabulary.
     run = tmp_path / "run"
     assert cli("train", "supernet", "--data", data_dir, "--out", run, "--max-updates", "1", *TRAIN).code == 0
-    from hatc.data.dataset import prepare
+    from hatc.data.datadir import prepare
 
     other = tmp_path / "other"
     prepare({"train": str(data_dir / "train"), "valid": str(data_dir / "valid")}, "en", "de", other, vocab_size=400)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import BEAM, BUCKET, VOCAB, micro_space, run_cli, tune_args  # the session's tuning run: conftest.tuned
 
-from hatc.compile.tuning import covering_archs, load_database
+from hatc.compile.tuning_db import load_database
+from hatc.compile.workloads import covering_archs
 from hatc.space import load_space
 
 
@@ -91,9 +92,9 @@ def test_tuned_build_is_applied_and_matches_pytorch(tuned, tmp_path):
     from hatc.compile.export import export_onnx
     from hatc.compile.parity import check_parity
     from hatc.compile.tuning_db import _fused, apply_database, missing_workloads
-    from hatc.compile.tvm_build import TvmRunner, build_graphs, import_graphs, tvm_target_of
+    from hatc.compile.tvm_build import TvmRunner, build_graphs, import_graphs
     from hatc.static.model import ModelConfig, SubTransformer
-    from hatc.targets import load_target
+    from hatc.targets import load_target, tvm_target_of
 
     db, _, _ = tuned
     database, target = load_database(db), load_target("x86")

@@ -1,6 +1,6 @@
 """``hatc compile``: a checkpoint's SubTransformer as a deployable artifact.
 
-The library (``hatc.compile.artifact``) is imported inside the command: it
+The library (``hatc.compile.compiler``) is imported inside the command: it
 imports torch, and ``hatc translate --artifact`` must not.
 """
 
@@ -13,8 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hatc.cli.common import emit_json, stderr, stdout
-
-DEFAULT_BEAM, DEFAULT_LENPEN = 4, 0.6  # hatc.decode's (not imported here: it loads torch)
+from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN
 
 
 def compile_command(
@@ -50,9 +49,9 @@ def compile_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compile a SubTransformer into an artifact: libraries, weights, subword model, manifest."""
-    from hatc.compile.artifact import CompileEvent, CompileRequest, compile_artifact, parse_buckets
-    from hatc.compile.signature import BUCKETS
+    from hatc.compile.compiler import CompileEvent, CompileRequest, compile_artifact, parse_buckets
     from hatc.data.corpus import read_lines
+    from hatc.runtime.signature import BUCKETS
 
     request = CompileRequest(
         checkpoint=checkpoint,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from hatc.cli.common import emit_json, stderr, stdout
-from hatc.data.dataset import prepare as prepare_data
+from hatc.data.datadir import prepare as prepare_data
 from hatc.data.download import download as download_corpus
 
 app = typer.Typer(help="Prepare parallel text for training.", no_args_is_help=True)

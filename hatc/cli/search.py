@@ -69,10 +69,6 @@ def search(
         key=key,
         db=db,
     )
-    if tracker is not None:
-        from hatc.rpc import parse_tracker
-
-        parse_tracker(tracker)
     rows: dict[str, SearchState] = {}
     scored = [0]
 
@@ -101,22 +97,11 @@ def search(
             if n % 10 == 0:
                 live.update(view())
 
-        summary = run_search(request, on_generation, on_scored, lambda line: live.console.print(f"[dim]{line}[/]"))
+        outcome = run_search(request, on_generation, on_scored, lambda line: live.console.print(f"[dim]{line}[/]"))
 
-    results = summary["results"]
+    results, summary = outcome.results, outcome.summary
     if as_json:
-        first = results[min(results, key=lambda k: results[k]["budget_ms"])]
-        emit_json(
-            {
-                "arch": first["arch"],
-                "predicted_latency_ms": first["predicted_latency_ms"],
-                "valid_loss": first["valid_loss"],
-                "results": {k: {x: v[x] for x in v if x != "top"} for k, v in results.items()},
-                "evaluated": summary["evaluated"],
-                "out": str(request.out),
-                **({"verify": summary["verify"]} if "verify" in summary else {}),
-            }
-        )
+        emit_json(outcome.to_dict())
         return
     table = Table("budget", "predicted latency", "valid loss", "architecture file")
     for label, r in results.items():

@@ -16,14 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hatc import atomic
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.data.corpus import read_lines
-from hatc.data.dataset import DataDir
+from hatc.data.datadir import DataDir
+from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 from hatc.errors import DataError, HatcError
 from hatc.evaluate import score
-from hatc.runtime.search import DEFAULT_BEAM, DEFAULT_LENPEN
 
 if TYPE_CHECKING:
     from hatc.checkpoint import LoadedModel
-    from hatc.decode import DecodeOptions
 
 Checkpoint = Annotated[Path, typer.Option(help="Supernet or SubTransformer checkpoint.")]
 Arch = Annotated[
@@ -136,7 +135,6 @@ def translate(
         translations = _translate_artifact(artifact, input, beam, lenpen, max_len, tracker, key, trust)
     else:
         from hatc.checkpoint import load_subtransformer
-        from hatc.decode import DecodeOptions
 
         loaded = load_subtransformer(checkpoint, arch)
         options = DecodeOptions(
@@ -176,7 +174,6 @@ def evaluate(
         if len(sources) != len(references):
             raise DataError(f"{src} has {len(sources)} lines but {ref} has {len(references)}")
     from hatc.checkpoint import load_subtransformer
-    from hatc.decode import DecodeOptions
 
     loaded = load_subtransformer(checkpoint, arch)
     hypotheses = _translate_with_progress(loaded, sources, DecodeOptions(beam=beam, lenpen=lenpen, max_len=max_len))

@@ -9,10 +9,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hatc.cli.common import emit_json, stderr, stdout
-from hatc.compile.signature import BUCKETS
+from hatc.compile.tune_config import DEFAULT_TRIALS_PER_TASK, DEFAULT_VOCAB
 from hatc.compile.tune_job import TuneRequest, run_tune
-from hatc.compile.tuning import DEFAULT_TRIALS_PER_TASK, DEFAULT_VOCAB, TuneProgress, TuneReport
+from hatc.compile.tuning import TuneProgress, TuneReport
 from hatc.errors import HatcError
+from hatc.runtime.signature import BUCKETS
 
 
 def parse_ints(text: str, what: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from hatc.compile.graphs import DecoderStepGraph, EncoderGraph, graph_signature
-from hatc.compile.signature import GraphSignature
 from hatc.errors import HatcError
+from hatc.runtime.signature import GraphSignature
 from hatc.static.model import SubTransformer
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Thin torch wrappers that re-express a static SubTransformer as the two
-graphs of ``hatc.compile.signature``: an encoder that also projects every
+graphs of ``hatc.runtime.signature``: an encoder that also projects every
 decoder layer's cross-attention keys/values, and a decoder step over a
 fixed-size self-attention cache.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hatc.compile.signature import GraphSignature, target_capacity
+from hatc.runtime.signature import GraphSignature, target_capacity
 from hatc.static.model import SubTransformer
 
 
@@ -75,7 +75,7 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """One decoder step over a fixed-size cache (see ``hatc.compile.signature``).
+    """One decoder step over a fixed-size cache (see ``hatc.runtime.signature``).
 
     Inputs are flat (tokens, step, src_mask, self_k_*, self_v_*, cross_k_0,
     cross_v_0, cross_k_1, ...), as the exported graph takes them.

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hatc.compile.runners import Decoding, GraphRunner, pad_source
 from hatc.errors import HatcError
+from hatc.runtime.runners import Decoding, GraphRunner, pad_source
 from hatc.static.model import SubTransformer
 
 DEFAULT_TOLERANCE = 1e-4

@@ -11,17 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hatc.compile.signature import BUCKETS
-from hatc.compile.tuning import (
-    DEFAULT_VOCAB,
-    RemoteDevice,
-    TuneConfig,
-    TuneProgress,
-    TuneReport,
-    check_tunable,
-    tune,
-)
+from hatc.compile.tune_config import DEFAULT_VOCAB, TuneConfig
+from hatc.compile.tuning import RemoteDevice, TuneProgress, TuneReport, check_tunable, tune
 from hatc.errors import HatcError
+from hatc.runtime.signature import BUCKETS
 from hatc.space import SearchSpace, load_space
 from hatc.targets import Target, load_target
 

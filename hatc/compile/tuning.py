@@ -42,51 +42,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hatc.compile.tune_config import DEFAULT_TRIALS_PER_TASK, TuneConfig
 from hatc.compile.tuning_db import (
     MODULE_EQUALITY,
-    RECORD_FILE,
-    TUNED_OPS,
-    WORKLOAD_FILE,
     Baselines,
     TuningError,
-    apply_database,
     load_database,
     measured_trials,
-    missing_workloads,
-    tuned_pipeline,
     tuning_db_path,
     writer_lock,
 )
-from hatc.compile.workloads import Workload, covering_archs, plan_workloads
+from hatc.compile.workloads import Workload, plan_workloads
 from hatc.space import SearchSpace
-from hatc.targets import Target
+from hatc.targets import Target, tvm_target_of
 
-__all__ = [
-    "RECORD_FILE",
-    "TUNED_OPS",
-    "WORKLOAD_FILE",
-    "RemoteDevice",
-    "TuneConfig",
-    "TuneProgress",
-    "TuneReport",
-    "TuningError",
-    "Workload",
-    "allocate_trials",
-    "apply_database",
-    "check_tunable",
-    "covering_archs",
-    "load_database",
-    "missing_workloads",
-    "plan_workloads",
-    "tune",
-    "tuned_pipeline",
-    "tuning_db_path",
-]
+__all__ = ["RemoteDevice", "TuneProgress", "TuneReport", "allocate_trials", "check_tunable", "tune"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRIALS_PER_TASK = 32
-DEFAULT_VOCAB = 8000  # hatc's data default (``hatc data prepare``)
 # A remote candidate's whole session (connect, upload, load, run); the emulated rpi4 is slow.
 REMOTE_SESSION_TIMEOUT_S = 300
 
@@ -127,26 +100,6 @@ def lazy_tensor_intrinsics(target: Any) -> None:
         importlib.import_module(name + (".arm_cpu" if triple.startswith("aarch64") else ".x86"))
     elif kind == "cuda":
         importlib.import_module(name + ".cuda")
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """What to tune for, and how hard.
-
-    ``trials`` is the total measured-trial budget over all workloads, split in
-    proportion to sqrt(FLOPs x calls per sentence) (``allocate_trials``: the
-    output projection, run at every decoder step, gets more than a 4x1x64
-    attention product), at least one each: a workload without a measured trial
-    would stay untuned and every build using it would be refused.
-    """
-
-    buckets: tuple[int, ...]  # source length buckets (hatc.compile.signature.BUCKETS)
-    beams: tuple[int, ...]  # decoder batch sizes
-    vocab_size: int = DEFAULT_VOCAB
-    pad_idx: int = 0
-    max_positions: int = 1024
-    trials: int | None = None  # None: DEFAULT_TRIALS_PER_TASK x the number of workloads
-    seed: int = 0
 
 
 def allocate_trials(flops: list[float], total: int | None, calls: list[int] | None = None) -> list[int]:
@@ -400,7 +353,6 @@ def tune(
             cross target such as ``rpi4``); None runs them on this machine.
     """
     check_tunable(target, remote)
-    from hatc.compile.tvm_build import tvm_target_of
 
     db_dir = Path(db_dir) if db_dir is not None else tuning_db_path(target)
     tvm_target = tvm_target_of(target)

@@ -11,7 +11,7 @@ fused into that layer's matmul, one feeding three is not).
 
 How ``hatc compile`` and ``hatc latency measure`` use one::
 
-    from hatc.compile.tuning import load_database, missing_workloads, tuning_db_path
+    from hatc.compile.tuning_db import load_database, missing_workloads, tuning_db_path
     db = load_database(tuning_db_path("x86"))       # TuningError (a HatcError) if absent
     missing_workloads(graph, target, db)            # [] when the build is fully tuned
     build_module(graph, target, database=db)        # hatc.compile.tvm_build
@@ -32,7 +32,7 @@ from typing import Any
 
 from hatc.errors import HatcError
 from hatc.paths import cache_dir
-from hatc.targets import Target
+from hatc.targets import Target, default_tvm_threads, tvm_target_of
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load_database(path: str | Path, create: bool = False) -> Any:
     if not create and not (path / WORKLOAD_FILE).is_file():
         raise TuningError(f"no tuning database in {path}")
     path.mkdir(parents=True, exist_ok=True)
-    _ensure_threads()
+    default_tvm_threads()
     from tvm.s_tir import meta_schedule as ms
 
     try:
@@ -117,11 +117,6 @@ def writer_lock(path: str | Path) -> Iterator[None]:
         finally:
             f.truncate(0)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _ensure_threads() -> None:
-    # TVM takes half the hardware threads on x86 unless told (see tvm_build).
-    os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 
 # ----- what a tuned build sees ------------------------------------------------
@@ -343,8 +338,6 @@ def missing_workloads(graph: Any, target: Target, database: Any) -> list[str]:
 
     Empty when a build of that graph with the database is fully tuned.
     """
-    from hatc.compile.tvm_build import tvm_target_of
-
     tvm_target = tvm_target_of(target)
     return apply_database(_fused(getattr(graph, "module", graph), tvm_target), tvm_target, database)[1]
 

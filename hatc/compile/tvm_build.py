@@ -7,14 +7,13 @@ instead of the model's size, and the weights travel beside it.
 
 Untuned builds use TVM's default pipeline for the target (on CPU: plain
 legalized loops; on CUDA: dlight's GPU rules). ``database=`` (a directory
-written by ``hatc tune``, or a database from ``hatc.compile.tuning.load_database``)
+written by ``hatc tune``, or a database from ``hatc.compile.tuning_db.load_database``)
 applies MetaSchedule's tuned schedules instead (``hatc.compile.tuning_db``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from hatc.compile.export import ExportedGraphs
-from hatc.compile.signature import GraphSignature
 from hatc.errors import HatcError
-from hatc.targets import Target
+from hatc.runtime.signature import GraphSignature
+from hatc.targets import Target, default_tvm_threads, tvm_target_of
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +56,9 @@ class BuiltGraphs:
     seconds: float  # build time, both graphs
 
 
-def _ensure_threads() -> None:
-    # TVM takes half the hardware threads on x86 unless told; a shared machine wants a choice.
-    os.environ.setdefault("TVM_NUM_THREADS", "1")
-
-
 def import_onnx(path: Path, name: str, input_names: list[str], output_names: list[str]) -> RelaxGraph:
     """An ONNX graph as a Relax module with its weights detached as parameters."""
-    _ensure_threads()
+    default_tvm_threads()
     import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -82,18 +76,6 @@ def import_graphs(graphs: ExportedGraphs) -> tuple[RelaxGraph, RelaxGraph]:
     )
 
 
-def tvm_target_of(target: Target) -> Any:
-    """The ``tvm.target.Target`` of a hatc target (errors name the target file)."""
-    _ensure_threads()
-    import tvm
-
-    config = target.resolved_tvm_target()
-    try:
-        return tvm.target.Target(config)
-    except (ValueError, tvm.TVMError) as e:
-        raise HatcError(f"{target.source}: TVM rejects the target {config}: {e}") from e
-
-
 def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any:
     """Compiles one Relax graph for ``target`` into a ``tvm.runtime.Executable``.
 
@@ -101,9 +83,9 @@ def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any
         graph: an imported graph.
         target: the hatc target. Needs its tools (nvcc for CUDA: TVM calls it while building).
         database: None for an untuned build; else a tuning database directory or a
-            loaded database (``hatc.compile.tuning.load_database``), whose schedules
+            loaded database (``hatc.compile.tuning_db.load_database``), whose schedules
             replace every workload it holds. Whether it holds them all:
-            ``hatc.compile.tuning.missing_workloads(graph, target, database)``.
+            ``hatc.compile.tuning_db.missing_workloads(graph, target, database)``.
     """
     target.check_tools()
     import tvm
@@ -190,7 +172,7 @@ class TvmRunner:
     name = "tvm"
 
     def __init__(self, built: BuiltGraphs, device: str | None = None):
-        _ensure_threads()
+        default_tvm_threads()
         import tvm
         from tvm import relax
 

@@ -25,16 +25,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hatc import atomic
 from hatc.arch import Architecture
+from hatc.compile.tune_config import TuneConfig
 from hatc.compile.tuning_db import MODULE_EQUALITY, PIPELINE, graph_tasks
 from hatc.space import SearchSpace
-from hatc.targets import Target
-
-if TYPE_CHECKING:
-    from hatc.compile.tuning import TuneConfig
+from hatc.targets import Target, tvm_target_of
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +184,7 @@ def plan_workloads(
     import torch
 
     from hatc.compile.export import export_onnx
-    from hatc.compile.tvm_build import import_graphs, tvm_target_of
+    from hatc.compile.tvm_build import import_graphs
     from hatc.static.model import ModelConfig, SubTransformer
 
     tvm_target = tvm_target_of(target)

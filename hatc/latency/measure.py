@@ -96,7 +96,7 @@ def protocol_for(
 ) -> Protocol:
     """The protocol for ``space`` on ``target``: lengths from the space, the rest from the
     target's latency defaults unless given."""
-    from hatc.compile.signature import bucket_for, target_capacity
+    from hatc.runtime.signature import bucket_for, target_capacity
 
     beam = target.latency.beam if beam is None else beam
     repeats = target.latency.repeats if repeats is None else repeats
@@ -310,15 +310,15 @@ def measure_latency(
             (the messages give the ``hatc tune`` command to run).
     """
     key = measurement_key(target, tracker, key)  # before anything slow or remote
-    from hatc.compile import tuning
+    from hatc.compile import tuning_db
 
-    db_path = Path(db) if db is not None else tuning.tuning_db_path(target)
+    db_path = Path(db) if db is not None else tuning_db.tuning_db_path(target)
     hint = tune_command(target, space, protocol, Path(db) if db is not None else None)
-    if not (db_path / tuning.WORKLOAD_FILE).is_file():
+    if not (db_path / tuning_db.WORKLOAD_FILE).is_file():
         raise LatencyError(
             f"no tuning database for target '{target.name}' at {db_path}: hatc measures tuned builds only; run `{hint}`"
         )
-    database = tuning.load_database(db_path)
+    database = tuning_db.load_database(db_path)
     say = progress or (lambda _line: None)
 
     import torch
@@ -333,7 +333,7 @@ def measure_latency(
         say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
         graphs = export_onnx(model, directory, protocol.bucket, batch=protocol.beam)
         encoder, decoder = import_graphs(graphs)
-        missing = tuning.missing_workloads(encoder, target, database) + tuning.missing_workloads(
+        missing = tuning_db.missing_workloads(encoder, target, database) + tuning_db.missing_workloads(
             decoder, target, database
         )
         if missing:

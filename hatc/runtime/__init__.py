@@ -11,8 +11,8 @@ fails. The modules:
 - ``translator``: text in, text out.
 """
 
+from hatc.decoding import DecodeOptions
 from hatc.runtime.artifact import Artifact, ArtifactError, open_artifact
-from hatc.runtime.search import SearchOptions
 from hatc.runtime.translator import SourceTooLong, Translator
 
-__all__ = ["Artifact", "ArtifactError", "SearchOptions", "SourceTooLong", "Translator", "open_artifact"]
+__all__ = ["Artifact", "ArtifactError", "DecodeOptions", "SourceTooLong", "Translator", "open_artifact"]

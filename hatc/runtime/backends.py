@@ -1,5 +1,5 @@
 """Runners over an artifact's files: TVM libraries (local or through an RPC
-session) and ONNX Runtime graphs. Each satisfies ``hatc.compile.runners.GraphRunner``.
+session) and ONNX Runtime graphs. Each satisfies ``hatc.runtime.runners.GraphRunner``.
 
 TVM and onnxruntime are imported inside the functions, so a process loads
 only the one its artifact needs (and never torch).
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from hatc.compile.runners import GraphRunner, OrtRunner
-from hatc.compile.signature import GraphSignature
 from hatc.runtime.artifact import Artifact, ArtifactError
+from hatc.runtime.runners import GraphRunner, OrtRunner
+from hatc.runtime.signature import GraphSignature
 
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 _HOST_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}

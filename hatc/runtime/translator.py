@@ -14,22 +14,23 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hatc.compile.runners import Decoding, GraphRunner
-from hatc.compile.signature import bucket_for
 from hatc.data.subword import EOS, SubwordModel
+from hatc.decoding import DecodeOptions
 from hatc.runtime.artifact import SUBWORD, Artifact, ArtifactError, open_artifact
 from hatc.runtime.backends import WeightStore, load_runner
-from hatc.runtime.search import SearchOptions, decode
+from hatc.runtime.beam import decode
+from hatc.runtime.runners import Decoding, GraphRunner
+from hatc.runtime.signature import bucket_for
 
 
 class SourceTooLong(ArtifactError):
     """A sentence has more subwords than the artifact's largest length bucket."""
 
 
-def options_of(artifact: Artifact) -> SearchOptions:
+def options_of(artifact: Artifact) -> DecodeOptions:
     """The manifest's decoding defaults."""
     d = artifact.manifest["decoding"]
-    return SearchOptions(
+    return DecodeOptions(
         beam=int(d["beam"]),
         lenpen=float(d["lenpen"]),
         max_len_a=float(d["max_len_a"]),
@@ -82,7 +83,7 @@ class Translator:
 
     def resolve_options(
         self, beam: int | None = None, lenpen: float | None = None, max_len: int | None = None
-    ) -> SearchOptions:
+    ) -> DecodeOptions:
         """The manifest's defaults with the caller's overrides (``max_len`` can only lower the cap)."""
         options = self.options
         if max_len is not None:
@@ -109,7 +110,7 @@ class Translator:
                 )
         return encoded
 
-    def translate_ids(self, src: list[int], options: SearchOptions, bucket: int | None = None) -> list[int]:
+    def translate_ids(self, src: list[int], options: DecodeOptions, bucket: int | None = None) -> list[int]:
         """One source (ids ending in EOS) -> target ids; ``bucket`` forces a larger bucket than needed."""
         bucket = bucket or bucket_for(len(src), tuple(self.artifact.buckets))
         return decode(Decoding(self.runner(bucket)), src, options)
@@ -128,7 +129,7 @@ class Translator:
     def translate_sources(
         self,
         sources: Sequence[list[int]],
-        options: SearchOptions,
+        options: DecodeOptions,
         on_sentence: Callable[[int], None] = lambda _: None,
     ) -> list[str]:
         """Detokenized translations of sources that ``encode`` made."""

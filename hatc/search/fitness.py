@@ -8,7 +8,7 @@ import torch
 
 from hatc.arch import Architecture, arch_key
 from hatc.data.batching import collate, token_batches
-from hatc.data.dataset import ParallelSplit
+from hatc.data.datadir import ParallelSplit
 from hatc.elastic.supernet import SuperTransformer
 from hatc.train.loop import label_smoothed_loss
 

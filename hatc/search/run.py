@@ -25,7 +25,7 @@ import hatc
 from hatc import atomic
 from hatc.arch import Architecture, write_arch_file
 from hatc.checkpoint import model_config_of, read_checkpoint, space_of
-from hatc.data.dataset import DataDir
+from hatc.data.datadir import DataDir
 from hatc.elastic.supernet import SuperTransformer
 from hatc.errors import HatcError
 from hatc.latency.predictor import Predictor, load_predictor, registered_predictor
@@ -112,14 +112,48 @@ def _write_json(path: Path, payload: Any) -> None:
     atomic.write_text(path, json.dumps(payload, separators=(",", ":")) + "\n")
 
 
+@dataclass
+class SearchOutcome:
+    """What a search found: ``summary`` is what OUT/search.json holds."""
+
+    out: Path
+    summary: dict[str, Any]
+
+    @property
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Per budget label: the winner, its predicted latency and loss, its files (and top 10)."""
+        return self.summary["results"]
+
+    @property
+    def verify(self) -> dict[str, Any] | None:
+        return self.summary.get("verify")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The command's JSON: the smallest budget's winner first, every budget without its top 10."""
+        first = self.results[min(self.results, key=lambda k: self.results[k]["budget_ms"])]
+        return {
+            "arch": first["arch"],
+            "predicted_latency_ms": first["predicted_latency_ms"],
+            "valid_loss": first["valid_loss"],
+            "results": {k: {x: v[x] for x in v if x != "top"} for k, v in self.results.items()},
+            "evaluated": self.summary["evaluated"],
+            "out": str(self.out),
+            **({"verify": self.verify} if self.verify else {}),
+        }
+
+
 def run_search(
     req: SearchRequest,
     on_generation: Callable[[str, SearchState], None] = lambda *_: None,
     on_scored: Callable[[int], None] = lambda _: None,
     on_progress: Callable[[str], None] = lambda _: None,
-) -> dict[str, Any]:
+) -> SearchOutcome:
     """Runs the search for every budget (smallest first) and writes OUT."""
     req.cfg.validate()
+    if req.tracker is not None:
+        from hatc.rpc import parse_tracker
+
+        parse_tracker(req.tracker)
     if req.verify:
         from hatc.latency.measure import measurement_key
         from hatc.targets import load_target
@@ -215,4 +249,4 @@ def run_search(
     if verified:
         summary["verify"] = {k: v for k, v in verified.items() if k != "per_budget"}
     _write_json(req.out / "search.json", summary)
-    return summary
+    return SearchOutcome(req.out, summary)

@@ -34,7 +34,7 @@ import hatc
 from hatc.arch import Architecture
 from hatc.checkpoint import model_config_of, read_checkpoint, save_checkpoint, space_of
 from hatc.data.batching import BatchCursor, collate, token_batches
-from hatc.data.dataset import DataDir, ParallelSplit
+from hatc.data.datadir import DataDir, ParallelSplit
 from hatc.data.subword import PAD
 from hatc.elastic.supernet import SuperTransformer
 from hatc.errors import CheckpointError, HatcError, Interrupted

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hatc.compile.signature import GraphSignature
+from hatc.runtime.signature import GraphSignature
 
 
 class GraphRunner(Protocol):

@@ -31,15 +31,16 @@ import numpy as np
 
 import hatc
 from hatc.checkpoint import LoadedModel, load_subtransformer
-from hatc.compile import verify
+from hatc.compile import checks
+from hatc.compile.checks import CompileEvent
 from hatc.compile.export import export_onnx
-from hatc.compile.signature import BUCKETS, target_capacity
-from hatc.compile.verify import CompileEvent
+from hatc.compile.tuning_db import load_database, missing_workloads, tuning_db_path
 from hatc.compile.weights import WeightTable, externalize_onnx
 from hatc.data.subword import BOS, EOS, PAD, UNK
-from hatc.decode import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
+from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 from hatc.errors import HatcError
 from hatc.runtime.artifact import FORMAT, MANIFEST, SUBWORD, WEIGHTS, sha256_file, write_archive
+from hatc.runtime.signature import BUCKETS, target_capacity
 from hatc.runtime.signing import SIGNATURE, key_id, load_private_key, signature_for
 from hatc.targets import Target, load_target
 
@@ -62,7 +63,7 @@ class CompileRequest:
     beam: int = DEFAULT_BEAM  # decoder batch = the widest beam the artifact can search
     lenpen: float = DEFAULT_LENPEN
     buckets: tuple[int, ...] = BUCKETS
-    sentences: tuple[str, ...] = verify.SENTENCES  # greedy translations that must equal PyTorch's
+    sentences: tuple[str, ...] = checks.SENTENCES  # greedy translations that must equal PyTorch's
     force: bool = False  # replace an existing artifact
     sign: Path | None = None  # an Ed25519 private key (hatc keys generate): writes manifest.sig
 
@@ -98,13 +99,9 @@ def _tuning_database(target: Target, db: Path | None) -> tuple[Any, Path | None,
     Without a database for the target (``hatc tune`` makes them) the build is
     untuned and says so; a ``--db`` that holds none is an error.
     """
+    path = Path(db) if db is not None else Path(tuning_db_path(target.name))
     try:
-        from hatc.compile import tuning
-    except ImportError:  # a hatc without tuning
-        return None, db, 'tuning is not available in this hatc; building untuned (the artifact says "tuned": false)'
-    path = Path(db) if db is not None else Path(tuning.tuning_db_path(target.name))
-    try:
-        return tuning.load_database(path), path, None
+        return load_database(path), path, None
     except HatcError:
         if db is not None:
             raise HatcError(f"--db {db}: no tuning database there (make one with 'hatc tune --db {db}')") from None
@@ -116,14 +113,6 @@ def _tuning_database(target: Target, db: Path | None) -> tuple[Any, Path | None,
             'building untuned: the artifact says "tuned": false and is never used for a latency number'
         ),
     )
-
-
-def _missing_workloads(graph: Any, target: Target, database: Any) -> list[str]:
-    """Tunable workloads of ``graph`` that ``database`` has no record for (empty if it cannot tell)."""
-    from hatc.compile import tuning
-
-    check = getattr(tuning, "missing_workloads", None)
-    return list(check(graph, target, database)) if check is not None else []
 
 
 def _versions(backend: str) -> dict[str, str | None]:
@@ -198,7 +187,7 @@ def compile_artifact(
     staging.mkdir(parents=True)
     try:
         with tempfile.TemporaryDirectory(prefix="hatc-compile-") as work:
-            stages = verify.Stages(on_event, total=len(request.buckets) * (4 if request.backend == "tvm" else 3) + 2)
+            stages = checks.Stages(on_event, total=len(request.buckets) * (4 if request.backend == "tvm" else 3) + 2)
             build = _build_tvm if request.backend == "tvm" else _build_onnxruntime
             graphs, runners, parity, missing = build(request, target, loaded, database, staging, Path(work), stages)
             if missing:
@@ -210,7 +199,7 @@ def compile_artifact(
                 on_event(CompileEvent("warning", warning))
             stages.next("greedy translations against PyTorch")
             options = DecodeOptions(beam=1, lenpen=request.lenpen, max_len=min(256, loaded.model.cfg.max_positions))
-            parity["greedy"] = verify.check_greedy(loaded, runners, request.sentences, options)
+            parity["greedy"] = checks.check_greedy(loaded, runners, request.sentences, options)
             stages.next("writing the artifact")
             (staging / SUBWORD).write_bytes(loaded.subword.model_bytes)
             tuning = {
@@ -249,7 +238,7 @@ def _build_tvm(
     database: Any,
     staging: Path,
     work: Path,
-    stages: verify.Stages,
+    stages: checks.Stages,
 ) -> tuple[dict, dict, dict, list[str]]:
     from hatc.compile.tvm_build import build_module, export_library, import_graphs
     from hatc.runtime.backends import TvmLibRunner, WeightStore
@@ -261,14 +250,14 @@ def _build_tvm(
     for bucket in request.buckets:
         stages.next(f"bucket {bucket}: ONNX export and ONNX Runtime parity")
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
-        parity["onnxruntime"][str(bucket)] = verify.ort_parity(exported, loaded.model, bucket)
+        parity["onnxruntime"][str(bucket)] = checks.ort_parity(exported, loaded.model, bucket)
         stages.next(f"bucket {bucket}: TVM import and build for {target.name}" + (" (tuned)" if database else ""))
         relax_graphs = import_graphs(exported)
         entry: dict[str, Any] = {"signature": exported.signature.to_dict()}
         libs = []
         for graph in relax_graphs:
             if database is not None:
-                missing += [f"{graph.name}.s{bucket}: {name}" for name in _missing_workloads(graph, target, database)]
+                missing += [f"{graph.name}.s{bucket}: {name}" for name in missing_workloads(graph, target, database)]
             executable = build_module(graph, target, **({"database": database} if database is not None else {}))
             lib = export_library(executable, staging / "lib" / f"{graph.name}.s{bucket}.so", target)
             params = weights.add_all([p.numpy() for p in graph.params])
@@ -295,7 +284,7 @@ def _build_tvm(
             store.get(entry["encoder"]["params"], staging),
             store.get(entry["decoder_step"]["params"], staging),
         )
-        parity["tvm_host"][str(bucket)] = verify.runner_parity(runner, loaded.model, bucket, "TVM host build")
+        parity["tvm_host"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "TVM host build")
         runners[bucket] = runner
     return graphs, runners, parity, missing
 
@@ -307,9 +296,9 @@ def _build_onnxruntime(
     database: Any,
     staging: Path,
     work: Path,
-    stages: verify.Stages,
+    stages: checks.Stages,
 ) -> tuple[dict, dict, dict, list[str]]:
-    from hatc.compile.runners import OrtRunner
+    from hatc.runtime.runners import OrtRunner
 
     exported_all = []
     for bucket in request.buckets:
@@ -335,7 +324,7 @@ def _build_onnxruntime(
         runner = OrtRunner(
             staging / files["encoder"]["file"], staging / files["decoder_step"]["file"], exported.signature
         )
-        parity["onnxruntime"][str(bucket)] = verify.runner_parity(runner, loaded.model, bucket, "ONNX Runtime")
+        parity["onnxruntime"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "ONNX Runtime")
         runners[bucket] = runner
     return graphs, runners, parity, []
 

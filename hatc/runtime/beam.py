@@ -23,33 +23,16 @@ first rows and feeds PAD to the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from hatc.compile.runners import Decoding
 from hatc.data.subword import BOS, EOS, PAD
+from hatc.decoding import DecodeOptions
+from hatc.runtime.runners import Decoding
 
-DEFAULT_BEAM = 4  # the same defaults as hatc.decode (a test checks they agree)
-DEFAULT_LENPEN = 0.6  # HAT's WMT setting
 NEG_INF = np.float32(-np.inf)
 
 
-@dataclass(frozen=True)
-class SearchOptions:
-    """Decoding settings; ``limit`` is ``hatc.decode.DecodeOptions.limit``."""
-
-    beam: int = DEFAULT_BEAM
-    lenpen: float = DEFAULT_LENPEN
-    max_len_a: float = 1.2
-    max_len_b: int = 10
-    max_len: int = 256
-
-    def limit(self, src_len: int) -> int:
-        return max(1, min(self.max_len, int(self.max_len_a * src_len + self.max_len_b)))
-
-
-def _limit(decoding: Decoding, src: list[int], options: SearchOptions) -> int:
+def _limit(decoding: Decoding, src: list[int], options: DecodeOptions) -> int:
     """Tokens before the EOS; the EOS after ``limit`` tokens takes cache slot ``limit``."""
     return min(options.limit(len(src)), decoding.sig.capacity - 1)
 
@@ -72,7 +55,7 @@ def _top(candidates: np.ndarray, n: int) -> np.ndarray:
     return part[np.lexsort((part, -candidates[part]))]
 
 
-def greedy(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
+def greedy(decoding: Decoding, src: list[int], options: DecodeOptions) -> list[int]:
     """Arg-max decoding of one source (ids ending in EOS) -> target ids without EOS."""
     limit = _limit(decoding, src, options)
     decoding.start(np.asarray([src], dtype=np.int64))
@@ -94,7 +77,7 @@ def _normalized(score: float, length: int, lenpen: float) -> float:
     return float(np.float32(score) / np.float32(length**lenpen))
 
 
-def beam_search(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
+def beam_search(decoding: Decoding, src: list[int], options: DecodeOptions) -> list[int]:
     """Beam search of one source (ids ending in EOS) -> the best target ids without EOS."""
     rows, k = decoding.sig.batch, options.beam
     if k > rows:
@@ -137,6 +120,6 @@ def beam_search(decoding: Decoding, src: list[int], options: SearchOptions) -> l
     return max(finished, key=lambda pair: pair[0])[1] if finished else []
 
 
-def decode(decoding: Decoding, src: list[int], options: SearchOptions) -> list[int]:
+def decode(decoding: Decoding, src: list[int], options: DecodeOptions) -> list[int]:
     """Greedy for beam 1 (as ``hatc translate`` does), beam search otherwise."""
     return greedy(decoding, src, options) if options.beam == 1 else beam_search(decoding, src, options)

@@ -15,18 +15,19 @@ artifact is not written.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from hatc.compile.export import ExportedGraphs
 from hatc.compile.parity import ParityError, check_parity
-from hatc.compile.runners import Decoding, GraphRunner, OrtRunner
 from hatc.data.subword import EOS
-from hatc.decode import DecodeOptions, greedy
+from hatc.decode import greedy
+from hatc.decoding import DecodeOptions
 from hatc.errors import HatcError
-from hatc.runtime import search
+from hatc.runtime import beam as numpy_search
+from hatc.runtime.runners import Decoding, GraphRunner, OrtRunner
 from hatc.static.model import SubTransformer
 
 # Everyday sentences in the style of Multi30k (the checkpoint holds no data set).
@@ -88,7 +89,7 @@ def check_greedy(
 
     Returns a summary for the manifest (sentences, checks, all equal).
     """
-    rules = search.SearchOptions(1, options.lenpen, options.max_len_a, options.max_len_b, options.max_len)
+    rules = replace(options, beam=1)
     checks = 0
     for number, line in enumerate(sentences, start=1):
         src = loaded.subword.encode(line) + [EOS]
@@ -96,7 +97,7 @@ def check_greedy(
         for bucket, runner in sorted(runners.items()):
             if len(src) > bucket:
                 continue
-            got = search.greedy(Decoding(runner), src, rules)
+            got = numpy_search.greedy(Decoding(runner), src, rules)
             checks += 1
             if got != expected:
                 where = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))

@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from hatc.decoding import DEFAULT_MAX_LEN_A, DEFAULT_MAX_LEN_B
 from hatc.errors import HatcError
 
 # Source length buckets: every source is padded up to the next one, so each
@@ -52,7 +53,7 @@ def target_capacity(src_len: int) -> int:
     a multiple of 16 so that kernels see friendly shapes (16 -> 32, 32 -> 64,
     64 -> 96, 128 -> 176, 256 -> 320).
     """
-    return int(math.ceil((1.2 * src_len + 10) / 16) * 16)
+    return int(math.ceil((DEFAULT_MAX_LEN_A * src_len + DEFAULT_MAX_LEN_B) / 16) * 16)
 
 
 @dataclass(frozen=True)
