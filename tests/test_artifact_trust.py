@@ -136,6 +136,27 @@ def test_a_library_outside_the_artifact_is_refused_unloaded(cli, signed, marker_
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name", ["lib//encoder.s16.so", "./lib/encoder.s16.so", "lib\\encoder.s16.so", "lib/"])
+def test_paths_that_are_not_plain_are_refused(cli, signed, marker_lib, tmp_path, sentences, name):
+    lib, marker = marker_lib
+    artifact = tvm_artifact(signed, tmp_path / "a", "lib/encoder.s16.so", lib)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["graphs"]["16"]["encoder"]["file"] = name
+    manifest["files"][name] = manifest["files"]["lib/encoder.s16.so"]
+    write_manifest(artifact, manifest)
+    one_line_error(cli("translate", "--artifact", artifact, "--input", sentences), "not a plain relative path")
+    assert not marker.exists()
+
+
+def test_a_listed_path_through_a_file_is_one_line(cli, signed, tmp_path, sentences):
+    copy = tmp_path / "copy"
+    shutil.copytree(signed, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["subword.model/x"] = "0" * 64
+    write_manifest(copy, manifest)
+    one_line_error(cli("translate", "--artifact", copy, "--input", sentences), "subword.model/x")
+
+
 def test_a_referenced_file_missing_from_the_files_list_is_refused(cli, signed, marker_lib, tmp_path, sentences):
     lib, marker = marker_lib
     artifact = tvm_artifact(signed, tmp_path / "a", "lib/encoder.s16.so", lib)
@@ -221,6 +242,24 @@ def test_an_unsigned_artifact_is_refused_under_trust(cli, signed, keys, tmp_path
     one_line_error(cli("translate", "--artifact", copy, "--input", sentences, "--tracker", "127.0.0.1:1"), "not signed")
 
 
+def test_a_pinned_key_is_for_artifacts_only(cli, signed, keys, checkpoint, sentences, monkeypatch, tmp_path):
+    from hatc.runtime import Translator, open_artifact
+    from hatc.runtime.signing import SigningError
+
+    monkeypatch.setenv("HATC_TRUST", str(keys["ours"] / "hatc.pub"))
+    assert cli("translate", "--checkpoint", checkpoint, "--input", sentences).code == 0  # a checkpoint is no artifact
+    one_line_error(cli("translate", "--checkpoint", checkpoint, "--trust", keys["ours"] / "hatc.pub"), "--trust")
+    with open_artifact(signed, trust=keys["ours"] / "hatc.pub") as opened:  # a directory: checked in a private copy
+        assert opened.root != signed and (opened.root / "manifest.sig").is_file()
+        kept = opened.root
+    assert not kept.exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(signed, copy)
+    (copy / "manifest.sig").unlink()
+    with pytest.raises(SigningError, match="not signed"):
+        Translator(copy, trust=keys["ours"] / "hatc.pub")
+
+
 def test_an_artifact_signed_by_another_key_is_refused_unloaded(cli, signed, keys, marker_lib, tmp_path, sentences):
     lib, marker = marker_lib
     artifact = tvm_artifact(signed, tmp_path / "a", "lib/encoder.s16.so", lib)  # a valid layout, by someone else
@@ -273,7 +312,8 @@ def test_bad_keys_are_refused_before_any_work(cli, signed, checkpoint, tmp_path,
 def test_rpc_bound_beyond_loopback_warns_that_it_runs_uploaded_code(cli):
     from hatc.cli.rpc import is_loopback
 
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::")
     with socket.socket() as busy:  # the command stops at the busy port, after its warning
         busy.bind(("0.0.0.0", 0))
         port = busy.getsockname()[1]

@@ -200,9 +200,14 @@ def _warn_if_unreachable(host: str, tracker: TrackerAddress) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) is this machine's loopback only."""
+    """Whether ``host`` (a name or an IPv4/IPv6 address) is this machine's loopback only."""
     try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
     except (OSError, ValueError):  # unresolvable: assume it is reachable from elsewhere
         return False
 

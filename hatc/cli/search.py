@@ -107,7 +107,7 @@ def search(
     for label, r in results.items():
         table.add_row(label, f"{r['predicted_latency_ms']:.1f} ms", f"{r['valid_loss']:.4f}", r["arch_file"])
     stdout.print(table)
-    if "verify" in summary:
+    if outcome.verify:
         _print_verified(summary)
     stdout.print(f"{summary['evaluated']} architectures evaluated; Pareto plot: {request.out / 'pareto.png'}")
 

@@ -6,6 +6,7 @@ Torch is imported only on the checkpoint path (inside the functions): with
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -114,8 +115,8 @@ def translate(
         Path | None,
         typer.Option(
             "--trust",
-            envvar="HATC_TRUST",
-            help="Public key (hatc.pub): refuse an artifact that this key did not sign. Env: HATC_TRUST.",
+            help="Public key (hatc.pub): refuse an artifact that this key did not sign "
+            "(default: $HATC_TRUST, which pins a key for every --artifact on a device).",
         ),
     ] = None,
 ) -> None:
@@ -128,7 +129,9 @@ def translate(
     if artifact is None and (tracker is not None or key is not None):
         raise HatcError("--tracker/--key run an artifact on a device: give --artifact")
     if artifact is None and trust is not None:
-        raise HatcError("--trust (or HATC_TRUST) checks an artifact's signature: give --artifact, not --checkpoint")
+        raise HatcError("--trust checks an artifact's signature: give --artifact, not --checkpoint")
+    if artifact is not None and trust is None and os.environ.get("HATC_TRUST"):
+        trust = Path(os.environ["HATC_TRUST"])  # a key pinned on this device: every artifact must carry it
     if artifact is not None:
         if arch is not None:
             raise HatcError("--arch applies to checkpoints; an artifact holds one SubTransformer")

@@ -19,9 +19,9 @@ per sentence), at least one); a workload whose database records already reach
 it is skipped, so a second run with the same budget tunes nothing and a larger
 budget tops up.
 
-This module also re-exports what builds need (``tuning_db_path``,
-``load_database``, ``missing_workloads``); see ``hatc.compile.tuning_db``.
-TVM is imported inside functions only.
+What builds need of a database (``tuning_db_path``, ``load_database``,
+``missing_workloads``) lives in ``hatc.compile.tuning_db``; the settings in
+``hatc.compile.tune_config``. TVM is imported inside functions only.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ every device of a key, one row appended per architecture as soon as it is measur
   ``drift: true`` in the file (rewritten atomically) and measured again, once
   (``remeasured: true``); readers skip flagged rows and reference rows.
 
-The measuring itself is a callable (``hatc.latency.measure.measure_latency`` in the
-CLI), so this module holds only the bookkeeping.
+The measuring itself is a callable (``hatc.latency.measure.measure_latency``, wired
+in by ``hatc.latency.collect_job``), so this module holds only the bookkeeping.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ fails. The modules:
 - ``artifact``: the artifact layout, opening a directory or .tar.gz, path and sha256 checks.
 - ``signing``: Ed25519 signatures over the manifest (``--sign`` / ``--trust``).
 - ``backends``: runners over the artifact's TVM libraries (local or RPC) or ONNX graphs.
-- ``search``: greedy and beam search in numpy, with ``hatc.decode``'s rules.
+- ``signature``, ``runners``: the graphs' contract, and running them (ONNX Runtime here, TVM in backends).
+- ``beam``: greedy and beam search in numpy, fairseq's rule as ``hatc.decode`` applies it.
 - ``translator``: text in, text out.
 """
 

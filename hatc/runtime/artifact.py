@@ -184,6 +184,8 @@ def _check_no_links(root: Path, relative: str, source: Path) -> None:
             mode = os.lstat(current).st_mode
         except FileNotFoundError:
             raise ArtifactError(f"{source}: file {relative} is missing") from None
+        except (OSError, ValueError) as e:  # through a file, a NUL, a name too long
+            raise ArtifactError(f"{source}: {MANIFEST} lists {relative!r}, which cannot be read ({e})") from None
         if stat.S_ISLNK(mode):
             raise ArtifactError(f"{source}: {relative} goes through a symbolic link; refusing it")
         if i == len(parts) - 1 and not stat.S_ISREG(mode):
@@ -246,12 +248,28 @@ def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory, Path]:
     return tmp, root
 
 
+def _private_copy(directory: Path) -> tuple[tempfile.TemporaryDirectory, Path]:
+    """A copy of an artifact directory that only this user can write (links copied as links,
+    so the layout check still refuses them); a copy also ends any hard link to outside files."""
+    tmp = tempfile.TemporaryDirectory(prefix="hatc-artifact-")
+    root = Path(tmp.name) / directory.name
+    try:
+        shutil.copytree(directory, root, symlinks=True)
+    except (OSError, shutil.Error) as e:
+        tmp.cleanup()
+        raise ArtifactError(f"{directory}: cannot read the artifact ({e})") from None
+    return tmp, root
+
+
 def open_artifact(path: str | Path, trust: str | Path | None = None) -> Artifact:
     """Opens and verifies an artifact directory or ``.tar.gz``.
 
     Args:
         trust: a public key file (``hatc.pub``): the artifact must carry a
-            signature by that key over its manifest, checked first.
+            signature by that key over its manifest, checked first. A
+            directory is then copied to a private temporary directory and
+            checked and loaded from there, so a file swapped after the check
+            is never loaded (an archive is always unpacked privately).
 
     Raises:
         ArtifactError: missing path, unreadable archive, bad manifest, a path
@@ -265,7 +283,9 @@ def open_artifact(path: str | Path, trust: str | Path | None = None) -> Artifact
     if not source.exists():
         raise ArtifactError(f"{source}: no such artifact")
     tmp = None
-    if source.is_dir():
+    if source.is_dir() and public_key is not None:
+        tmp, root = _private_copy(source)  # what is verified is what gets loaded, whoever can write SOURCE
+    elif source.is_dir():
         root = source
     elif is_archive(source):
         tmp, root = _extract(source)

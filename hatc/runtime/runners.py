@@ -1,7 +1,7 @@
 """Running the two exported graphs from numpy: a backend protocol, ONNX Runtime's
 runner, and the incremental decoding loop every backend shares.
 
-Torch-free on purpose (a runtime without torch will reuse it). Runners keep
+Torch-free: the artifact runtime runs on it, and ``hatc compile`` checks with it. Runners keep
 values in their backend's own array type between calls, so a decoder step's
 caches go straight back in without a round trip through numpy.
 """

@@ -48,12 +48,18 @@ class Translator:
         session: a TVM RPC session (``tvm.rpc`` / a tracker's ``request``): the
             libraries are uploaded and run on that remote device.
         threads: ONNX Runtime's threads (TVM reads ``TVM_NUM_THREADS``).
+        trust: a public key file: open ``artifact`` (a path) only if that key signed it.
     """
 
     def __init__(
-        self, artifact: Artifact | str | Path, device: Any = None, session: Any = None, threads: int | None = None
+        self,
+        artifact: Artifact | str | Path,
+        device: Any = None,
+        session: Any = None,
+        threads: int | None = None,
+        trust: str | Path | None = None,
     ):
-        self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
+        self.artifact = artifact if isinstance(artifact, Artifact) else open_artifact(artifact, trust=trust)
         self.options = options_of(self.artifact)
         self.max_source_len = max(self.artifact.buckets)
         tokenizer = self.artifact.manifest.get("tokenizer", {}).get("file", SUBWORD)
