@@ -321,3 +321,33 @@ def test_rpc_bound_beyond_loopback_warns_that_it_runs_uploaded_code(cli):
         local = cli("rpc", "tracker", "--host", "127.0.0.1", "--port", port)
     assert exposed.code == 2 and "no authentication" in exposed.stderr and "trusted network" in exposed.stderr
     assert local.code == 2 and "no authentication" not in local.stderr
+
+
+def test_an_unsigned_archive_is_refused_before_it_is_unpacked(signed, keys, tmp_path, monkeypatch):
+    import tarfile
+
+    from hatc.runtime import artifact
+    from hatc.runtime.signing import SigningError
+
+    copy = tmp_path / "unsigned"
+    shutil.copytree(signed, copy)
+    (copy / "manifest.sig").unlink()
+    archive = tmp_path / "unsigned.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(copy, arcname="unsigned")
+    monkeypatch.setattr(artifact, "_extract", lambda *a: pytest.fail("unpacked before the signature was checked"))
+    with pytest.raises(SigningError, match="not signed"):
+        artifact.open_artifact(archive, trust=keys["ours"] / "hatc.pub")
+
+
+def test_an_archive_with_a_link_out_is_refused_by_name(cli, signed, tmp_path, sentences):
+    import io
+    import tarfile
+
+    archive = tmp_path / "linked.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(signed, arcname="linked")
+        link = tarfile.TarInfo("linked/lib/encoder.s16.so")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link, io.BytesIO())
+    one_line_error(cli("translate", "--artifact", archive, "--input", sentences), "refusing a member")

@@ -35,7 +35,7 @@ from typing import Any
 
 from hatc import atomic
 from hatc.errors import HatcError
-from hatc.runtime.signing import SIGNATURE, load_public_key, verify_signature
+from hatc.runtime.signing import SIGNATURE, load_public_key, verify_signature, verify_signature_bytes
 
 FORMAT = "hatc-artifact/1"
 MANIFEST = "manifest.json"
@@ -232,12 +232,37 @@ def verify_files(root: Path, manifest: dict[str, Any], source: Path) -> None:
             raise ArtifactError(f"{source}: file {relative} does not match its sha256 (tampered or truncated)")
 
 
+def _member_bytes(tar: tarfile.TarFile, name: str, limit: int = 16 << 20) -> bytes | None:
+    """A regular file of the archive at its top or under its one top-level directory, or None."""
+    for member in tar.getmembers():
+        parts = member.name.strip("/").split("/")
+        if parts[-1] == name and len(parts) <= 2 and member.isfile() and member.size <= limit:
+            handle = tar.extractfile(member)
+            return handle.read() if handle is not None else None
+    return None
+
+
+def _check_archive_signature(archive: Path, public_key: Any) -> None:
+    """With a trusted key, an archive's manifest signature is checked before anything is unpacked."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            manifest, signature = _member_bytes(tar, MANIFEST), _member_bytes(tar, SIGNATURE)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise ArtifactError(f"{archive}: truncated or not an artifact archive ({e})") from None
+    if manifest is None:
+        raise ArtifactError(f"{archive}: no {MANIFEST}; not a hatc artifact")
+    verify_signature_bytes(manifest, signature, public_key, archive)
+
+
 def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory, Path]:
     """Unpacks an artifact archive into a temporary directory; returns it and the artifact root."""
     tmp = tempfile.TemporaryDirectory(prefix="hatc-artifact-")
     try:
         with tarfile.open(archive, "r:gz") as tar:
             tar.extractall(tmp.name, filter="data")  # no absolute paths, links out, devices
+    except tarfile.FilterError as e:
+        tmp.cleanup()
+        raise ArtifactError(f"{archive}: refusing a member that tar's data filter rejects ({e})") from None
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         tmp.cleanup()
         raise ArtifactError(f"{archive}: truncated or not an artifact archive ({e})") from None
@@ -288,6 +313,8 @@ def open_artifact(path: str | Path, trust: str | Path | None = None) -> Artifact
     elif source.is_dir():
         root = source
     elif is_archive(source):
+        if public_key is not None:
+            _check_archive_signature(source, public_key)  # an unsigned archive is never unpacked
         tmp, root = _extract(source)
     else:
         raise ArtifactError(f"{source}: an artifact is a directory or a .tar.gz")

@@ -136,15 +136,21 @@ def verify_signature(manifest_bytes: bytes, signature_path: Path, public_key: An
         SigningError: unsigned, malformed signature file, another key, or a
             manifest changed after signing (each says which, naming ``source``).
     """
+    signed = signature_path.is_file() and not signature_path.is_symlink()
+    return verify_signature_bytes(manifest_bytes, signature_path.read_bytes() if signed else None, public_key, source)
+
+
+def verify_signature_bytes(manifest_bytes: bytes, signature: bytes | None, public_key: Any, source: Path) -> str:
+    """``verify_signature`` on the signature file's contents (None: the artifact has none)."""
     trusted = key_id(public_key)
-    if not signature_path.is_file() or signature_path.is_symlink():
+    if signature is None:
         raise SigningError(
             f"{source}: not signed, and --trust needs an artifact signed by key {trusted} "
             "(compile it with 'hatc compile ... --sign hatc.key')"
         )
     try:
-        record = json.loads(signature_path.read_text(encoding="utf-8"))
-        signature = base64.b64decode(record["signature"], validate=True)
+        record = json.loads(signature.decode("utf-8"))
+        raw_signature = base64.b64decode(record["signature"], validate=True)
         signer = str(record["key_id"])
         if record.get("format") != SIGNATURE_FORMAT or record.get("algorithm") != "ed25519":
             raise ValueError("unknown format")
@@ -155,7 +161,7 @@ def verify_signature(manifest_bytes: bytes, signature_path: Path, public_key: An
     from cryptography.exceptions import InvalidSignature
 
     try:
-        public_key.verify(signature, manifest_bytes)
+        public_key.verify(raw_signature, manifest_bytes)
     except InvalidSignature:
         raise SigningError(
             f"{source}: the signature does not match manifest.json (changed after signing); refusing it"
