@@ -212,6 +212,8 @@ def test_keys_generate_writes_a_private_key_only_its_owner_reads(cli, tmp_path):
     assert (tmp_path / "k" / "hatc.key").read_bytes() == before  # refused: nothing replaced
     assert cli("keys", "generate", "--out", tmp_path / "k", "--force").code == 0
     assert (tmp_path / "k" / "hatc.key").read_bytes() != before
+    (tmp_path / "a-file").write_text("")
+    one_line_error(cli("keys", "generate", "--out", tmp_path / "a-file"), "a-file", "cannot write the key pair")
 
 
 def test_a_signed_artifact_translates_under_trust(cli, signed, keys, checkpoint, sentences, tmp_path):

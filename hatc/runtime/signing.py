@@ -69,7 +69,6 @@ def generate_keys(out: Path, force: bool = False) -> KeyPair:
     existing = [str(p) for p in (private_path, public_path) if p.exists()]
     if existing and not force:
         raise SigningError(f"{', '.join(existing)} already exist(s); pass --force to replace the key pair")
-    out.mkdir(parents=True, exist_ok=True)
     private = ed25519.Ed25519PrivateKey.generate()
     private_pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -78,8 +77,12 @@ def generate_keys(out: Path, force: bool = False) -> KeyPair:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     # The temp file is 0600 until complete: the private key is never readable by others.
-    atomic.write_bytes(private_path, private_pem, mode=0o600)
-    atomic.write_bytes(public_path, public_pem, mode=0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(private_path, private_pem, mode=0o600)
+        atomic.write_bytes(public_path, public_pem, mode=0o644)
+    except OSError as e:
+        raise SigningError(f"--out {out}: cannot write the key pair there ({e.strerror}); choose another") from None
     return KeyPair(private_path, public_path, key_id(private.public_key()))
 
 
