@@ -270,3 +270,11 @@ def test_no_device_of_the_key_is_one_clear_line(cli, tmp_path):
                      "--key", "nobody", "--wait-devices", "1")  # fmt: skip
         assert time.monotonic() - start < 30
     assert result.code == 2 and "no device with key 'nobody' registered" in result.stderr
+
+
+def test_resuming_a_file_that_is_not_utf8_is_one_line(cli, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    out.write_bytes(b'{"arch": "caf\xe9"}\n')
+    result = cli(*collect_args(out, tmp_path / "db", 3))
+    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{out}:1: not UTF-8" in result.stderr and out.read_bytes() == b'{"arch": "caf\xe9"}\n'

@@ -228,6 +228,32 @@ def test_empty_dataset_is_refused(cli, tmp_path):
         assert_one_line_error(cli("latency", "fit", "--dataset", path, "--format", fmt), str(path), "empty")
 
 
+@pytest.mark.parametrize("fmt", ["hat", "hatc"])
+def test_non_utf8_dataset_names_file_line_and_offset(cli, tmp_path, shared_data, fmt):
+    if fmt == "hat":
+        path = tmp_path / "latin1.csv"
+        text = (shared_data / "hat-latency" / "wmt14enfr_cpu_xeon.csv").read_text().splitlines()[:10]
+        lines = [line.encode() for line in text]
+    else:
+        path = write_synthetic(tmp_path / "latin1.jsonl", n=10)
+        lines = path.read_bytes().splitlines()
+    lines[3] = lines[3].replace(b",", b",\xe9", 1)  # a Latin-1 e-acute
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    offset = sum(len(line) + 1 for line in lines[:3]) + lines[3].index(b"\xe9")
+    assert_one_line_error(
+        cli("latency", "fit", "--dataset", path, "--format", fmt), f"{path}:4", f"offset {offset}", "UTF-8"
+    )
+
+
+def test_csv_with_a_utf8_bom_is_read_and_one_csv_cannot_parse_is_one_line(cli, tmp_path, shared_data):
+    lines = (shared_data / "hat-latency" / "wmt14enfr_cpu_xeon.csv").read_text().splitlines()[:60]
+    path = tmp_path / "bom.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")  # as spreadsheets save it
+    assert len(read_dataset(path, "hat")) == 59
+    path.write_text("\n".join(lines[:5] + ["1" * 200_000] + lines[6:]) + "\n")  # past csv's field size limit
+    assert_one_line_error(cli("latency", "fit", "--dataset", path, "--format", "hat"), f"{path}:6", "not a CSV row")
+
+
 def test_hatc_row_errors_name_file_line_and_field(cli, tmp_path):
     path = write_synthetic(tmp_path / "d.jsonl", n=30)
     rows = path.read_text().splitlines()

@@ -41,7 +41,7 @@ from hatc import atomic
 from hatc.arch import Architecture, arch_key
 from hatc.errors import HatcError
 from hatc.features import layer_features
-from hatc.latency.dataset import append_rows
+from hatc.latency.dataset import append_rows, read_text
 from hatc.rpc.tracker import RpcError
 from hatc.space import SearchSpace
 
@@ -124,7 +124,7 @@ def _measured_rows(path: Path) -> Iterator[dict[str, Any]]:
     """The file's complete rows of measured architectures (references included)."""
     if not path.exists():
         return
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_text(path).splitlines():  # not UTF-8: a DatasetError naming the file and line
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

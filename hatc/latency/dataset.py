@@ -45,6 +45,7 @@ is read unscaled, with a warning.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -142,13 +143,31 @@ def read_dataset(path: str | Path, fmt: str = "hatc") -> LatencyTable:
     return read_hat_csv(path) if fmt == "hat" else read_hatc_jsonl(path)
 
 
+def read_text(path: Path) -> str:
+    """A dataset file's text (UTF-8; a leading byte-order mark is dropped). A file that cannot be
+    read, or that is not UTF-8 text, is a DatasetError naming the file, line and byte offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    bom = b"\xef\xbb\xbf" if data.startswith(b"\xef\xbb\xbf") else b""
+    try:
+        return data[len(bom) :].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = len(bom) + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise DatasetError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset}); save the file as UTF-8"
+        ) from None
+
+
 # ----- HAT's CSV ---------------------------------------------------------------
 def read_hat_csv(path: str | Path) -> LatencyTable:
     """Reads one of HAT's released latency CSVs; every cell must be a finite number."""
     path = Path(path)
     expected = (*HAT_FEATURE_NAMES, *HAT_LATENCY_COLUMNS)
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):
             raise DatasetError(f"{path}: empty file; expected a header with columns {', '.join(expected)}")
@@ -165,6 +184,8 @@ def read_hat_csv(path: str | Path) -> LatencyTable:
             if len(cells) != len(header):
                 raise DatasetError(f"{path}:{line}: {len(cells)} cells but the header has {len(header)} columns")
             rows.append([_csv_number(cells[i], path, line, name) for i, name in zip(index, expected)])
+    except csv.Error as e:  # a NUL byte, an unterminated quote, a field past csv's size limit
+        raise DatasetError(f"{path}:{reader.line_num}: not a CSV row ({e})") from None
     if not rows:
         raise DatasetError(f"{path}: no data rows after the header")
     data = np.array(rows, dtype=np.float64)
@@ -199,7 +220,7 @@ def _csv_number(cell: str, path: Path, line: int, column: str) -> float:
 # ----- hatc's JSON lines -----------------------------------------------------------
 def _json_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of every non-blank line; a torn last line is skipped with a warning."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     lines = text.split("\n")
     rows: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(lines, start=1):
