@@ -32,7 +32,7 @@ from torch import nn
 
 import hatc
 from hatc.arch import Architecture
-from hatc.checkpoint import model_config_of, read_checkpoint, save_checkpoint, space_of
+from hatc.checkpoint import load_weights, model_config_of, read_checkpoint, save_checkpoint, space_of
 from hatc.data.batching import BatchCursor, collate, token_batches
 from hatc.data.datadir import DataDir, ParallelSplit
 from hatc.data.subword import PAD
@@ -184,7 +184,7 @@ class Trainer:
             return None
         if not resume:
             raise HatcError(f"{self.last_path} exists; pass --resume to continue that run, or choose another --out")
-        state = read_checkpoint(self.last_path)
+        state = read_checkpoint(self.last_path, resumable=True)
         if state["kind"] != self.task.kind or space_of(state) != self.task.space:
             raise CheckpointError(
                 f"{self.last_path} is a {state['kind']} of space '{state['space']['name']}'; "
@@ -210,13 +210,13 @@ class Trainer:
             if space_of(parent) != task.space:
                 raise CheckpointError(f"{task.inherit} is a supernet of another space than --space")
             supernet = SuperTransformer.from_config(task.space, model_config_of(parent))
-            supernet.load_state_dict(parent["model"])
+            load_weights(supernet, parent["model"], task.inherit)
             supernet.set_active_subnet(task.arch)
             model.load_state_dict(supernet.get_active_subnet().state_dict())
         return model
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], self.last_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.cursor = BatchCursor(**state["cursor"])
         self.arch_rng.bit_generator.state = state["arch_rng"]
