@@ -76,7 +76,7 @@ def test_a_workload_metaschedule_fails_on_keeps_its_plain_loops(cli, tmp_path, c
     assert result.code == 0, result.stderr[-2000:]
     assert "MetaSchedule cannot tune fused_greater_where" in caplog.text and "it keeps its plain loops" in caplog.text
     report = json.loads(result.stdout)
-    assert report["tuned"] == report["workloads"] == 19
+    assert report["tuned"] == report["workloads"] == 13  # 19 matmul/softmax/norm workloads, 6 of them hatc's GEMV rule
     micro = load_space(space)
     model = SubTransformer(micro.largest(), ModelConfig(64, micro.qkv_dim, micro.super_embed_dim)).eval()
     graphs = export_onnx(model, tmp_path / "graphs", 16, batch=1)

@@ -6,7 +6,10 @@ fixed-size self-attention cache.
 They reuse the SubTransformer's own layer modules (so its weights), except the
 embedding table: each side's slice ``weight[:, :dim]`` is copied into its own
 parameter, because slicing inside the graph would copy the whole (V, dim)
-table on every decoder step once weights are graph inputs.
+table on every decoder step once weights are graph inputs. The decoder's copy
+is stored transposed, (dim, V), input-major like every exported linear layer:
+the tied output projection then streams it row by row (``hatc.compile.schedules``),
+and looking up a step's few tokens reads one column each.
 
 ``hatc.static`` stays plain and never imports this module.
 """
@@ -86,8 +89,8 @@ class DecoderStepGraph(nn.Module):
         self.dim, self.capacity = model.arch.decoder_embed_dim, capacity
         if capacity > model.positions.shape[0]:
             raise ValueError(f"cache capacity {capacity} exceeds the model's {model.positions.shape[0]} positions")
-        # Tied: the same slice embeds target tokens and projects to the vocabulary.
-        self.embed = _slice_param(model.embed_tokens.weight, self.dim)
+        # Tied: the same slice embeds target tokens and projects to the vocabulary; (D, V), see the module docstring.
+        self.embed_t = nn.Parameter(model.embed_tokens.weight[:, : self.dim].t().contiguous(), requires_grad=False)
         self.register_buffer("positions", model.positions[:capacity, : self.dim].clone(), persistent=False)
         self.layers = model.decoder_layers
         self.ende = [layer.ende_layers for layer in model.decoder_layers]
@@ -95,7 +98,8 @@ class DecoderStepGraph(nn.Module):
     def forward(self, tokens: Tensor, step: Tensor, src_mask: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
         n = len(self.layers)
         self_k, self_v, cross = caches[:n], caches[n : 2 * n], caches[2 * n :]
-        x = F.embedding(tokens, self.embed) * math.sqrt(self.dim) + self.positions.index_select(0, step)  # (B, 1, D)
+        embedded = self.embed_t.index_select(1, tokens.reshape(-1)).t().reshape(tokens.shape[0], 1, self.dim)
+        x = embedded * math.sqrt(self.dim) + self.positions.index_select(0, step)  # (B, 1, D)
         slots = torch.arange(self.capacity, dtype=torch.int64)
         write = (slots == step)[None, None, :, None]  # (1, 1, T, 1): the slot this step fills
         # Additive mask over slots: this step sees positions 0..step, never the unwritten rest.
@@ -111,7 +115,7 @@ class DecoderStepGraph(nn.Module):
             # initializer, which keep_params_in_input turns into a graph input, i.e. a dynamic shape.
             cross_mask = torch.cat([src_mask] * self.ende[i], dim=1)[:, None, None, :]
             x = layer.forward_kv(x, k, v, self_mask, cross[2 * i], cross[2 * i + 1], cross_mask)
-        log_probs = torch.log_softmax(F.linear(x[:, 0], self.embed), dim=-1)  # (B, V)
+        log_probs = torch.log_softmax(x[:, 0] @ self.embed_t, dim=-1)  # (B, V)
         return (log_probs, *new_k, *new_v)
 
 

@@ -177,12 +177,20 @@ def _fused(module: Any, target: Any) -> Any:
 
 
 def graph_tasks(module: Any, target: Any) -> list[Any]:
-    """MetaSchedule tasks of one Relax module that hatc tunes (``TUNED_OPS``)."""
+    """MetaSchedule tasks of one Relax module that hatc tunes (``TUNED_OPS``), less the
+    functions hatc's own rules schedule (``hatc.compile.schedules``: nothing to tune)."""
     from tvm.s_tir import meta_schedule as ms
+
+    from hatc.compile.schedules import schedule_gemv
 
     fused = _fused(module, target)
     tasks = ms.relax_integration.extract_tasks(fused, target, module_equality=MODULE_EQUALITY)
-    return [t for t in tasks if any(op in t.task_name for op in TUNED_OPS)]
+    with target:
+        return [
+            t
+            for t in tasks
+            if any(op in t.task_name for op in TUNED_OPS) and schedule_gemv(t.dispatched[0]["main"], target) is None
+        ]
 
 
 # ----- the database's contents ---------------------------------------------------
@@ -297,22 +305,35 @@ def _schedule(record: Any, tir_mod: Any, target: Any) -> Any:
 
 
 def apply_database(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]]:
-    """Replaces every fused TIR function of ``mod`` that ``database`` knows by its tuned schedule.
+    """Schedules every fused TIR function of ``mod``: by hatc's own rule where it applies
+    (``hatc.compile.schedules``), else by ``database``'s tuned schedule where it has one.
+
+    Args:
+        database: a loaded database, or None (hatc's rules only).
 
     Returns:
         (the module, names of functions hatc tunes (``TUNED_OPS``) left unscheduled:
-        no record, or a record whose schedule does not transfer)
+        no rule and no record, or a record whose schedule does not transfer)
     """
     import tvm
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
+    from hatc.compile.schedules import schedule_gemv
+
     functions, missing = {}, []
-    baselines = Baselines(database)
+    baselines = Baselines(database) if database is not None else None
     for gv, func in mod.functions.items():
         functions[gv] = func
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         tunable = any(op in gv.name_hint for op in TUNED_OPS)
+        ruled = schedule_gemv(func, target)
+        if ruled is not None:
+            functions[gv] = ruled.with_attr("tirx.is_scheduled", True)
+            continue
+        if database is None:
+            missing += [gv.name_hint] if tunable else []
+            continue
         tir_mod = _normalize_mod(func)
         record = database.query_tuning_record(tir_mod, target, gv.name_hint)
         if record is None:
@@ -343,9 +364,9 @@ def missing_workloads(graph: Any, target: Target, database: Any) -> list[str]:
 
 
 def tuned_pipeline(target: Any, database: Any) -> Any:
-    """The Relax pipeline of a tuned build: fuse exactly as extraction did, schedule
-    every fused function the database knows (``apply_database``), let dlight schedule
-    the rest on GPUs, then lower as TVM's default pipeline does."""
+    """The Relax pipeline of every hatc build: fuse exactly as extraction did, schedule
+    by hatc's rules and the database (``apply_database``; ``database`` None: rules only),
+    let dlight schedule the rest on GPUs, then lower as TVM's default pipeline does."""
     import tvm
     from tvm import relax
     from tvm.relax import pipeline as relax_pipeline

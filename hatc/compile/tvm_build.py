@@ -5,10 +5,12 @@ training and search) never load it. Weights stay Relax function parameters
 (``keep_params_in_input``), not embedded constants: a library is then ~1 MB
 instead of the model's size, and the weights travel beside it.
 
-Untuned builds use TVM's default pipeline for the target (on CPU: plain
-legalized loops; on CUDA: dlight's GPU rules). ``database=`` (a directory
-written by ``hatc tune``, or a database from ``hatc.compile.tuning_db.load_database``)
-applies MetaSchedule's tuned schedules instead (``hatc.compile.tuning_db``).
+Every build fuses as TVM's default pipeline does (plus x @ W^T as one kernel) and
+schedules the decoder step's matrix-vector products with hatc's own rule
+(``hatc.compile.schedules``). ``database=`` (a directory written by ``hatc tune``,
+or a database from ``hatc.compile.tuning_db.load_database``) applies MetaSchedule's
+tuned schedules to the rest (``hatc.compile.tuning_db``); without one the rest are
+plain loops on CPU and dlight's default rules on CUDA.
 """
 
 from __future__ import annotations
@@ -91,8 +93,6 @@ def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any
     import tvm
 
     tvm_target = tvm_target_of(target)
-    if database is None:
-        return tvm.compile(graph.module, target=tvm_target)
     from hatc.compile import tuning_db
 
     if isinstance(database, (str, Path)):
