@@ -63,7 +63,7 @@ class Target:
     description: str
     tvm_target: dict[str, Any] = field(hash=False)  # as written; see resolved_tvm_target()
     device: str  # "cpu" or "cuda"
-    detect_host: bool  # fill mcpu / num-cores from the compiling host
+    detect_host: bool  # fill mcpu from the compiling host, num-cores from the threads hatc runs TVM with
     cross_compiler: str | None  # export_library's compiler; None = the host's default
     requires: tuple[Tool, ...]
     rpc_key: str
@@ -88,7 +88,9 @@ class Target:
         target = dict(self.tvm_target)
         if self.detect_host:
             target.setdefault("mcpu", _host_mcpu())
-            target.setdefault("num-cores", _host_cores())
+            # Schedules are tuned for, and libraries run with, the threads hatc runs TVM with here
+            # (not the host's cores: a schedule tuned for two threads is slow on one).
+            target.setdefault("num-cores", tvm_threads())
         return target
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +114,15 @@ def default_tvm_threads() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 
+def tvm_threads() -> int:
+    """The threads TVM runs with in this process (``TVM_NUM_THREADS``, 1 unless set)."""
+    default_tvm_threads()
+    try:
+        return max(int(os.environ["TVM_NUM_THREADS"]), 1)
+    except ValueError:
+        return 1
+
+
 def tvm_target_of(target: Target) -> Any:
     """The ``tvm.target.Target`` of a hatc target (errors name the target file). Imports TVM."""
     default_tvm_threads()
@@ -128,11 +139,6 @@ def _host_mcpu() -> str:
     from tvm.target import detect_target  # lazy: only detection needs TVM
 
     return str(detect_target.detect_target_from_device("cpu").attrs["mcpu"])
-
-
-def _host_cores() -> int:
-    # Cores this process may use (a container's limit), not the machine's.
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ----- loading -----------------------------------------------------------------

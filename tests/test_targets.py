@@ -57,6 +57,14 @@ def test_target_details():
     assert resolved["mcpu"] and resolved["num-cores"] >= 1
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_host_target_is_tuned_for_the_threads_tvm_runs_with(monkeypatch, threads):
+    """num-cores follows TVM_NUM_THREADS (what measuring and tuning run with), not the host's core count."""
+    monkeypatch.setenv("TVM_NUM_THREADS", threads)
+    assert load_target("x86").resolved_tvm_target()["num-cores"] == int(threads)
+    assert load_target("rpi4").resolved_tvm_target()["num-cores"] == 4  # a board's own count, as its file says
+
+
 def test_unknown_target_lists_known_ones(cli):
     with pytest.raises(TargetError, match="unknown target 'pi5'; known targets: .*rpi4.*x86"):
         load_target("pi5")
