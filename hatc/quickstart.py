@@ -4,15 +4,23 @@ Each stage runs the very command a user would type (printed on stderr as it
 starts), so the quickstart doubles as a walk-through, and every stage keeps the
 resumability of its command. ``OUT/quickstart.json`` records each finished
 stage's result; running the quickstart again skips them and resumes the first
-unfinished one. Stage budgets scale with ``--minutes`` (``Plan.for_minutes``).
+unfinished one.
 
-Stages: data (prepare) -> supernet (train) -> tune -> collect (latency on the
-local x86 target through a loopback TVM tracker and server) -> fit (predictor,
-registered for x86/tiny) -> search (three budgets) -> per model (the three
-winners and, for comparison, the largest SubTransformer): finetune, evaluate
-(sacreBLEU on the test split), compile (tuned TVM artifact), measure (latency
-on the loopback device), translate (a sample sentence through the artifact,
-without PyTorch) -> report (table, Pareto PNG, Markdown).
+Stages: data (prepare) -> tune (one trial per workload, then more as time allows)
+-> the tuning database becomes x86's default if x86 has none -> collect (latency
+on the local x86 target through a loopback TVM tracker and server) -> fit
+(predictor, registered for x86/tiny) -> budgets (quartiles of the measured
+latencies) -> supernet (train) -> search (one generation, then more as time
+allows) -> per distinct model (the winners and, for comparison, the largest
+SubTransformer): finetune, evaluate (sacreBLEU on the test split), compile (tuned
+TVM artifact), measure (latency on the loopback device), translate (a sample
+sentence through the artifact, without PyTorch) -> report (table, warnings,
+Pareto PNG, Markdown).
+
+``--minutes`` bounds the whole run: the latency stages run before the supernet
+so that their measured cost is known when training time is given out, and every
+budget is re-planned from measured rates (``hatc.quickstart_plan``). What cannot
+be trusted in the results is listed as warnings (``hatc.quickstart_trust``).
 """
 
 from __future__ import annotations
@@ -23,91 +31,88 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from hatc import atomic
 from hatc.errors import DataError, HatcError, Interrupted
+from hatc.quickstart_plan import (
+    COMPILE_PER_ARCH,
+    MIN_FINETUNE_S,
+    MIN_FIT_ROWS,
+    MIN_TEST_SENTENCES,
+    MIN_TRAIN_S,
+    WANTED_LATENCY_ROWS,
+    Allocation,
+    Cost,
+    Cut,
+    Plan,
+    TimeBudget,
+)
 
 SPACE = "tiny"
 TARGET = "x86"
 SAMPLE = "A man in a blue shirt is riding a bicycle down the street."
 MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
-MIN_LATENCY_ROWS = 24  # a predictor fit needs 20; a few more for its validation and test splits
+LAYOUT = 2  # of OUT/quickstart.json; 1 trained the supernet before the latency stages
+MULTI30K_PAIRS = 29000  # training pairs without --subset
+TUNE_WORKLOADS = {"32": 65}  # distinct workloads of the tiny space per bucket set (estimate until tuned)
+BUDGET_QUANTILES = (0.25, 0.5, 0.75)  # of the measured latencies
+SEARCH_BUDGETS = len(BUDGET_QUANTILES)
+STAGES = ("tune", "collect", "fit", "supernet", "search", "models")  # in run order, as planned
+
+# Runs ``hatc ARGV`` (its stderr passed through); returns (exit code, stdout).
+Runner = Callable[[list[str], "str | None"], "tuple[int, str]"]
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Every stage's budget; ``for_minutes(60)`` is the default run (about an hour on 2 cores)."""
-
-    minutes: float
-    train_minutes: float  # supernet
-    tune_trials: int
-    collect_minutes: float
-    search_iterations: int
-    search_population: int
-    search_parents: int
-    search_children: int  # mutations and crossovers each
-    valid_subset: int
-    finetune_minutes: float  # per model
-    subset: int | None  # training pairs kept (None: all)
-    latency_warmup: int  # HAT's protocol: discarded and kept runs per measurement
-    latency_repeats: int
-    buckets: str  # source length buckets tuned and compiled
-
-    @classmethod
-    def for_minutes(cls, minutes: float, subset: int | None = None) -> Plan:
-        s = minutes / 60.0
-        return cls(
-            minutes=minutes,
-            train_minutes=24.0 * s,
-            tune_trials=max(1, round(600 * s)),
-            collect_minutes=8.0 * s,
-            search_iterations=max(2, round(15 * s)),
-            search_population=max(8, round(60 * s)),
-            search_parents=max(2, round(12 * s)),
-            search_children=max(3, round(24 * s)),
-            valid_subset=max(40, round(300 * s)),
-            finetune_minutes=1.5 * s,
-            subset=subset,
-            # The target's defaults (5 + 20) for real runs; fewer runs when minutes are few.
-            latency_warmup=5 if minutes >= 30 else 1,
-            latency_repeats=20 if minutes >= 30 else 5,
-            # Multi30k sentences are short; quick runs build only the protocol's bucket.
-            buckets="16,32,64" if minutes >= 30 else "32",
-        )
-
-    def describe(self) -> str:
-        return (
-            f"supernet {self.train_minutes:.1f} min, tuning {self.tune_trials} trials, latency collection "
-            f"{self.collect_minutes:.1f} min (at least {MIN_LATENCY_ROWS} archs), search {self.search_iterations} "
-            f"generations of {self.search_population}, fine-tuning {self.finetune_minutes:.1f} min per model (4)"
-        )
+def run_hatc(argv: list[str], stdin: str | None) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "hatc", *argv], input=stdin, stdout=subprocess.PIPE, text=True)
+    return proc.returncode, proc.stdout
 
 
 class Quickstart:
-    """Runs the stages into ``out``; ``say`` gets progress lines (stderr)."""
+    """Runs the stages into ``out``; ``say`` gets progress lines (stderr).
 
-    def __init__(self, out: Path, plan: Plan, corpus: Path | None, download: bool, say: Callable[[str], None]):
+    ``now`` (the clock) and ``runner`` (how a ``hatc`` command runs) are there for tests,
+    which replay a slow machine without waiting for it.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        plan: Plan,
+        corpus: Path | None,
+        download: bool,
+        say: Callable[[str], None],
+        now: Callable[[], float] = time.monotonic,
+        runner: Runner = run_hatc,
+    ):
         self.out, self.plan, self.corpus, self.download, self.say = out, plan, corpus, download, say
+        self.now, self.runner = now, runner
         self.state_path = out / "quickstart.json"
-        self.state: dict[str, Any] = {"plan": asdict(plan), "stages": {}}
+        self.state: dict[str, Any] = {"layout": LAYOUT, "plan": asdict(plan), "stages": {}, "rates": {}, "cuts": {}}
         self.tracker: Any = None  # (tracker child, server child, "HOST:PORT") while running
-        self.vocab: int | None = None
+        self.budget = TimeBudget(plan.minutes, now, reference=plan.reference_s())
+        self.warned_overrun = False
 
     # ----- bookkeeping ---------------------------------------------------------------------
     def load(self) -> None:
         if self.state_path.exists():
             saved = json.loads(self.state_path.read_text())
+            if saved.get("layout") != LAYOUT:
+                raise HatcError(f"{self.out} holds a quickstart made by an earlier hatc; use another --out")
             if saved.get("plan") != asdict(self.plan):
                 raise HatcError(
                     f"{self.out} holds a quickstart with other settings ({saved.get('plan')}); "
                     "use the same --minutes/--subset to resume it, or another --out"
                 )
             self.state = saved
+        spent = sum(s["seconds"] for s in self.state["stages"].values())
+        self.budget = TimeBudget(self.plan.minutes, self.now, spent, self.state["rates"], self.plan.reference_s())
 
     def save(self) -> None:
+        self.state["rates"] = self.budget.measured
         atomic.write_text(self.state_path, json.dumps(self.state, indent=1) + "\n")
 
     def stage(self, name: str, run: Callable[[], Any]) -> Any:
@@ -116,9 +121,9 @@ class Quickstart:
         if done is not None:
             self.say(f"[{name}] done before ({done['seconds']:.0f} s); skipped")
             return done["result"]
-        start = time.monotonic()
+        start = self.now()
         result = run()
-        self.state["stages"][name] = {"seconds": time.monotonic() - start, "result": result}
+        self.state["stages"][name] = {"seconds": self.now() - start, "result": result}
         self.save()
         return result
 
@@ -126,65 +131,130 @@ class Quickstart:
         """Runs ``hatc ARGS`` (its progress on our stderr); its JSON result, or its stdout."""
         argv = [str(a) for a in args]
         self.say("$ hatc " + " ".join(argv))
-        proc = subprocess.run(
-            [sys.executable, "-m", "hatc", *argv, *(["--json"] if json_out else [])],
-            input=stdin,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        if proc.returncode == 130:
+        code, stdout = self.runner([*argv, *(["--json"] if json_out else [])], stdin)
+        if code == 130:
             raise Interrupted(f"interrupted; run the same hatc quickstart again to resume ({self.out})")
-        if proc.returncode != 0:
+        if code != 0:
             error = HatcError(
-                f"`hatc {' '.join(argv)}` failed (exit {proc.returncode}, its message is above); "
+                f"`hatc {' '.join(argv)}` failed (exit {code}, its message is above); "
                 f"fix it and run the same hatc quickstart again to resume"
             )
-            error.exit_code = proc.returncode  # bad input (2) or a failure (1), as the stage said
+            error.exit_code = code  # bad input (2) or a failure (1), as the stage said
             raise error
         if not json_out:
-            return proc.stdout
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+            return stdout
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    def timed(self, run: Callable[[], Any]) -> tuple[Any, float]:
+        start = self.now()
+        result = run()
+        return result, self.now() - start
+
+    def done(self, name: str) -> bool:
+        return name in self.state["stages"]
+
+    # ----- the time plan -------------------------------------------------------------------
+    def arch_seconds(self) -> float:
+        """One architecture built and measured (collection's rate, measured or estimated)."""
+        return self.budget.rate("collect_arch")
+
+    def model_count(self) -> int:
+        return self.state.get("models", 1 + SEARCH_BUDGETS)
+
+    def test_pairs(self) -> int:
+        data = self.state["stages"].get("data")
+        return data["result"]["splits"]["test"]["pairs"] if data else (self.plan.subset or 1000)
+
+    def cost(self, stage: str) -> Cost:
+        """Estimated seconds of a whole stage (floor, nominal) at the rates known now."""
+        p, rate = self.plan, self.budget.rate
+        if stage == "tune":
+            workloads = self.state.get("workloads", TUNE_WORKLOADS.get(p.buckets, 160))
+            floor = rate("tune_start") + workloads * rate("tune_trial")
+            more = max(0, p.tune_trials - workloads)
+            return Cost(floor, floor + (rate("tune_start") + more * rate("tune_trial") if more else 0.0))
+        if stage == "collect":  # the rows a fit needs, then (another start-up) more for the plan's minutes
+            start, arch = rate("collect_start"), self.arch_seconds()
+            floor = start + MIN_FIT_ROWS * arch
+            more = max(60 * p.collect_minutes, WANTED_LATENCY_ROWS * arch) - MIN_FIT_ROWS * arch
+            return Cost(floor, floor + (start + more if more >= 2 * arch else 0.0), grow=2.0)
+        if stage == "fit":
+            return Cost(rate("fit"), rate("fit"))
+        if stage == "supernet":
+            start = rate("train_start")
+            return Cost(start + MIN_TRAIN_S, start + max(MIN_TRAIN_S, 60 * p.train_minutes), grow=3.0)
+        if stage == "search":
+            start, per_arch = rate("search_start"), rate("search_sentence") * p.valid_subset
+            first = start + SEARCH_BUDGETS * p.search_population * per_arch
+            more = (p.search_iterations - 1) * SEARCH_BUDGETS * 2 * p.search_children * per_arch
+            return Cost(first, first + (start + more if more else 0.0))
+        if stage == "models":
+            fixed = (
+                rate("finetune_start") + rate("evaluate_start") + rate("translate")
+                + self.budget.measured.get("compile", COMPILE_PER_ARCH * self.arch_seconds())
+                + self.budget.measured.get("measure", rate("measure_start") + self.arch_seconds())
+            )  # fmt: skip
+            test, sentence = self.test_pairs(), rate("evaluate_sentence")
+            floor = fixed + MIN_FINETUNE_S + min(test, MIN_TEST_SENTENCES) * sentence
+            nominal = fixed + max(MIN_FINETUNE_S, 60 * p.finetune_minutes) + test * sentence
+            return Cost(self.model_count() * floor, self.model_count() * nominal)
+        raise AssertionError(stage)
+
+    def allocate(self, stage: str, rest: Cost | None = None) -> Allocation:
+        """Seconds for ``stage`` (or for ``rest``, what is left of it) out of the time left."""
+        later = STAGES[STAGES.index(stage) + 1 :]
+        costs = {stage: rest or self.cost(stage)} | {s: self.cost(s) for s in later if not self.done(s)}
+        allocation = self.budget.allocate(stage, costs)
+        if allocation.overrun > 60 and not self.warned_overrun:
+            self.warned_overrun = True
+            self.say(
+                f"over time: {allocation.reason()}; every stage gets its floor and the run ends about "
+                f"{allocation.overrun / 60:.0f} min after --minutes {self.plan.minutes:g}"
+            )
+        return allocation
+
+    def cut(self, stage: str, what: str, planned: float, given: float, allocation: Allocation) -> None:
+        """Records (and says) that ``stage`` gets ``given`` instead of ``planned`` (no-op if not less)."""
+        if given >= planned * 0.995:
+            self.state["cuts"].pop(f"{stage} {what}", None)
+            return
+        cut = Cut(stage, what, round(planned, 2), round(given, 2), allocation.reason())
+        self.state["cuts"][f"{stage} {what}"] = cut.to_dict()
+        self.say(cut.line())
 
     # ----- the stages ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         self.load()
-        self.say(f"quickstart into {self.out}: {self.plan.describe()}")
+        self.say(f"quickstart into {self.out}, {self.plan.minutes:g} min: {self.plan.describe()}")
         try:
             return self._run()
         finally:
             self._stop_devices()
 
     def _run(self) -> dict[str, Any]:
-        out, plan = self.out, self.plan
+        out = self.out
         data = out / "data"
         supernet = out / "runs" / "supernet"
         db = out / "tuning" / TARGET
         latency = out / "latency" / f"{TARGET}-{SPACE}.jsonl"
         predictor = out / "predictor.json"
         corpus = self.stage("corpus", self._corpus)
-        self.stage("data", lambda: self._prepare(Path(corpus), data))
+        prepared = self.stage("data", lambda: self._prepare(Path(corpus), data))
+        vocab = prepared["vocab_size"]
+        tuned = self.stage("tune", lambda: self._tune(db, vocab))
+        self.state["workloads"] = tuned["workloads"]
+        tuning_db = self.stage("tuning db", lambda: register_tuning_db(db, TARGET))
+        self.say(tuning_db["note"])
+        self.stage("collect", lambda: self._collect(db, latency, vocab))
+        fit = self.stage("fit", lambda: self._fit(latency, predictor))
+        budgets = self.stage("budgets", lambda: measured_budgets(latency, predictor))
+        trained = self.stage("supernet", lambda: self._supernet(data, supernet))
         ckpt = supernet / "checkpoints" / "best.pt"
-        self.stage("supernet", lambda: self.hatc(
-            "train", "supernet", "--data", data, "--space", SPACE, "--out", supernet,
-            "--minutes", f"{plan.train_minutes:.3f}", "--lr", "1.5e-3", "--warmup", max(10, round(5 * plan.minutes)),
-            "--resume",
-        ))  # fmt: skip
-        self.stage("tune", lambda: self.hatc(
-            "tune", "--target", TARGET, "--space", SPACE, "--checkpoint", ckpt, "--db", db,
-            "--buckets", plan.buckets, "--trials", plan.tune_trials,
-        ))  # fmt: skip
-        self.stage("collect", lambda: self._collect(ckpt, db, latency))
-        self.stage("fit", lambda: self.hatc(
-            "latency", "fit", "--dataset", latency, "--target", TARGET, "--space", SPACE, "--out", predictor,
-        ))  # fmt: skip
-        budgets = self.stage("budgets", lambda: self._budgets(predictor))
         search_dir = out / "search"
         search = self.stage("search", lambda: self._search(ckpt, predictor, search_dir, budgets))
-        models = {label: search_dir / f"best-{label}.json" for label in search["results"]}
-        models["largest"] = "largest"
-        rows = [self._model(label, arch, ckpt, data, db, search) for label, arch in models.items()]
-        return self.stage("report", lambda: self._report(rows, search_dir))
+        models = self._models(search, search_dir, ckpt, data, db, vocab)
+        return self.stage("report", lambda: self._report(models, search, search_dir, trained, fit, tuning_db))
 
     def _corpus(self) -> str:
         if self.corpus is not None:
@@ -208,6 +278,35 @@ class Quickstart:
         subset = ["--subset", self.plan.subset] if self.plan.subset else []
         return self.hatc("data", "prepare", *argv, "--src", "en", "--tgt", "de", "--out", data,
                          "--vocab-size", "6000" if not self.plan.subset else "1000", *subset)  # fmt: skip
+
+    def _tune(self, db: Path, vocab: int) -> dict[str, Any]:
+        """One trial per workload (the floor, which also measures a trial's time), then as many
+        more of the plan's as the time left allows, in a second run that tops the first up."""
+        p = self.plan
+        base = ["tune", "--target", TARGET, "--space", SPACE, "--vocab-size", vocab, "--db", db, "--buckets", p.buckets]
+        first, seconds = self.timed(lambda: self.hatc(*base, "--trials", 1))
+        self._observe_tune(first, seconds)
+        workloads = first["workloads"]
+        self.state["workloads"] = workloads
+        result = {**first, "runs": 1}
+        more = p.tune_trials - workloads
+        if more <= 0:
+            return result
+        start, trial = self.budget.rate("tune_start"), self.budget.rate("tune_trial")
+        allocation = self.allocate("tune", Cost(0.0, start + more * trial))
+        affordable = max(0, min(more, int((allocation.seconds - start) / trial + 1e-6)))
+        self.cut("tuning", "trials", p.tune_trials, workloads + affordable, allocation)
+        if affordable < max(1, workloads // 10):  # not worth another start-up
+            return result
+        second, seconds = self.timed(lambda: self.hatc(*base, "--trials", workloads + affordable))
+        self._observe_tune(second, seconds)
+        return {**second, "trials": first["trials"] + second["trials"], "runs": 2}
+
+    def _observe_tune(self, result: dict[str, Any], seconds: float) -> None:
+        tune_s = result.get("tune_seconds", 0.0)
+        self.budget.observe("tune_start", max(0.0, seconds - tune_s))
+        if result.get("trials"):
+            self.budget.observe("tune_trial", tune_s, result["trials"])
 
     def _start_devices(self) -> str:
         """A loopback TVM tracker and one server with key x86 (started once per run)."""
@@ -252,66 +351,180 @@ class Quickstart:
     def _protocol(self) -> list[Any]:
         return ["--warmup", self.plan.latency_warmup, "--repeats", self.plan.latency_repeats]
 
-    def _vocab(self, ckpt: Path) -> int:
-        if self.vocab is None:
-            self.vocab = _checkpoint_vocab(ckpt)  # loads torch: once, and only when a stage needs it
-        return self.vocab
-
-    def _collect(self, ckpt: Path, db: Path, latency: Path) -> Any:
+    def _collect(self, db: Path, latency: Path, vocab: int) -> Any:
+        """The rows a fit needs first (which also times a row), then more for the time the plan allows."""
         tracker = self._start_devices()
         # Paired rows (collect's default): the reference runs with every row, fit divides out drift.
         common = ["latency", "collect", "--target", TARGET, "--space", SPACE, "--out", latency,
-                  "--tracker", tracker, "--db", db, "--vocab-size", self._vocab(ckpt), "--seed", "0",
+                  "--tracker", tracker, "--db", db, "--vocab-size", vocab, "--seed", "0",
                   *self._protocol()]  # fmt: skip
         if self.plan.latency_repeats < 20:
             # Few runs per row spread widely on a busy machine: re-measuring them would double
             # most rows' time (16 of 24 in a --minutes 1 run) for timings that stay rough.
             common.append("--keep-outliers")
-        result = self.hatc(*common, "--n", "2000", "--minutes", f"{self.plan.collect_minutes:.3f}")
-        rows = result["measured"] + result["skipped"]
-        if rows < MIN_LATENCY_ROWS:  # the same plan's first rows: fills up to what a fit needs
-            result = self.hatc(*common, "--n", MIN_LATENCY_ROWS)
+        first, seconds = self.timed(lambda: self.hatc(*common, "--n", MIN_FIT_ROWS))  # the same plan's first rows
+        self._observe_collect(first, seconds)
+        start, arch = self.budget.rate("collect_start"), self.arch_seconds()
+        cost = self.cost("collect")  # at the rates just measured
+        rest = cost.nominal - cost.floor  # another start-up and the extra rows' minutes
+        if rest <= 0:
+            return first
+        allocation = self.allocate("collect", Cost(0.0, rest, grow=cost.grow))
+
+        def minutes_of(seconds: float) -> float:  # collect takes no new architecture after --minutes
+            return max(0.0, seconds - start - 0.5 * arch) / 60  # (the one in flight still ends)
+
+        minutes = minutes_of(allocation.seconds)
+        self.cut("latency collection", "extra minutes", minutes_of(rest), minutes, allocation)
+        if 60 * minutes < arch:
+            return first
+        more, seconds = self.timed(lambda: self.hatc(*common, "--n", "2000", "--minutes", f"{minutes:.3f}"))
+        self._observe_collect(more, seconds)
+        return {**more, "measured": first["measured"] + more["measured"], "skipped": first["skipped"]}
+
+    def _observe_collect(self, result: dict[str, Any], seconds: float) -> None:
+        self.budget.observe("collect_start", max(0.0, seconds - result.get("seconds", 0.0)))
+        if result.get("measured"):
+            self.budget.observe("collect_arch", result["seconds"], result["measured"])
+
+    def _fit(self, latency: Path, predictor: Path) -> Any:
+        result, seconds = self.timed(lambda: self.hatc(
+            "latency", "fit", "--dataset", latency, "--target", TARGET, "--space", SPACE, "--out", predictor,
+        ))  # fmt: skip
+        self.budget.observe("fit", seconds)
         return result
 
-    def _budgets(self, predictor: Path) -> list[float]:
-        """Three budgets spaced geometrically between the smallest and largest SubTransformer's
-        predicted latency (latencies span an order of magnitude; even steps would crowd the top)."""
-        from hatc.latency.predictor import load_predictor
-
-        pred = load_predictor(predictor)
-        low, high = pred.predict(pred.space.smallest()), pred.predict(pred.space.largest())
-        return [round(low * (high / low) ** f, 1) for f in (0.25, 0.5, 0.75)]
+    def _supernet(self, data: Path, supernet: Path) -> Any:
+        allocation = self.allocate("supernet")
+        minutes = max(MIN_TRAIN_S, allocation.seconds - self.budget.rate("train_start")) / 60
+        self.cut("supernet training", "minutes", self.plan.train_minutes, minutes, allocation)
+        result, seconds = self.timed(lambda: self.hatc(
+            "train", "supernet", "--data", data, "--space", SPACE, "--out", supernet, "--minutes", f"{minutes:.3f}",
+            "--lr", "1.5e-3", "--warmup", max(10, round(12.5 * minutes)), "--resume",
+        ))  # fmt: skip
+        self.budget.observe("train_start", max(0.0, seconds - 60 * minutes))
+        return result | {"minutes": round(minutes, 3)}
 
     def _search(self, ckpt: Path, predictor: Path, search_dir: Path, budgets: list[float]) -> Any:
+        """One generation (which times an evaluation), then as many more as the time left allows."""
         p = self.plan
-        resume = ["--resume"] if any(search_dir.glob("state-*.json")) else []
-        return self.hatc(
-            "search", "--target", TARGET, "--budgets", ",".join(f"{b:g}ms" for b in budgets), "--checkpoint", ckpt,
-            "--predictor", predictor, "--out", search_dir, "--iterations", p.search_iterations,
-            "--population", p.search_population, "--parents", p.search_parents, "--mutations", p.search_children,
-            "--crossovers", p.search_children, "--valid-subset", p.valid_subset, *resume,
-        )  # fmt: skip
 
-    def _model(self, label: str, arch: Any, ckpt: Path, data: Path, db: Path, search: dict) -> dict[str, Any]:
-        """Fine-tune, evaluate, compile, measure and try one model; its table row."""
+        def search(iterations: int) -> Any:
+            resume = ["--resume"] if any(search_dir.glob("state-*.json")) else []
+            return self.hatc(
+                "search", "--target", TARGET, "--budgets", ",".join(f"{b:g}ms" for b in budgets), "--checkpoint",
+                ckpt, "--predictor", predictor, "--out", search_dir, "--iterations", iterations,
+                "--population", p.search_population, "--parents", p.search_parents, "--mutations",
+                p.search_children, "--crossovers", p.search_children, "--valid-subset", p.valid_subset, *resume,
+            )  # fmt: skip
+
+        start = self.budget.rate("search_start")
+        result, seconds = self.timed(lambda: search(1))
+        if seconds > start and result["evaluated"]:
+            self.budget.observe("search_sentence", seconds - start, result["evaluated"] * p.valid_subset)
+        if p.search_iterations <= 1:
+            return result
+        per_generation = SEARCH_BUDGETS * 2 * p.search_children * p.valid_subset * self.budget.rate("search_sentence")
+        allocation = self.allocate("search", Cost(0.0, start + (p.search_iterations - 1) * per_generation))
+        more = max(0, min(p.search_iterations - 1, int((allocation.seconds - start) / per_generation + 1e-6)))
+        self.cut("search", "generations", p.search_iterations, 1 + more, allocation)
+        return search(1 + more) if more else result
+
+    # ----- per model -----------------------------------------------------------------------
+    def _models(
+        self, search: dict, search_dir: Path, ckpt: Path, data: Path, db: Path, vocab: int
+    ) -> list[dict[str, Any]]:
+        """Every table row; each distinct architecture fine-tuned, scored, built and measured once."""
+        from hatc.arch import arch_key
+        from hatc.space import load_space
+
+        results = search["results"]
+        labels = sorted(results, key=lambda k: results[k]["budget_ms"])
+        archs: dict[str, Any] = {label: search_dir / f"best-{label}.json" for label in labels}
+        keys = {label: arch_key(results[label]["arch"]) for label in labels}
+        archs["largest"], keys["largest"] = "largest", arch_key(load_space(SPACE).largest())
+        first: dict[str, str] = {}  # arch key -> the first label with it
+        for label in archs:
+            first.setdefault(keys[label], label)
+        self.state["models"] = len(first)
+        settings = self.state.get("model_settings") or self._model_settings()
+        done: dict[str, dict[str, Any]] = {}
+        rows = []
+        for label in archs:
+            owner = first[keys[label]]
+            if owner not in done:
+                done[owner] = self._model(owner, archs[owner], ckpt, data, db, vocab, settings)
+            result = results.get(label)
+            rows.append({
+                "model": label,
+                "budget_ms": result["budget_ms"] if result else None,
+                "predicted_latency_ms": result["predicted_latency_ms"] if result else None,
+                **done[owner],
+                "same_as": owner if owner != label else None,
+            })  # fmt: skip
+        return rows
+
+    def _model_settings(self) -> dict[str, Any]:
+        """Fine-tuning minutes and test sentences, the same for every model (they are compared)."""
+        p, test = self.plan, self.test_pairs()
+        allocation = self.allocate("models")
+        share = min(1.0, allocation.factor)
+        least = min(test, MIN_TEST_SENTENCES)
+        nominal_s = max(MIN_FINETUNE_S, 60 * p.finetune_minutes)
+        settings = {
+            "finetune_minutes": round((MIN_FINETUNE_S + share * (nominal_s - MIN_FINETUNE_S)) / 60, 3),
+            "test_sentences": int(least + share * (test - least)),
+        }
+        self.cut("fine-tuning", "minutes per model", p.finetune_minutes, settings["finetune_minutes"], allocation)
+        self.cut("evaluation", "test sentences", test, settings["test_sentences"], allocation)
+        self.state["model_settings"] = settings
+        self.save()
+        return settings
+
+    def _model(
+        self, label: str, arch: Any, ckpt: Path, data: Path, db: Path, vocab: int, settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Fine-tune, evaluate, compile, measure and try one model; its table columns."""
         run = self.out / "runs" / f"finetune-{label}"
         best = run / "checkpoints" / "best.pt"
         artifact = self.out / "artifacts" / label
-        self.stage(f"finetune {label}", lambda: self.hatc(
-            "train", "subnet", "--data", data, "--arch", arch, "--inherit", ckpt, "--out", run,
-            "--minutes", f"{self.plan.finetune_minutes:.3f}", "--lr", "5e-4", "--warmup", "10", "--resume",
-        ))  # fmt: skip
-        bleu = self.stage(f"evaluate {label}", lambda: self.hatc(
-            "evaluate", "--checkpoint", best, "--data", data, "--split", "test",
-        ))  # fmt: skip
-        compiled = self.stage(f"compile {label}", lambda: self.hatc(
-            "compile", "--checkpoint", best, "--target", TARGET, "--out", artifact, "--db", db,
-            "--buckets", self.plan.buckets, "--force",
-        ))  # fmt: skip
-        measured = self.stage(f"measure {label}", lambda: self.hatc(
-            "latency", "measure", "--arch", arch, "--space", SPACE, "--target", TARGET, "--tracker",
-            self._start_devices(), "--db", db, "--vocab-size", self._vocab(ckpt), *self._protocol(),
-        ))  # fmt: skip
+        minutes = settings["finetune_minutes"]
+        observe = self.budget.observe
+
+        def finetune() -> Any:
+            result, seconds = self.timed(lambda: self.hatc(
+                "train", "subnet", "--data", data, "--arch", arch, "--inherit", ckpt, "--out", run,
+                "--minutes", f"{minutes:.3f}", "--lr", "5e-4", "--warmup", "10", "--resume",
+            ))  # fmt: skip
+            observe("finetune_start", max(0.0, seconds - 60 * minutes))
+            return result
+
+        def evaluate() -> Any:
+            test = self._test_set(data, settings["test_sentences"])
+            result, seconds = self.timed(lambda: self.hatc("evaluate", "--checkpoint", best, *test))
+            observe("evaluate_sentence", max(0.0, seconds - self.budget.rate("evaluate_start")), result["sentences"])
+            return result
+
+        def compile_() -> Any:
+            result, seconds = self.timed(lambda: self.hatc(
+                "compile", "--checkpoint", best, "--target", TARGET, "--out", artifact, "--db", db,
+                "--buckets", self.plan.buckets, "--force",
+            ))  # fmt: skip
+            observe("compile", seconds)
+            return result
+
+        def measure() -> Any:
+            result, seconds = self.timed(lambda: self.hatc(
+                "latency", "measure", "--arch", arch, "--space", SPACE, "--target", TARGET, "--tracker",
+                self._start_devices(), "--db", db, "--vocab-size", vocab, *self._protocol(),
+            ))  # fmt: skip
+            observe("measure", seconds)
+            return result
+
+        self.stage(f"finetune {label}", finetune)
+        bleu = self.stage(f"evaluate {label}", evaluate)
+        compiled = self.stage(f"compile {label}", compile_)
+        measured = self.stage(f"measure {label}", measure)
         sample = self.stage(f"translate {label}", lambda: self.hatc(
             "translate", "--artifact", artifact, stdin=SAMPLE + "\n", json_out=False,
         ).strip())  # fmt: skip
@@ -319,59 +532,185 @@ class Quickstart:
         from hatc.space import load_space, resolve_arch
 
         architecture, space = resolve_arch(str(arch), load_space(SPACE))
-        result = search["results"].get(label)
         return {
-            "model": label,
-            "budget_ms": result["budget_ms"] if result else None,
-            "predicted_latency_ms": result["predicted_latency_ms"] if result else None,
             "measured_latency_ms": measured["latency_ms"],
             "bleu": bleu["bleu"],
+            "test_sentences": bleu["sentences"],
             "params": count_params(architecture, space),
             "artifact": str(compiled.get("archive") or artifact),
+            "checkpoint": str(best),
             "sample": sample,
         }
 
-    def _report(self, rows: list[dict[str, Any]], search_dir: Path) -> dict[str, Any]:
+    def _test_set(self, data: Path, sentences: int) -> list[Any]:
+        """``evaluate``'s arguments for the first ``sentences`` test pairs (all: the split itself)."""
+        if sentences >= self.test_pairs():
+            return ["--data", data, "--split", "test"]
+        files = []
+        for lang in ("en", "de"):
+            lines = (data / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:sentences]
+            path = self.out / "eval" / f"test-first{sentences}.{lang}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, "\n".join(lines) + "\n")
+            files.append(path)
+        return ["--src", files[0], "--ref", files[1]]
+
+    # ----- the report ----------------------------------------------------------------------
+    def _report(
+        self, rows: list[dict[str, Any]], search: dict, search_dir: Path, trained: dict, fit: dict, tuning_db: dict
+    ) -> dict[str, Any]:
+        from hatc import quickstart_trust as trust
+
         largest = next(r for r in rows if r["model"] == "largest")
         for r in rows:
             r["speedup_vs_largest"] = largest["measured_latency_ms"] / r["measured_latency_ms"]
             r["bleu_vs_largest"] = r["bleu"] - largest["bleu"]
+        evaluations = search_dir / "evaluations.json"
+        losses = json.loads(evaluations.read_text())["losses"] if evaluations.exists() else {}
+        stages = {k: round(v["seconds"], 1) for k, v in self.state["stages"].items()}
+        wall_s = sum(stages.values())
+        warnings = [
+            *trust.supernet_warnings(trained),
+            *trust.predictor_warnings(fit),
+            *trust.search_warnings(search["results"], losses),
+            *trust.row_warnings(rows),
+            *trust.time_warnings(self.plan.minutes, wall_s),
+        ]
+        for r in rows:
+            r["warnings"] = [w.code for w in warnings if r["model"] in w.models]
         pareto = self.out / "pareto.png"
         shutil.copyfile(search_dir / "pareto.png", pareto)
         report = self.out / "report.md"
-        stages = {k: round(v["seconds"], 1) for k, v in self.state["stages"].items()}
-        write_markdown(report, rows, self.plan, stages, SAMPLE)
-        return {"rows": rows, "report": str(report), "pareto": str(pareto), "stage_seconds": stages}
+        cuts = list(self.state["cuts"].values())
+        result = {
+            "rows": rows,
+            "warnings": [w.to_dict() for w in warnings],
+            "trusted": not warnings,
+            "cuts": cuts,
+            "minutes": self.plan.minutes,
+            "wall_minutes": round(wall_s / 60, 2),
+            "model_settings": self.state.get("model_settings"),
+            "supernet": {k: trained.get(k) for k in ("updates", "minutes", "best_valid", "valid")},
+            "predictor": {k: fit.get(k) for k in ("model", "mape", "kendall_tau", "n_train", "n_valid", "n_test")},
+            "budgets_ms": [search["results"][k]["budget_ms"] for k in search["results"]],
+            "tuning_db": tuning_db,
+            "report": str(report),
+            "pareto": str(pareto),
+            "stage_seconds": stages,
+            "rates": {k: round(v, 4) for k, v in self.budget.measured.items()},
+        }
+        write_markdown(report, result, self.plan, SAMPLE)
+        return result
 
 
-def _checkpoint_vocab(ckpt: Path) -> int:
-    from hatc.checkpoint import model_config_of, read_checkpoint
+# ----- pieces with no state ------------------------------------------------------------------
+def register_tuning_db(db: Path, target: str) -> dict[str, Any]:
+    """Makes ``db`` the target's default tuning database (``tuning_db_path``) when the target
+    has none, so that ``hatc compile`` and ``hatc latency measure`` find it without ``--db``,
+    as ``hatc latency fit`` registers its predictor. An existing default is never replaced
+    (it may hold hours of someone's tuning); the result's note says which one compile uses.
+    """
+    from hatc.compile.tuning_db import RECORD_FILE, WORKLOAD_FILE, TuningError, tuning_db_path, writer_lock
 
-    return model_config_of(read_checkpoint(ckpt)).vocab_size
+    default = tuning_db_path(target)
+    info: dict[str, Any] = {"path": str(db), "default": str(default)}
+    if default.resolve() == db.resolve():
+        return info | {"registered": True, "note": f"tuning database {db} is {target}'s default"}
+    kept = info | {
+        "registered": False,
+        "note": f"{target}'s default tuning database {default} is another one and is kept; "
+        f"compile this run's models with --db {db} to build them with its tuning",
+    }
+    if (default / WORKLOAD_FILE).is_file():
+        return kept
+    try:
+        with writer_lock(default):
+            if (default / WORKLOAD_FILE).is_file():  # made meanwhile
+                return kept
+            # The records first, the workload file last: a database exists once that file does.
+            for name in (RECORD_FILE, "runs.jsonl", WORKLOAD_FILE):
+                if (db / name).is_file():
+                    with atomic.replacing(default / name) as tmp:
+                        shutil.copyfile(db / name, tmp)
+    except TuningError:  # someone is tuning into the default right now: theirs, then
+        return kept
+    return info | {
+        "registered": True,
+        "note": f"tuning database {db} copied to {default}, {target}'s default: hatc compile and "
+        "hatc latency measure use it without --db",
+    }
+
+
+def measured_budgets(latency: Path, predictor: Path) -> list[float]:
+    """Three budgets at the quartiles of the collected latencies (rounded to 0.1 ms).
+
+    Measured latencies of random SubTransformers: each budget leaves out part of
+    what the space's SubTransformers actually measure, so it binds (budgets spread
+    up to the largest's predicted latency bind nothing at the top). Each stays
+    above the smallest SubTransformer's predicted latency, which the search needs.
+    """
+    import numpy as np
+
+    from hatc.latency.dataset import read_dataset
+    from hatc.latency.predictor import load_predictor
+
+    measured = read_dataset(latency).latency_ms
+    pred = load_predictor(predictor)
+    floor = 1.05 * float(pred.predict(pred.space.smallest()))
+    budgets: list[float] = []
+    for q in BUDGET_QUANTILES:
+        value = round(max(float(np.quantile(measured, q)), floor), 1)
+        budgets.append(max(value, round(budgets[-1] + 0.1, 1)) if budgets else value)  # distinct, rising
+    return budgets
 
 
 def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def write_markdown(path: Path, rows: list[dict[str, Any]], plan: Plan, stages: dict[str, float], sample: str) -> None:
+def write_markdown(path: Path, result: dict[str, Any], plan: Plan, sample: str) -> None:
+    rows = result["rows"]
     lines = [
         "# hatc quickstart report",
         "",
         f"`tiny` space on Multi30k En-De, target `{TARGET}` (this CPU, tuned TVM, measured through a loopback TVM "
-        f"RPC tracker). Budget: {plan.minutes:g} min ({plan.describe()}).",
+        f"RPC tracker). Budget: {plan.minutes:g} min; took {result['wall_minutes']:.1f} min.",
         "",
         "| model | budget ms | predicted ms | measured ms | speed-up vs largest | BLEU (test) | BLEU vs largest "
-        "| params |",
-        "|---|---|---|---|---|---|---|---|",
+        "| params | warnings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        notes = ", ".join(r["warnings"] + ([f"same model as {r['same_as']}"] if r["same_as"] else []))
         lines.append(
             f"| {r['model']} | {fmt_ms(r['budget_ms'])} | {fmt_ms(r['predicted_latency_ms'])} | "
             f"{r['measured_latency_ms']:.1f} | {r['speedup_vs_largest']:.2f}x | {r['bleu']:.2f} | "
-            f"{r['bleu_vs_largest']:+.2f} | {r['params'] / 1e6:.2f}M |"
+            f"{r['bleu_vs_largest']:+.2f} | {r['params'] / 1e6:.2f}M | {notes or '-'} |"
         )
-    lines += ["", "![Pareto front: predicted latency vs validation loss](pareto.png)", "", f"Sample: *{sample}*", ""]
+    settings = result.get("model_settings") or {}
+    lines += ["", f"BLEU on {settings.get('test_sentences', '?')} test sentences; every model fine-tuned "
+              f"{settings.get('finetune_minutes', 0):.2f} min from the supernet's weights."]  # fmt: skip
+    if result["warnings"]:
+        lines += ["", "## Not to be trusted", ""]
+        lines += [f"- `{w['code']}`: {w['message']}" for w in result["warnings"]]
+    if result["cuts"]:
+        lines += ["", f"## Cut to fit {plan.minutes:g} minutes", ""]
+        lines += [f"- {c['line'].removeprefix('cut: ')}" for c in result["cuts"]]
+    db = result["tuning_db"]
+    compile_db = "" if db["registered"] else f" --db {db['path']}"
+    lines += [
+        "",
+        "## Use a model",
+        "",
+        f"Tuning database: {db['note']}. Compile a model again with "
+        f"`hatc compile --checkpoint {rows[0]['checkpoint']} --target {TARGET} --buckets {plan.buckets}{compile_db}`.",
+        "",
+        "![Pareto front: predicted latency vs validation loss; a star per budget's winner](pareto.png)",
+        "",
+        f"Sample: *{sample}*",
+        "",
+    ]
     lines += [f"- {r['model']}: {r['sample']}" for r in rows]
+    stages = result["stage_seconds"]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()), ""]
     atomic.write_text(path, "\n".join(lines))
