@@ -204,14 +204,14 @@ class FakeQuickstart(Quickstart):
         return "127.0.0.1:9190"
 
 
-def run_fake(tmp_path, machine, minutes=15.0, out="qs"):
+def run_fake(tmp_path, machine, minutes=15.0, out="qs", runner=None):
     corpus = tmp_path / "corpus"  # what prepare would read: only checked for
     corpus.mkdir(exist_ok=True)
     for split in ("train", "val", "test_2016_flickr"):
         (corpus / f"{split}.en").touch()
     lines: list[str] = []
     plan = Plan.for_minutes(minutes)
-    qs = FakeQuickstart(tmp_path / out, plan, corpus, False, lines.append, now=machine.now, runner=machine)
+    qs = FakeQuickstart(tmp_path / out, plan, corpus, False, lines.append, now=machine.now, runner=runner or machine)
     return qs.run(), lines
 
 
@@ -340,3 +340,27 @@ def test_an_existing_default_tuning_database_is_kept(tmp_path, cache):
     info = register_tuning_db(ours, "x86")
     assert info["registered"] is False and f"--db {ours}" in info["note"]
     assert (default / "database_workload.json").read_text() == "theirs\n"
+
+
+def test_a_resumed_run_keeps_its_deadline_and_redoes_nothing(tmp_path, cache):
+    from hatc.errors import Interrupted
+
+    machine = FakeMachine()
+    run = machine.__call__
+
+    def interrupted_search(argv, stdin):  # Ctrl-C during the search, once
+        if argv[0] == "search" and not calls(machine, "search"):
+            machine.calls.append(argv)
+            machine.t += 30
+            return 130, ""
+        return run(argv, stdin)
+
+    with pytest.raises(Interrupted):
+        run_fake(tmp_path, machine, runner=interrupted_search)
+    machine.t += 3600  # the user comes back an hour later: the time away is not the run's
+    result, lines = run_fake(tmp_path, machine, runner=interrupted_search)
+    assert len(calls(machine, "train", "supernet")) == 1 and len(calls(machine, "tune")) == 1
+    assert any(line.startswith("[supernet] done before") for line in lines)
+    assert result["wall_minutes"] <= 1.15 * 15
+    again, _ = run_fake(tmp_path, machine)  # finished: the same result, nothing run
+    assert again == result
