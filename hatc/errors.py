@@ -32,3 +32,7 @@ class DataError(HatcError):
 
 class CheckpointError(HatcError):
     """A checkpoint is missing, corrupt, or does not fit what was asked."""
+
+
+class ArtifactError(HatcError):
+    """An artifact is missing, malformed, tampered with, or cannot run here."""

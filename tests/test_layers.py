@@ -96,7 +96,7 @@ class Blocked(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Blocked())
 import hatc.runtime
 from hatc.runtime import Translator, open_artifact
-from hatc.runtime import artifact, backends, signing, translator  # every runtime module
+from hatc.runtime import artifact, backends, manifest, signing, translator  # every runtime module
 import hatc.runtime.beam, hatc.runtime.runners, hatc.runtime.signature
 print("ok")
 """

@@ -10,7 +10,8 @@ Layout (paths relative to the artifact directory)::
     graphs/encoder.s16.onnx  onnxruntime backend: the ONNX graphs instead of libraries,
     graphs/weights.bin       their weights as ONNX external data, deduplicated
 
-Opening checks the layout before any file but the manifest is read: every
+Opening checks the manifest's fields (``hatc.runtime.manifest``) and the layout
+before any file but the manifest is read: every
 path the manifest references (libraries, graphs, weights, tokenizer) must be
 relative, inside the artifact, reached through no symbolic link, and listed in
 ``files``, and the artifact may hold nothing else (but ``manifest.sig``). Then
@@ -34,19 +35,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from hatc import atomic
-from hatc.errors import HatcError
+from hatc.errors import ArtifactError
+from hatc.runtime.manifest import check_manifest
 from hatc.runtime.signing import SIGNATURE, load_public_key, verify_signature, verify_signature_bytes
 
 FORMAT = "hatc-artifact/1"
 MANIFEST = "manifest.json"
 SUBWORD = "subword.model"
 WEIGHTS = "weights.npz"
-BACKENDS = ("tvm", "onnxruntime")
-_REQUIRED = ("format", "backend", "arch", "target", "decoding", "buckets", "graphs", "files")
-
-
-class ArtifactError(HatcError):
-    """An artifact is missing, malformed, tampered with, or cannot run here."""
 
 
 def sha256_file(path: Path) -> str:
@@ -116,7 +112,8 @@ def read_manifest_bytes(root: Path, source: Path) -> bytes:
 
 
 def parse_manifest(data: bytes, source: Path) -> dict[str, Any]:
-    """Parses and checks ``manifest.json``'s bytes (errors name ``source``)."""
+    """Parses ``manifest.json``'s bytes and checks every field the runtime reads
+    (``hatc.runtime.manifest``); errors name ``source``, the field and its value."""
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -124,11 +121,7 @@ def parse_manifest(data: bytes, source: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise ArtifactError(f"{source}: {MANIFEST} has format {found!r}; this hatc reads {FORMAT!r}")
-    missing = [key for key in _REQUIRED if key not in manifest]
-    if missing:
-        raise ArtifactError(f"{source}: {MANIFEST} lacks field(s) {', '.join(missing)}")
-    if manifest["backend"] not in BACKENDS:
-        raise ArtifactError(f"{source}: unknown backend {manifest['backend']!r}; expected one of {', '.join(BACKENDS)}")
+    check_manifest(manifest, f"{source}: {MANIFEST}")
     return manifest
 
 
