@@ -154,3 +154,49 @@ def test_ddp_two_gloo_workers_sample_the_same_subnets(data_dir, tmp_path):
     assert [r["arch"] for r in rank0] == [r["arch"] for r in rank1]
     assert rank0[0]["loss"] != rank1[0]["loss"]  # each worker saw its own share of the data
     assert read_checkpoint(run / "checkpoints" / "last.pt")["updates"] == 4
+
+
+# ----- resume: the run's own stopping rule (issue 17) -------------------------------------------
+def test_a_resume_keeps_the_runs_stopping_rule_unless_given_one():
+    from hatc.train.config import TrainConfig
+
+    saved = TrainConfig(max_updates=100, minutes=60, lr=5e-4)
+    rule = lambda c: (c.max_updates, c.minutes, c.lr)  # noqa: E731
+    assert rule(saved.resumed(TrainConfig(), 12.5)) == (100, 12.5, 5e-4)  # the rest of its budget
+    assert rule(saved.resumed(TrainConfig(minutes=5), 12.5)) == (100, 5, 5e-4)  # this time; the total stays
+    assert rule(saved.resumed(TrainConfig(max_updates=200), 12.5)) == (200, None, 5e-4)  # a new total
+    assert rule(TrainConfig(minutes=60).resumed(TrainConfig(), None)) == (None, None, 1e-3)
+
+
+def _edit_last(run, **changes):
+    path = run / "checkpoints" / "last.pt"
+    state = read_checkpoint(path, resumable=True)
+    state["train_config"] |= {k: v for k, v in changes.items() if k != "minutes_left"}
+    if "minutes_left" in changes:
+        state["minutes_left"] = changes["minutes_left"]
+    torch.save(state, path)
+
+
+def test_resume_alone_continues_with_the_runs_own_stopping_rule(cli, data_dir, tmp_path):
+    run = tmp_path / "run"
+    unruled = cli("train", "supernet", "--data", data_dir, "--out", run, *TRAIN)
+    assert unruled.code == 2 and "--max-updates" in unruled.stderr
+    assert len(unruled.stderr.strip().splitlines()) == 1, unruled.stderr  # no progress bar before the refusal
+    assert cli("train", "supernet", "--data", data_dir, "--out", run, "--max-updates", "2", *TRAIN).code == 0
+    _edit_last(run, max_updates=5, minutes=60, minutes_left=30.0)  # as if stopped at 2 of 5, 30 of 60 min left
+
+    resumed = cli("train", "supernet", "--data", data_dir, "--out", run, "--resume", "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert (json.loads(resumed.stdout)["updates"], json.loads(resumed.stdout)["stopped"]) == (5, "max_updates")
+    assert "stopping at update 5 or after 30 minutes" in resumed.stderr, resumed.stderr
+    state = read_checkpoint(run / "checkpoints" / "last.pt", resumable=True)
+    assert state["train_config"]["max_updates"] == 5 and 0 < state["minutes_left"] < 30
+
+    done = cli("train", "supernet", "--data", data_dir, "--out", run, "--resume", "--json")
+    assert done.code == 0 and json.loads(done.stdout)["updates"] == 5
+    assert "give a larger --max-updates" in done.stderr, done.stderr
+
+    _edit_last(run, max_updates=None, minutes=60, minutes_left=0.0)  # its minutes all trained
+    spent = cli("train", "supernet", "--data", data_dir, "--out", run, "--resume", "--json")
+    assert spent.code == 0 and json.loads(spent.stdout)["stopped"] == "minutes"
+    assert json.loads(spent.stdout)["updates"] == 5 and "budget is spent" in spent.stderr, spent.stderr

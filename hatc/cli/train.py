@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.errors import HatcError
@@ -15,16 +15,23 @@ from hatc.space import load_space, resolve_arch
 from hatc.train.config import TrainConfig
 
 if TYPE_CHECKING:  # the loop imports torch: only a training command loads it
-    from hatc.train.loop import TrainResult, TrainTask, UpdateStats
+    from hatc.train.loop import TrainResult, TrainStart, TrainTask, UpdateStats
 
 app = typer.Typer(help="Train the SuperTransformer or a SubTransformer.", no_args_is_help=True)
 
 # Options both commands share (typer has no option groups; these keep them identical).
 Data = Annotated[Path, typer.Option(help="Data directory from 'hatc data prepare'.")]
 Out = Annotated[Path, typer.Option(help="Run directory: checkpoints/ and logs/ go here.")]
-MaxUpdates = Annotated[int | None, typer.Option(min=1, help="Total updates (over all resumes).")]
-Minutes = Annotated[float | None, typer.Option(min=0.0, help="Stop after this many minutes (and save).")]
-Resume = Annotated[bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt.")]
+MaxUpdates = Annotated[
+    int | None, typer.Option(min=1, help="Total updates (over all resumes; a resume keeps the run's).")
+]
+Minutes = Annotated[
+    float | None,
+    typer.Option(min=0.0, help="Stop after this many minutes (and save); a resume without either flag: what is left."),
+]
+Resume = Annotated[
+    bool, typer.Option(help="Continue from RUN_DIR/checkpoints/last.pt, with the run's settings and stopping rule.")
+]
 MaxTokens = Annotated[int, typer.Option(help="Padded tokens per micro-batch per worker.")]
 UpdateFreq = Annotated[int, typer.Option(help="Micro-batches accumulated per update.")]
 Lr = Annotated[float, typer.Option(help="Peak learning rate.")]
@@ -44,22 +51,34 @@ def _run(task: TrainTask, cfg: TrainConfig, data: Path, out: Path, resume: bool,
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} updates" if cfg.max_updates else "{task.completed} updates"),
+        TextColumn("{task.fields[count]}"),
         TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s  lr {task.fields[lr]:.2e}"),
         TimeElapsedColumn(),
         console=stderr,
         disable=not rank0,
     )
-    bar = progress.add_task(f"train {task.kind}", total=cfg.max_updates, loss=0.0, tps=0.0, lr=0.0)
+    bar: TaskID | None = None  # drawn once the run knows its stopping rule (a resume: the run's own)
+    total: int | None = None
+
+    def count(done: int) -> str:
+        return f"{done}/{total} updates" if total else f"{done} updates"
 
     def events(kind: str, payload: Any) -> None:
-        if kind == "update":
+        nonlocal bar, total
+        if kind == "start":
+            start: TrainStart = payload
+            total = start.max_updates
+            bar = progress.add_task(
+                f"train {task.kind}", total=total, completed=start.updates, count=count(start.updates),
+                loss=0.0, tps=0.0, lr=0.0,
+            )  # fmt: skip
+        elif kind == "update" and bar is not None:
             s: UpdateStats = payload
-            progress.update(bar, completed=s.update, loss=s.loss, tps=s.tokens_per_s, lr=s.lr)
+            progress.update(bar, completed=s.update, count=count(s.update), loss=s.loss, tps=s.tokens_per_s, lr=s.lr)
         elif kind == "valid":
             losses = ", ".join(f"{k} {v:.3f}" for k, v in payload.items() if k.endswith("_loss"))
             progress.console.print(f"update {payload['update']} epoch {payload['epoch']}: valid {losses}")
-        else:
+        elif kind == "log":
             progress.console.print(payload)
 
     with progress:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hatc.errors import HatcError
 
@@ -13,7 +13,7 @@ SCHEDULES = ("inverse_sqrt", "cosine")
 @dataclass
 class TrainConfig:
     max_updates: int | None = None  # total over all resumes
-    minutes: float | None = None  # wall-clock limit for this invocation
+    minutes: float | None = None  # wall-clock limit for this invocation (a resume given no rule: what is left)
     max_tokens: int = 4096  # padded tokens per micro-batch (per worker)
     update_freq: int = 1  # micro-batches accumulated per update
     lr: float = 1e-3  # peak learning rate
@@ -43,6 +43,17 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise HatcError(f"--{name.replace('_', '-')} must be at least 1")
         return self
+
+    def resumed(self, given: TrainConfig, minutes_left: float | None) -> TrainConfig:
+        """These (a saved run's) settings for a resume, with the stopping rule ``given`` names.
+
+        Only the stopping rule may change. ``--max-updates`` is the run's total: a new one
+        replaces it, else it stays. ``--minutes`` is one invocation's limit: a new one applies;
+        with neither flag given the run keeps its own budget, ``minutes_left`` of it.
+        """
+        if given.max_updates is None and given.minutes is None:
+            return replace(self, minutes=minutes_left)
+        return replace(self, max_updates=given.max_updates or self.max_updates, minutes=given.minutes)
 
     def lr_at(self, update: int) -> float:
         """Learning rate for update number ``update`` (1-based)."""

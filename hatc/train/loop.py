@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ class UpdateStats:
 
 
 @dataclass
+class TrainStart:
+    """What a run is about to do: from which update, and its stopping rule (after a resume, the run's own)."""
+
+    updates: int
+    max_updates: int | None
+    minutes: float | None
+
+
+@dataclass
 class TrainResult:
     updates: int
     stopped: str  # "max_updates" | "minutes"
@@ -75,7 +84,7 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-Events = Callable[[str, Any], None]  # ("update", UpdateStats) | ("valid", dict) | ("log", str)
+Events = Callable[[str, Any], None]  # ("start", TrainStart) | ("update", UpdateStats) | ("valid", dict) | ("log", str)
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +153,10 @@ class Trainer:
         self.best_path = self.out / "checkpoints" / "best.pt"
 
         saved = self._resume_state(resume)
-        if saved is not None:  # the run's own settings win, except how long to run this time
-            cfg = replace(TrainConfig(**saved["train_config"]), max_updates=cfg.max_updates, minutes=cfg.minutes)
+        self._session_start: float | None = None  # when run() began
+        if saved is not None:  # the run's own settings and stopping rule, unless a new rule is given
+            left = saved.get("minutes_left", saved["train_config"].get("minutes"))  # older checkpoints: all of it
+            cfg = TrainConfig(**saved["train_config"]).resumed(cfg, left)
         self.cfg = cfg.validate()
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every worker
@@ -223,7 +234,17 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.updates = state["updates"]
         self.best_valid = state["best_valid"]
-        self._log(f"resumed {self.last_path} at update {self.updates} (epoch {self.cursor.epoch})")
+        cfg = self.cfg
+        rule = [f"at update {cfg.max_updates}"] if cfg.max_updates is not None else []
+        rule += [f"after {cfg.minutes:g} minutes"] if cfg.minutes is not None else []
+        self._log(
+            f"resumed {self.last_path} at update {self.updates} (epoch {self.cursor.epoch}); stopping "
+            + " or ".join(rule)
+        )
+        if cfg.max_updates is not None and self.updates >= cfg.max_updates:
+            self._log(f"the run has its {cfg.max_updates} updates already; give a larger --max-updates to train on")
+        elif cfg.minutes == 0:
+            self._log("the run's --minutes budget is spent; give --minutes M or --max-updates N to train on")
 
     def _log(self, message: str) -> None:
         if self.rank == 0:
@@ -237,7 +258,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
-        start = last_save = time.monotonic()
+        start = last_save = self._session_start = time.monotonic()
+        if self.rank == 0:
+            self.events("start", TrainStart(self.updates, cfg.max_updates, cfg.minutes))
         share = self.epoch_share(self.cursor.epoch)
         valid: dict[str, float] = {}
         stopped = "max_updates"
@@ -379,10 +402,18 @@ class Trainer:
             "updates": self.updates,
             "best_valid": self.best_valid,
             "train_config": asdict(self.cfg),
+            "minutes_left": self._minutes_left(),
             "subword_model": self.subword.model_bytes,
             "data": {"dir": str(self.data.path.resolve()), "src": self.data.src, "tgt": self.data.tgt},
             "hatc_version": hatc.__version__,
         }
+
+    def _minutes_left(self) -> float | None:
+        """What a resume given no stopping rule may still train of this session's --minutes."""
+        if self.cfg.minutes is None:
+            return None
+        elapsed = time.monotonic() - self._session_start if self._session_start is not None else 0.0
+        return max(0.0, self.cfg.minutes - elapsed / 60)
 
     def save(self) -> None:
         if self.rank == 0:
