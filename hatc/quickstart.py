@@ -20,7 +20,8 @@ Pareto PNG, Markdown).
 ``--minutes`` bounds the whole run: the latency stages run before the supernet
 so that their measured cost is known when training time is given out, and every
 budget is re-planned from measured rates (``hatc.quickstart_plan``). What cannot
-be trusted in the results is listed as warnings (``hatc.quickstart_trust``).
+be trusted in the results is listed as warnings (``hatc.quickstart_trust``) in the
+report (``hatc.quickstart_report``).
 """
 
 from __future__ import annotations
@@ -50,10 +51,9 @@ from hatc.quickstart_plan import (
     Plan,
     TimeBudget,
 )
+from hatc.quickstart_report import SAMPLE, TARGET
 
 SPACE = "tiny"
-TARGET = "x86"
-SAMPLE = "A man in a blue shirt is riding a bicycle down the street."
 MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 LAYOUT = 2  # of OUT/quickstart.json; 1 trained the supernet before the latency stages
 MULTI30K_PAIRS = 29000  # training pairs without --subset
@@ -559,48 +559,15 @@ class Quickstart:
     def _report(
         self, rows: list[dict[str, Any]], search: dict, search_dir: Path, trained: dict, fit: dict, tuning_db: dict
     ) -> dict[str, Any]:
-        from hatc import quickstart_trust as trust
+        from hatc.quickstart_report import build_report
 
-        largest = next(r for r in rows if r["model"] == "largest")
-        for r in rows:
-            r["speedup_vs_largest"] = largest["measured_latency_ms"] / r["measured_latency_ms"]
-            r["bleu_vs_largest"] = r["bleu"] - largest["bleu"]
+        shutil.copyfile(search_dir / "pareto.png", self.out / "pareto.png")
         evaluations = search_dir / "evaluations.json"
         losses = json.loads(evaluations.read_text())["losses"] if evaluations.exists() else {}
-        stages = {k: round(v["seconds"], 1) for k, v in self.state["stages"].items()}
-        wall_s = sum(stages.values())
-        warnings = [
-            *trust.supernet_warnings(trained),
-            *trust.predictor_warnings(fit),
-            *trust.search_warnings(search["results"], losses),
-            *trust.row_warnings(rows),
-            *trust.time_warnings(self.plan.minutes, wall_s),
-        ]
-        for r in rows:
-            r["warnings"] = [w.code for w in warnings if r["model"] in w.models]
-        pareto = self.out / "pareto.png"
-        shutil.copyfile(search_dir / "pareto.png", pareto)
-        report = self.out / "report.md"
-        cuts = list(self.state["cuts"].values())
-        result = {
-            "rows": rows,
-            "warnings": [w.to_dict() for w in warnings],
-            "trusted": not warnings,
-            "cuts": cuts,
-            "minutes": self.plan.minutes,
-            "wall_minutes": round(wall_s / 60, 2),
-            "model_settings": self.state.get("model_settings"),
-            "supernet": {k: trained.get(k) for k in ("updates", "minutes", "best_valid", "valid")},
-            "predictor": {k: fit.get(k) for k in ("model", "mape", "kendall_tau", "n_train", "n_valid", "n_test")},
-            "budgets_ms": [search["results"][k]["budget_ms"] for k in search["results"]],
-            "tuning_db": tuning_db,
-            "report": str(report),
-            "pareto": str(pareto),
-            "stage_seconds": stages,
-            "rates": {k: round(v, 4) for k, v in self.budget.measured.items()},
-        }
-        write_markdown(report, result, self.plan, SAMPLE)
-        return result
+        return build_report(
+            self.out, self.plan, rows, search["results"], losses, trained, fit, tuning_db, self.state,
+            self.budget.measured,
+        )  # fmt: skip
 
 
 # ----- pieces with no state ------------------------------------------------------------------
@@ -662,55 +629,3 @@ def measured_budgets(latency: Path, predictor: Path) -> list[float]:
         value = round(max(float(np.quantile(measured, q)), floor), 1)
         budgets.append(max(value, round(budgets[-1] + 0.1, 1)) if budgets else value)  # distinct, rising
     return budgets
-
-
-def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def write_markdown(path: Path, result: dict[str, Any], plan: Plan, sample: str) -> None:
-    rows = result["rows"]
-    lines = [
-        "# hatc quickstart report",
-        "",
-        f"`tiny` space on Multi30k En-De, target `{TARGET}` (this CPU, tuned TVM, measured through a loopback TVM "
-        f"RPC tracker). Budget: {plan.minutes:g} min; took {result['wall_minutes']:.1f} min.",
-        "",
-        "| model | budget ms | predicted ms | measured ms | speed-up vs largest | BLEU (test) | BLEU vs largest "
-        "| params | warnings |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        notes = ", ".join(r["warnings"] + ([f"same model as {r['same_as']}"] if r["same_as"] else []))
-        lines.append(
-            f"| {r['model']} | {fmt_ms(r['budget_ms'])} | {fmt_ms(r['predicted_latency_ms'])} | "
-            f"{r['measured_latency_ms']:.1f} | {r['speedup_vs_largest']:.2f}x | {r['bleu']:.2f} | "
-            f"{r['bleu_vs_largest']:+.2f} | {r['params'] / 1e6:.2f}M | {notes or '-'} |"
-        )
-    settings = result.get("model_settings") or {}
-    lines += ["", f"BLEU on {settings.get('test_sentences', '?')} test sentences; every model fine-tuned "
-              f"{settings.get('finetune_minutes', 0):.2f} min from the supernet's weights."]  # fmt: skip
-    if result["warnings"]:
-        lines += ["", "## Not to be trusted", ""]
-        lines += [f"- `{w['code']}`: {w['message']}" for w in result["warnings"]]
-    if result["cuts"]:
-        lines += ["", f"## Cut to fit {plan.minutes:g} minutes", ""]
-        lines += [f"- {c['line'].removeprefix('cut: ')}" for c in result["cuts"]]
-    db = result["tuning_db"]
-    compile_db = "" if db["registered"] else f" --db {db['path']}"
-    lines += [
-        "",
-        "## Use a model",
-        "",
-        f"Tuning database: {db['note']}. Compile a model again with "
-        f"`hatc compile --checkpoint {rows[0]['checkpoint']} --target {TARGET} --buckets {plan.buckets}{compile_db}`.",
-        "",
-        "![Pareto front: predicted latency vs validation loss; a star per budget's winner](pareto.png)",
-        "",
-        f"Sample: *{sample}*",
-        "",
-    ]
-    lines += [f"- {r['model']}: {r['sample']}" for r in rows]
-    stages = result["stage_seconds"]
-    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()), ""]
-    atomic.write_text(path, "\n".join(lines))

@@ -1,0 +1,126 @@
+"""The quickstart's report: each row against the largest SubTransformer, what cannot be
+trusted (``hatc.quickstart_trust``), what was cut, and ``OUT/report.md``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hatc import atomic
+from hatc import quickstart_trust as trust
+from hatc.quickstart_plan import Plan
+
+TARGET = "x86"
+SAMPLE = "A man in a blue shirt is riding a bicycle down the street."
+
+
+def build_report(
+    out: Path,
+    plan: Plan,
+    rows: list[dict[str, Any]],
+    results: Mapping[str, Mapping[str, Any]],
+    losses: Mapping[str, float],
+    trained: Mapping[str, Any],
+    fit: Mapping[str, Any],
+    tuning_db: dict[str, Any],
+    state: Mapping[str, Any],
+    rates: Mapping[str, float],
+) -> dict[str, Any]:
+    """The quickstart's result (what ``--json`` prints); writes ``out/report.md``.
+
+    Args:
+        rows: one per budget and one for ``largest`` (its measured latency, BLEU, ...).
+        results: the search's per-budget results; ``losses``: every architecture it scored.
+        trained, fit: ``hatc train supernet`` and ``hatc latency fit``'s results.
+        tuning_db: ``register_tuning_db``'s result.
+        state: the quickstart's state (stage times, cuts, the models' settings).
+        rates: the seconds per unit measured in the run.
+    """
+    largest = next(r for r in rows if r["model"] == "largest")
+    for r in rows:
+        r["speedup_vs_largest"] = largest["measured_latency_ms"] / r["measured_latency_ms"]
+        r["bleu_vs_largest"] = r["bleu"] - largest["bleu"]
+    stages = {k: round(v["seconds"], 1) for k, v in state["stages"].items()}
+    wall_s = sum(stages.values())
+    warnings = [
+        *trust.supernet_warnings(trained),
+        *trust.predictor_warnings(fit),
+        *trust.search_warnings(results, losses),
+        *trust.row_warnings(rows),
+        *trust.time_warnings(plan.minutes, wall_s),
+    ]
+    for r in rows:
+        r["warnings"] = [w.code for w in warnings if r["model"] in w.models]
+    report = out / "report.md"
+    result = {
+        "rows": rows,
+        "warnings": [w.to_dict() for w in warnings],
+        "trusted": not warnings,
+        "cuts": list(state["cuts"].values()),
+        "minutes": plan.minutes,
+        "wall_minutes": round(wall_s / 60, 2),
+        "model_settings": state.get("model_settings"),
+        "supernet": {k: trained.get(k) for k in ("updates", "minutes", "best_valid", "valid")},
+        "predictor": {k: fit.get(k) for k in ("model", "mape", "kendall_tau", "n_train", "n_valid", "n_test")},
+        "budgets_ms": [results[k]["budget_ms"] for k in results],
+        "tuning_db": tuning_db,
+        "report": str(report),
+        "pareto": str(out / "pareto.png"),
+        "stage_seconds": stages,
+        "rates": {k: round(v, 4) for k, v in rates.items()},
+    }
+    write_markdown(report, result, plan)
+    return result
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
+    rows = result["rows"]
+    lines = [
+        "# hatc quickstart report",
+        "",
+        f"`tiny` space on Multi30k En-De, target `{TARGET}` (this CPU, tuned TVM, measured through a loopback TVM "
+        f"RPC tracker). Budget: {plan.minutes:g} min; took {result['wall_minutes']:.1f} min.",
+        "",
+        "| model | budget ms | predicted ms | measured ms | speed-up vs largest | BLEU (test) | BLEU vs largest "
+        "| params | warnings |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        notes = ", ".join(r["warnings"] + ([f"same model as {r['same_as']}"] if r["same_as"] else []))
+        lines.append(
+            f"| {r['model']} | {fmt_ms(r['budget_ms'])} | {fmt_ms(r['predicted_latency_ms'])} | "
+            f"{r['measured_latency_ms']:.1f} | {r['speedup_vs_largest']:.2f}x | {r['bleu']:.2f} | "
+            f"{r['bleu_vs_largest']:+.2f} | {r['params'] / 1e6:.2f}M | {notes or '-'} |"
+        )
+    settings = result.get("model_settings") or {}
+    lines += ["", f"BLEU on {settings.get('test_sentences', '?')} test sentences; every model fine-tuned "
+              f"{settings.get('finetune_minutes', 0):.2f} min from the supernet's weights."]  # fmt: skip
+    if result["warnings"]:
+        lines += ["", "## Not to be trusted", ""]
+        lines += [f"- `{w['code']}`: {w['message']}" for w in result["warnings"]]
+    if result["cuts"]:
+        lines += ["", f"## Cut to fit {plan.minutes:g} minutes", ""]
+        lines += [f"- {c['line'].removeprefix('cut: ')}" for c in result["cuts"]]
+    db = result["tuning_db"]
+    compile_db = "" if db["registered"] else f" --db {db['path']}"
+    lines += [
+        "",
+        "## Use a model",
+        "",
+        f"Tuning database: {db['note']}. Compile a model again with "
+        f"`hatc compile --checkpoint {rows[0]['checkpoint']} --target {TARGET} --buckets {plan.buckets}{compile_db}`.",
+        "",
+        "![Pareto front: predicted latency vs validation loss; a star per budget's winner](pareto.png)",
+        "",
+        f"Sample: *{SAMPLE}*",
+        "",
+    ]
+    lines += [f"- {r['model']}: {r['sample']}" for r in rows]
+    stages = result["stage_seconds"]
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()), ""]
+    atomic.write_text(path, "\n".join(lines))
