@@ -33,12 +33,13 @@ def quickstart(
     """Run the whole pipeline on Multi30k and this CPU: data, tuning, latency on a loopback
     device, predictor, supernet, search at three budgets, fine-tuning, BLEU, artifacts.
 
-    --minutes bounds the whole run. At --minutes 60 on a quiet 2-core machine: tuning 600
-    trials, latency collection 8 min, supernet 24 min, search 15 generations of 60,
-    fine-tuning 1.5 min for each winner and the largest SubTransformer, plus evaluation,
-    compilation and measurement. On a slower machine every stage is re-planned from the
-    rates measured so far, and what was cut is said on stderr and in the report. Each stage
-    prints the hatc command it runs; interrupted, the same command resumes."""
+    --minutes bounds the whole run. At --minutes 60 on a quiet 2-core machine: tuning
+    600 trials, latency collection 8 min, supernet 22 min, search 10 generations of 30,
+    fine-tuning 1.5 min for each winner and the largest SubTransformer, BLEU on the
+    whole test set, builds and measurements. On a slower machine every stage is
+    re-planned from the rates measured so far; what was cut, and what in the results
+    cannot be trusted, is said on stderr and in the report (docs/quickstart.md).
+    Each stage prints the hatc command it runs; interrupted, the same command resumes."""
     from hatc.quickstart import Plan, Quickstart
 
     if corpus is not None and download:
