@@ -260,7 +260,10 @@ def load_space(name_or_path: str) -> SearchSpace:
             raise SpaceError(
                 f"unknown space '{name_or_path}': use one of {', '.join(BUILTIN_SPACES)} or a space YAML file"
             )
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise SpaceError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -57,6 +57,14 @@ def test_bad_space_file_names_the_problem(tmp_path, edit, message):
         load_space(str(path))
 
 
+def test_a_space_file_that_is_not_utf8_is_one_line(cli, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    result = cli("arch", "sample", "--space", path)
+    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{path}: not UTF-8 text (byte offset 9)" in result.stderr
+
+
 def test_unknown_space_lists_known():
     with pytest.raises(SpaceError, match="wmt, iwslt, tiny"):
         load_space("nope")
