@@ -95,6 +95,7 @@ def compile_command(
                 "buckets": manifest["buckets"],
                 "beam": manifest["decoding"]["beam"],
                 "tuned": manifest["tuned"],
+                "fallbacks": manifest.get("tuning", {}).get("fallbacks", {}),
                 "parity": manifest["parity"],
                 "max_abs_diff": worst,
                 "files": len(manifest["files"]),
@@ -110,8 +111,7 @@ def compile_command(
     stdout.print(f"archive  {result.archive} ({result.archive.stat().st_size / 1e6:.1f} MB)")
     stdout.print(
         f"target {manifest['target']['name']}, backend {manifest['backend']}, buckets "
-        f"{','.join(map(str, manifest['buckets']))}, beam {manifest['decoding']['beam']}, "
-        f"{'tuned' if manifest['tuned'] else 'untuned'}"
+        f"{','.join(map(str, manifest['buckets']))}, beam {manifest['decoding']['beam']}, {_tuned_label(manifest)}"
     )
     for name, diff in worst.items():
         stdout.print(f"parity   {name} vs PyTorch: max abs diff {diff:.2e}")
@@ -123,3 +123,14 @@ def compile_command(
     if result.signed_by is not None:
         stdout.print(f"signed   by key {result.signed_by} (manifest.sig; check with 'hatc translate --trust hatc.pub')")
     stdout.print(f"done in {result.seconds:.1f} s")
+
+
+def _tuned_label(manifest: dict) -> str:
+    """tuned, untuned, or untuned with the count of kernels that fell back to plain loops."""
+    if manifest["tuned"]:
+        return "tuned"
+    tuning = manifest.get("tuning") or {}
+    fallbacks = sum(len(items) for items in (tuning.get("fallbacks") or {}).values())
+    if fallbacks and not tuning.get("missing"):
+        return f"not fully tuned: {fallbacks} kernel(s) fell back to plain loops (tuning failed)"
+    return "untuned"

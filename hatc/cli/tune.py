@@ -147,4 +147,14 @@ def _print_report(r: TuneReport) -> None:
         f"{r.tune_seconds:.0f} s on {'this machine' if r.device == 'local' else r.device}; "
         f"{r.skipped} already in the database"
     )
+    if r.fallbacks:
+        stdout.print(fallback_line(r.fallbacks), soft_wrap=True)
     stdout.print(f"database: {r.database}")
+
+
+def fallback_line(fallbacks: list[dict[str, str]]) -> str:
+    """``1 workload fell back to plain loops: NAME (reason)``: a run's ``TuneReport.fallbacks``
+    (workloads MetaSchedule failed on, left on their plain loops)."""
+    n = len(fallbacks)
+    listed = "; ".join(f"{f['workload']} ({f['reason']})" for f in fallbacks)
+    return f"{n} workload{'s' if n != 1 else ''} fell back to plain loops: {listed}"

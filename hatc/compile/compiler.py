@@ -34,7 +34,7 @@ from hatc.checkpoint import LoadedModel, load_subtransformer
 from hatc.compile import checks
 from hatc.compile.checks import CompileEvent
 from hatc.compile.export import export_onnx
-from hatc.compile.tuning_db import load_database, missing_workloads, tuning_db_path
+from hatc.compile.tuning_db import graph_schedules, load_database, tuning_db_path
 from hatc.compile.weights import WeightTable, externalize_onnx
 from hatc.data.subword import BOS, EOS, PAD, UNK
 from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
@@ -76,6 +76,34 @@ class CompileResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     signed_by: str | None = None  # the signing key's id
+
+
+@dataclass
+class Scheduling:
+    """Where the kernels of a build's graphs got their schedules (``tuning_db.graph_schedules``)."""
+
+    missing: list[str] = field(default_factory=list)  # "decoder_step.s16: fused_..." (no tuned schedule)
+    # graph ("decoder_step.s16") -> [{"function", "workload", "reason"}]: MetaSchedule failed on them
+    fallbacks: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # graph -> {"rule": n, "tuned": n, ...}
+
+    def add(self, graph: str, schedules: Any) -> None:
+        self.missing += [f"{graph}: {name}" for name in schedules.missing]
+        if schedules.fallbacks:
+            self.fallbacks[graph] = [{"function": name, **entry} for name, entry in schedules.fallbacks.items()]
+        self.counts[graph] = schedules.counts()
+
+
+def fallback_warning(fallbacks: dict[str, list[dict[str, str]]]) -> str:
+    """One line: which kernels of a build kept their plain loops because MetaSchedule failed on them."""
+    entries = [(graph, f) for graph, items in fallbacks.items() for f in items]
+    reasons = sorted({f["reason"] for _, f in entries})
+    graph, first = entries[0]
+    return (
+        f"{len(entries)} kernel(s) of this build fell back to plain loops, MetaSchedule having failed on them "
+        f"(e.g. {graph}: {first['function']}; {'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}): "
+        'the artifact lists them under tuning.fallbacks and says "tuned": false'
+    )
 
 
 def parse_buckets(text: str) -> tuple[int, ...]:
@@ -189,12 +217,17 @@ def compile_artifact(
         with tempfile.TemporaryDirectory(prefix="hatc-compile-") as work:
             stages = checks.Stages(on_event, total=len(request.buckets) * (4 if request.backend == "tvm" else 3) + 2)
             build = _build_tvm if request.backend == "tvm" else _build_onnxruntime
-            graphs, runners, parity, missing = build(request, target, loaded, database, staging, Path(work), stages)
+            graphs, runners, parity, scheduling = build(request, target, loaded, database, staging, Path(work), stages)
+            missing, fallbacks = scheduling.missing, scheduling.fallbacks
             if missing:
                 warning = (
                     f"the tuning database {db_path} lacks {len(missing)} workload(s) of this SubTransformer "
                     f'(e.g. {missing[0]}): those kernels are untuned and the artifact says "tuned": false'
                 )
+                warnings.append(warning)
+                on_event(CompileEvent("warning", warning))
+            if fallbacks:
+                warning = fallback_warning(fallbacks)
                 warnings.append(warning)
                 on_event(CompileEvent("warning", warning))
             stages.next("greedy translations against PyTorch")
@@ -206,6 +239,8 @@ def compile_artifact(
                 "database": str(db_path) if db_path else None,
                 "applied": database is not None,
                 "missing": missing,
+                "fallbacks": fallbacks,
+                "schedules": scheduling.counts,
             }
             manifest = _manifest(request, target, loaded, graphs, parity, tuning, options)
             manifest["files"] = _file_hashes(staging)
@@ -239,13 +274,13 @@ def _build_tvm(
     staging: Path,
     work: Path,
     stages: checks.Stages,
-) -> tuple[dict, dict, dict, list[str]]:
+) -> tuple[dict, dict, dict, Scheduling]:
     from hatc.compile.tvm_build import build_module, export_library, import_graphs
     from hatc.runtime.backends import TvmLibRunner, WeightStore
 
     host = load_target("x86")
     host_is_target = not target.is_cross and target.device == "cpu"
-    weights, graphs, host_libs, signatures, missing = WeightTable(), {}, {}, {}, []
+    weights, graphs, host_libs, signatures, scheduling = WeightTable(), {}, {}, {}, Scheduling()
     parity: dict[str, dict[str, float]] = {"onnxruntime": {}, "tvm_host": {}}
     for bucket in request.buckets:
         stages.next(f"bucket {bucket}: ONNX export and ONNX Runtime parity")
@@ -257,7 +292,7 @@ def _build_tvm(
         libs = []
         for graph in relax_graphs:
             if database is not None:
-                missing += [f"{graph.name}.s{bucket}: {name}" for name in missing_workloads(graph, target, database)]
+                scheduling.add(f"{graph.name}.s{bucket}", graph_schedules(graph, target, database))
             executable = build_module(graph, target, **({"database": database} if database is not None else {}))
             lib = export_library(executable, staging / "lib" / f"{graph.name}.s{bucket}.so", target)
             params = weights.add_all([p.numpy() for p in graph.params])
@@ -286,7 +321,7 @@ def _build_tvm(
         )
         parity["tvm_host"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "TVM host build")
         runners[bucket] = runner
-    return graphs, runners, parity, missing
+    return graphs, runners, parity, scheduling
 
 
 def _build_onnxruntime(
@@ -297,7 +332,7 @@ def _build_onnxruntime(
     staging: Path,
     work: Path,
     stages: checks.Stages,
-) -> tuple[dict, dict, dict, list[str]]:
+) -> tuple[dict, dict, dict, Scheduling]:
     from hatc.runtime.runners import OrtRunner
 
     exported_all = []
@@ -326,7 +361,7 @@ def _build_onnxruntime(
         )
         parity["onnxruntime"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "ONNX Runtime")
         runners[bucket] = runner
-    return graphs, runners, parity, []
+    return graphs, runners, parity, Scheduling()
 
 
 def _manifest(
@@ -378,7 +413,9 @@ def _manifest(
         "buckets": list(request.buckets),
         "graphs": graphs,
         "weights": WEIGHTS if request.backend == "tvm" else ONNX_WEIGHTS,
-        "tuned": tuning["applied"] and not tuning["missing"],
+        # Tuned: every function hatc tunes has hatc's rule, a tuned schedule or plain loops
+        # that measured faster; none missing, none a fallback (MetaSchedule failed on it).
+        "tuned": tuning["applied"] and not tuning["missing"] and not tuning["fallbacks"],
         "tuning": tuning,
         "latency": None,
         "parity": parity,

@@ -8,7 +8,9 @@ appending records as they are measured. Only tasks whose name holds
 ``TUNED_OPS`` (matmul, softmax, layer norm) are tuned; reshapes, transposes and
 gathers stay plain loops. Each workload's plain loops are measured too (a
 "baseline" record with an empty trace), so a build never picks a schedule that
-measured slower than no schedule.
+measured slower than no schedule. A workload MetaSchedule fails on keeps its plain
+loops and is reported as a *fallback*, not as tuned (``TuneReport.fallbacks``,
+``runs.jsonl``, and ``fallbacks.json`` beside the database for later builds).
 
 Candidates run on this machine for a host target, or on a device of an RPC
 tracker (``RemoteDevice``: MetaSchedule's RPCRunner, each candidate linked into a
@@ -37,7 +39,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,9 @@ from hatc.compile.tuning_db import (
     TuningError,
     load_database,
     measured_trials,
+    record_fallback,
     tuning_db_path,
+    workload_key,
     writer_lock,
 )
 from hatc.compile.workloads import Workload, plan_workloads
@@ -141,7 +145,7 @@ class TuneReport:
     space: str
     database: Path
     workloads: int  # distinct workloads of the space for these buckets and beams
-    tuned: int  # tasks tuned in this run
+    tuned: int  # tasks tuned in this run (fallbacks not counted)
     skipped: int  # already in the database to this budget
     trials: int  # measured trials in this run
     trials_planned: int  # the budget's trials over all workloads (what a fresh database would get)
@@ -154,6 +158,9 @@ class TuneReport:
     per_graph: dict[str, int]  # "encoder S=32 B=4" -> distinct workloads in that graph
     config: dict[str, Any]
     device: str = "local"  # or TRACKER/KEY: where the candidates ran
+    # Workloads MetaSchedule failed on in this run, kept on their plain loops:
+    # {"workload": Workload.describe(), "reason": the error's first line}.
+    fallbacks: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -246,29 +253,42 @@ def _runner(remote: RemoteDevice | None) -> Any:
     return ms.runner.RPCRunner(config, evaluator, max_workers=1)  # one device measures one candidate at a time
 
 
+def _first_line(error: Exception) -> str:
+    """The first meaningful line of an exception's message (TVM's can start with a traceback)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Traceback", "File ", "note: run with"))]
+    text = (useful or lines or [type(error).__name__])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _keep_plain_loops(
-    workload: Workload, database: Any, baselines: Baselines, tvm_target: Any, error: Exception
-) -> None:
-    """Records a workload that MetaSchedule fails on as settled on its plain loops.
+    workload: Workload, database: Any, baselines: Baselines, tvm_target: Any, error: Exception, db_dir: Path
+) -> dict[str, str]:
+    """Records a workload that MetaSchedule fails on as a fallback to its plain loops.
 
     MetaSchedule 0.27 raises from inside its task scheduler on a few workloads
     (seen: reverse-compute-at on a decoder step's masked attention scores, 1x2x1x32,
     on x86 and aarch64 alike). Rather than lose the run, the workload gets a record
-    with a no-op trace (builds keep the plain loops) and the baseline's time, so
-    builds that use it still count as tuned."""
+    with a no-op trace (builds keep the plain loops; ``tuning_db.is_fallback`` knows
+    it) and the baseline's time, and its reason goes to ``fallbacks.json`` so
+    later builds report it as a fallback, not as tuned. Returns the report's entry.
+    """
     from tvm.s_tir import Schedule
     from tvm.s_tir import meta_schedule as ms
 
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    log.warning("MetaSchedule cannot tune %s (%s); it keeps its plain loops", workload.describe(), first_line)
+    reason = _first_line(error)
+    log.warning("MetaSchedule cannot tune %s (%s); it keeps its plain loops", workload.describe(), reason)
+    entry = {"workload": workload.describe(), "reason": reason}
     seconds = baselines.seconds(workload.mod)
     if seconds is None:
-        return  # no baseline either: the workload stays untuned
+        return entry  # no baseline either: the workload stays untuned (missing in builds)
     schedule = Schedule(workload.mod)
     schedule.get_sblock("root")  # a no-op trace that queries return (they skip empty and post-process-only ones)
     args_info = ms.arg_info.ArgInfo.from_prim_func(workload.mod["main"])
     committed = database.commit_workload(workload.mod)
+    record_fallback(db_dir, workload_key(committed), entry["workload"], reason)  # before the record that needs it
     database.commit_tuning_record(ms.database.TuningRecord(schedule.trace, committed, [seconds], tvm_target, args_info))
+    return entry
 
 
 def _progress_callback(on_batch: Callable[[int], None]) -> Any:
@@ -398,11 +418,11 @@ def _tune_locked(
             progress(TuneProgress("tune", state["done"], len(workloads), state["trials"], trials_total, task=task))
 
     start = time.perf_counter()
-    tuned = 0
+    tuned, fallbacks = 0, []
     baselines = Baselines(database)
     if trials_total or any(baselines.seconds(w.mod) is None for w in workloads):
         runner = _runner(remote)
-        tuned = _tune_workloads(
+        tuned, fallbacks = _tune_workloads(
             workloads, needs, smoke, database, baselines, target, tvm_target, cores, config, db_dir, state, report,
             runner, _builder(target, remote is not None),
         )  # fmt: skip
@@ -426,6 +446,7 @@ def _tune_locked(
         per_graph=per_graph,
         config={**asdict(config), "tvm_target": target.resolved_tvm_target()},
         device=str(remote) if remote else "local",
+        fallbacks=fallbacks,
     )
     _log_run(db_dir, report)
     return report
@@ -464,8 +485,12 @@ def _tune_workloads(
     report: Callable[[str], None],
     runner: Any,
     builder: Any,
-) -> int:
-    """One MetaSchedule run per workload that still needs trials; returns how many ran."""
+) -> tuple[int, list[dict[str, str]]]:
+    """One MetaSchedule run per workload that still needs trials.
+
+    Returns:
+        (how many ran, the fallbacks: workloads MetaSchedule raised on, kept on plain loops)
+    """
     from tvm.s_tir import meta_schedule as ms
 
     def on_batch(n: int) -> None:
@@ -475,7 +500,7 @@ def _tune_workloads(
     current = {"name": ""}
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)  # shared: what one task teaches helps the next
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(on_batch)]
-    tuned = 0
+    tuned, fallbacks = 0, []
     try:
         for i, (workload, need) in enumerate(zip(workloads, needs)):
             if baselines.seconds(workload.mod) is None:
@@ -509,8 +534,9 @@ def _tune_workloads(
                         module_equality=MODULE_EQUALITY,
                     )
                 except Exception as e:  # noqa: BLE001 - MetaSchedule's own failure on one workload
-                    _keep_plain_loops(workload, database, baselines, tvm_target, e)
-                tuned += 1
+                    fallbacks.append(_keep_plain_loops(workload, database, baselines, tvm_target, e, db_dir))
+                else:
+                    tuned += 1
                 if not measured_trials(database, workload.mod, 1):
                     log.warning("no candidate of %s built and ran; it stays untuned", workload.describe())
             state["done"] = i + 1
@@ -519,4 +545,4 @@ def _tune_workloads(
         pool = getattr(runner, "pool", None)
         if pool is not None:
             pool.shutdown()
-    return tuned
+    return tuned, fallbacks

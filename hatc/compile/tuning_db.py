@@ -14,7 +14,15 @@ How ``hatc compile`` and ``hatc latency measure`` use one::
     from hatc.compile.tuning_db import load_database, missing_workloads, tuning_db_path
     db = load_database(tuning_db_path("x86"))       # TuningError (a HatcError) if absent
     missing_workloads(graph, target, db)            # [] when the build is fully tuned
+    graph_schedules(graph, target, db).fallbacks    # functions left on plain loops because tuning failed
     build_module(graph, target, database=db)        # hatc.compile.tvm_build
+
+Where each fused function's schedule comes from (``apply_database`` says, in a
+``Schedules``): hatc's own rule (``hatc.compile.schedules``), a tuned record of
+the database, the plain loops because they measured faster than every tuned
+record (a measured choice), or the plain loops because MetaSchedule failed on
+the workload (a *fallback*: ``hatc tune`` records a no-op trace for it, see
+``is_fallback``, and the failure in ``fallbacks.json`` beside the database).
 
 TVM is imported inside functions only.
 """
@@ -22,11 +30,13 @@ TVM is imported inside functions only.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +50,8 @@ TUNED_OPS = ("matmul", "softmax", "layer_norm")  # fused functions whose names h
 MODULE_EQUALITY = "anchor-block"  # how workloads are told apart (see the module docstring)
 PIPELINE = "fuse-transpose-matmul+fuse-ops/1"  # bump when _fuse_passes changes: workloads change with it
 WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
+FALLBACKS_FILE = "fallbacks.json"  # why MetaSchedule failed on a workload, by workload hash (``record_fallback``)
+UNKNOWN_REASON = "reason not recorded"  # a fallback record without its entry in fallbacks.json
 
 
 class TuningError(HatcError):
@@ -205,6 +217,63 @@ def is_baseline(record: Any) -> bool:
     return len(record.trace.insts) == 0
 
 
+def is_fallback(record: Any) -> bool:
+    """A record of a workload MetaSchedule failed on: kept on its plain loops.
+
+    ``hatc tune`` writes it with the baseline's time and a trace that only queries
+    (``get_sblock("root")``: MetaSchedule's queries skip empty traces): non-empty,
+    and no instruction changes the schedule (every one is pure: gets and samples).
+    A tuned record always holds schedule-changing instructions (splits,
+    annotations, post-processing)."""
+    insts = list(record.trace.insts)
+    return bool(insts) and all(bool(inst.kind.is_pure) for inst in insts)
+
+
+def workload_key(workload: Any) -> str:
+    """The database's own hash of a committed workload (anchor-block equality), as
+    ``database_workload.json`` stores it: the key of ``fallbacks.json``."""
+    return str(workload.as_json()[0])
+
+
+def database_dir(database: Any) -> Path | None:
+    """The directory of a loaded JSONDatabase, None for another kind of database."""
+    path = getattr(database, "path_workload", None)
+    return Path(str(path)).parent if path else None
+
+
+def read_fallbacks(db_dir: str | Path) -> dict[str, dict[str, str]]:
+    """``fallbacks.json`` of a database directory: workload key -> {"workload", "reason"}; {} if none."""
+    path = Path(db_dir) / FALLBACKS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s (%s): fallback reasons unknown", path, e)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_fallback(db_dir: str | Path, key: str, workload: str, reason: str) -> None:
+    """Adds (or replaces) one workload's failure in ``<db_dir>/fallbacks.json``, atomically
+    (a temp file renamed over it); the caller holds ``writer_lock``."""
+    path = Path(db_dir) / FALLBACKS_FILE
+    entries = read_fallbacks(db_dir)
+    entries[key] = {"workload": workload, "reason": reason}
+    fd, tmp = tempfile.mkstemp(prefix=f".{FALLBACKS_FILE}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def measured_trials(database: Any, mod: Any, limit: int) -> int:
     """Valid tuned records for ``mod``'s workload, up to ``limit`` (no side effects).
 
@@ -304,63 +373,129 @@ def _schedule(record: Any, tir_mod: Any, target: Any) -> Any:
     return sch
 
 
-def apply_database(mod: Any, target: Any, database: Any) -> tuple[Any, list[str]]:
+@dataclass
+class Schedules:
+    """What ``apply_database`` did to a module: where each fused function's schedule came from.
+
+    Unpacks as ``(module, missing)``, the pair ``apply_database`` used to return.
+    """
+
+    module: Any
+    missing: list[str] = field(default_factory=list)  # TUNED_OPS functions with no rule and no usable record
+    ruled: list[str] = field(default_factory=list)  # scheduled by hatc's own rule (hatc.compile.schedules)
+    tuned: list[str] = field(default_factory=list)  # a tuned schedule from the database
+    plain: list[str] = field(default_factory=list)  # plain loops: they measured faster than every tuned record
+    fallbacks: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> {"workload", "reason"}
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.module
+        yield self.missing
+
+    def counts(self) -> dict[str, int]:
+        """How many functions each source scheduled (the manifest's ``tuning.schedules``)."""
+        return {
+            "rule": len(self.ruled),
+            "tuned": len(self.tuned),
+            "plain_faster": len(self.plain),
+            "fallback": len(self.fallbacks),
+            "missing": len(self.missing),
+        }
+
+
+def _tuned_records_besides(database: Any, record: Any) -> bool:
+    """Whether the workload of a fallback record also holds tuned (non-fallback) records."""
+    return any(not is_fallback(r) for r in database.get_top_k(record.workload, 16))
+
+
+def apply_database(mod: Any, target: Any, database: Any) -> Schedules:
     """Schedules every fused TIR function of ``mod``: by hatc's own rule where it applies
     (``hatc.compile.schedules``), else by ``database``'s tuned schedule where it has one.
+
+    A function keeps its plain loops where the database's baseline measured faster
+    than its best tuned record (``Schedules.plain``), or where its record is a
+    fallback (``is_fallback``: MetaSchedule failed on it; ``Schedules.fallbacks``,
+    with the reason ``hatc tune`` wrote to ``fallbacks.json``).
 
     Args:
         database: a loaded database, or None (hatc's rules only).
 
     Returns:
-        (the module, names of functions hatc tunes (``TUNED_OPS``) left unscheduled:
-        no rule and no record, or a record whose schedule does not transfer)
+        a ``Schedules``: the module and where each function's schedule came from;
+        it unpacks as (the module, names of functions hatc tunes (``TUNED_OPS``) left
+        unscheduled: no rule and no record, or a record whose schedule does not transfer)
     """
     import tvm
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     from hatc.compile.schedules import schedule_gemv
 
-    functions, missing = {}, []
+    functions, out = {}, Schedules(None)
     baselines = Baselines(database) if database is not None else None
+    reasons: dict[str, dict[str, str]] | None = None
     for gv, func in mod.functions.items():
         functions[gv] = func
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        tunable = any(op in gv.name_hint for op in TUNED_OPS)
+        name = gv.name_hint
+        tunable = any(op in name for op in TUNED_OPS)
         ruled = schedule_gemv(func, target)
         if ruled is not None:
             functions[gv] = ruled.with_attr("tirx.is_scheduled", True)
+            out.ruled.append(name)
             continue
         if database is None:
-            missing += [gv.name_hint] if tunable else []
+            out.missing += [name] if tunable else []
             continue
         tir_mod = _normalize_mod(func)
-        record = database.query_tuning_record(tir_mod, target, gv.name_hint)
+        record = database.query_tuning_record(tir_mod, target, name)
         if record is None:
-            missing += [gv.name_hint] if tunable else []
+            out.missing += [name] if tunable else []
             continue
+        if is_fallback(record):
+            if _tuned_records_besides(database, record):
+                out.plain.append(name)  # tuned records too, all slower than the plain loops
+                continue
+            if reasons is None:
+                db_dir = database_dir(database)
+                reasons = read_fallbacks(db_dir) if db_dir is not None else {}
+            entry = reasons.get(workload_key(record.workload), {})
+            out.fallbacks[name] = {
+                "workload": str(entry.get("workload", name)),
+                "reason": str(entry.get("reason", UNKNOWN_REASON)),
+            }
+            continue  # MetaSchedule failed on it: its plain loops
         baseline = baselines.seconds(tir_mod)
         if baseline is not None and baseline < _mean(record.run_secs):
-            continue  # tuned, and the plain loops measured fastest: keep them
+            out.plain.append(name)  # tuned, and the plain loops measured fastest: keep them
+            continue
         try:
             scheduled = _schedule(record, tir_mod, target).mod["main"]
         except Exception as e:  # noqa: BLE001 - an untransferable schedule leaves the function untuned
-            log.debug("no tuned schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
-            missing += [gv.name_hint] if tunable else []
+            log.debug("no tuned schedule for %s: %s", name, str(e).splitlines()[0] if str(e) else e)
+            out.missing += [name] if tunable else []
             continue
         # Keep the original attributes (MetaScheduleApplyDatabase does the same).
         new = tvm.tirx.PrimFunc(scheduled.params, scheduled.body, scheduled.ret_type, attrs=func.attrs)
         functions[gv] = new.with_attr("tirx.is_scheduled", True)
-    return tvm.IRModule(functions, attrs=mod.attrs), missing
+        out.tuned.append(name)
+    out.module = tvm.IRModule(functions, attrs=mod.attrs)
+    return out
+
+
+def graph_schedules(graph: Any, target: Target, database: Any) -> Schedules:
+    """``apply_database`` on a graph (``RelaxGraph`` or IRModule) fused as a build fuses it:
+    where each of its functions' schedules would come from in a build with ``database``."""
+    tvm_target = tvm_target_of(target)
+    return apply_database(_fused(getattr(graph, "module", graph), tvm_target), tvm_target, database)
 
 
 def missing_workloads(graph: Any, target: Target, database: Any) -> list[str]:
     """Functions of a graph (``RelaxGraph`` or IRModule) that hatc tunes but ``database`` cannot schedule.
 
-    Empty when a build of that graph with the database is fully tuned.
+    Empty when a build of that graph with the database is fully tuned, fallbacks aside
+    (``graph_schedules(...).fallbacks``: functions MetaSchedule failed on, on plain loops).
     """
-    tvm_target = tvm_target_of(target)
-    return apply_database(_fused(getattr(graph, "module", graph), tvm_target), tvm_target, database)[1]
+    return graph_schedules(graph, target, database).missing
 
 
 def tuned_pipeline(target: Any, database: Any) -> Any:
@@ -385,7 +520,7 @@ def tuned_pipeline(target: Any, database: Any) -> Any:
     @tvm.transform.module_pass(opt_level=3, name="HatcTunedPipeline")
     def pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            mod, _ = apply_database(_fused(mod, target), target, database)
+            mod = apply_database(_fused(mod, target), target, database).module
             if gpu:
                 from tvm.s_tir import dlight as dl
 
