@@ -349,6 +349,8 @@ def test_a_database_that_lacks_the_workloads_is_applied_but_not_called_tuned(cli
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tuned"] is False and manifest["tuning"]["applied"] is True
     assert manifest["tuning"]["database"] == str(db) and manifest["tuning"]["missing"]
+    assert manifest["tuning"]["fallbacks"] == {} and "fell back" not in built.stderr  # missing, not fallbacks
+    assert all(counts["missing"] for counts in manifest["tuning"]["schedules"].values())
 
 
 def test_a_db_without_a_database_is_refused(cli, checkpoint, tmp_path):
