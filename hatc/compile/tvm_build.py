@@ -58,23 +58,36 @@ class BuiltGraphs:
     seconds: float  # build time, both graphs
 
 
-def import_onnx(path: Path, name: str, input_names: list[str], output_names: list[str]) -> RelaxGraph:
-    """An ONNX graph as a Relax module with its weights detached as parameters."""
+def import_onnx(
+    path: Path, name: str, input_names: list[str], output_names: list[str], target: Target | None = None
+) -> RelaxGraph:
+    """An ONNX graph as a Relax module with its weights detached as parameters.
+
+    With a CPU ``target``, beam-sized matmul weights are packed into the layout hatc's
+    GEMV kernel streams (``hatc.compile.packing``); the parameters hold them packed.
+    """
     default_tvm_threads()
     import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    module = from_onnx(onnx.load(str(path)), keep_params_in_input=True)
+    model = onnx.load(str(path))
+    if target is not None and target.device == "cpu":
+        from hatc.compile.packing import pack_onnx
+        from hatc.compile.schedules import vector_lanes
+
+        model, _ = pack_onnx(model, vector_lanes(tvm_target_of(target)))
+    module = from_onnx(model, keep_params_in_input=True)
     module, params = relax.frontend.detach_params(module)
     return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names)
 
 
-def import_graphs(graphs: ExportedGraphs) -> tuple[RelaxGraph, RelaxGraph]:
+def import_graphs(graphs: ExportedGraphs, target: Target | None = None) -> tuple[RelaxGraph, RelaxGraph]:
+    """Both graphs of an export as Relax; pass the ``target`` they are built for (weights packed for it)."""
     sig = graphs.signature
     return (
-        import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs())),
-        import_onnx(graphs.decoder, "decoder_step", list(sig.decoder_inputs()), list(sig.decoder_outputs())),
+        import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), target),
+        import_onnx(graphs.decoder, "decoder_step", list(sig.decoder_inputs()), list(sig.decoder_outputs()), target),
     )
 
 
@@ -109,7 +122,7 @@ def build_graphs(graphs: ExportedGraphs, target: Target, database: Any = None) -
         from hatc.compile.tuning_db import load_database
 
         database = load_database(database)
-    encoder, decoder = import_graphs(graphs)
+    encoder, decoder = import_graphs(graphs, target)
     built_enc, built_dec = build_module(encoder, target, database), build_module(decoder, target, database)
     seconds = time.perf_counter() - start
     log.info("built %s for %s in %.1f s", graphs.directory, target.name, seconds)

@@ -213,7 +213,7 @@ def plan_workloads(
             torch.manual_seed(config.seed)
             model = SubTransformer(arch, cfg).eval()
             graphs = export_onnx(model, Path(tmp) / f"a{i}-s{bucket}-b{beam}", bucket, batch=beam)
-            for graph in import_graphs(graphs):
+            for graph in import_graphs(graphs, target):
                 label = f"{graph.name} S={bucket} B={beam}"
                 distinct = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
                 count = 0

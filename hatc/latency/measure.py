@@ -332,7 +332,7 @@ def measure_latency(
         model = SubTransformer(arch, ModelConfig(vocab_size, space.qkv_dim, space.super_embed_dim)).eval()
         say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
         graphs = export_onnx(model, directory, protocol.bucket, batch=protocol.beam)
-        encoder, decoder = import_graphs(graphs)
+        encoder, decoder = import_graphs(graphs, target)
         missing = tuning_db.missing_workloads(encoder, target, database) + tuning_db.missing_workloads(
             decoder, target, database
         )

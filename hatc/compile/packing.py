@@ -1,0 +1,162 @@
+"""Weights pre-packed at compile time into the layout the GEMV kernel streams.
+
+A decoder step's linear layer ``x @ W`` (``W`` stored (K, N), input-major) is
+computed by ``hatc.compile.schedules`` one block of ``block`` output columns at a
+time; in (K, N) layout each block's rows are ``block`` floats apart by N, a
+strided walk that the hardware prefetchers follow poorly once the weight comes
+from DRAM (the ``wmt`` output projection is 64 MB). Packed as (N / block, K,
+block), every block is one contiguous run: the weight streams front to back.
+
+``pack_onnx`` rewrites an exported ONNX graph before TVM imports it:
+
+    MatMul(x, W)                 ->  Reshape(Transpose(MatMul(Reshape(x, (1, rows, K)), W_packed)), x.shape[:-1] + (N,))
+    Gather(W, tokens, axis=1)    ->  Gather(Reshape(W_packed, (-1,)), flat indices of the same columns)
+
+for every MatMul whose weight is an initializer of at most ``MAX_ROWS`` rows of
+input (beam-sized: the decoder step; the encoder's 32-token GEMMs stay as they
+are, MetaSchedule's ground). The tied embedding of the decoder step is both the
+output projection and the token lookup: the lookup reads the packed table too,
+so the weights are stored once. The packed arrays replace the originals among
+the graph's initializers, so the artifact's weights file holds them packed and
+the runtime passes them as they are: nothing is re-laid-out at run time.
+
+ONNX Runtime artifacts keep the exported graph: ORT packs weights its own way
+when it loads them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from hatc.compile.schedules import MAX_ROWS
+
+SUFFIX = "__packed"
+
+
+def pack_block(n: int, lanes: int) -> int | None:
+    """Columns per packed block: the widest multiple of ``lanes`` up to 4 vectors that divides ``n``."""
+    for size in range(4 * lanes, 0, -lanes):
+        if n % size == 0:
+            return size
+    return None
+
+
+def _shapes(model: Any) -> dict[str, list[int]]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+
+def _int64(name: str, values: Any) -> Any:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+def pack_onnx(model: Any, lanes: int) -> tuple[Any, list[str]]:
+    """``model`` (an ``onnx.ModelProto``, changed in place) with beam-sized matmul weights packed.
+
+    Returns:
+        (the model, names of the packed initializers' originals)
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    shapes = _shapes(model)
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    packed: list[str] = []
+    new_nodes: list[Any] = []
+    replaced: dict[int, list[Any]] = {}  # id(node) -> nodes that replace it
+    for name, init in initializers.items():
+        if len(init.dims) != 2 or init.data_type != 1:  # float32 (K, N) only
+            continue
+        k, n = init.dims
+        uses = users.get(name, [])
+        matmuls = [u for u in uses if u.op_type == "MatMul" and list(u.input) == [u.input[0], name]]
+        lookups = [
+            u
+            for u in uses
+            if u.op_type == "Gather" and u.input[0] == name and _axis(u) == 1 and len(shapes.get(u.input[1], [])) == 1
+        ]
+        if not matmuls or len(matmuls) + len(lookups) != len(uses):
+            continue
+        input_shapes = [shapes.get(u.input[0]) for u in matmuls]
+        if any(not s or 0 in s or math.prod(s[:-1]) > MAX_ROWS for s in input_shapes):
+            continue
+        block = pack_block(n, lanes)
+        if block is None:
+            continue
+        weight = numpy_helper.to_array(init)
+        packed_name = name + SUFFIX
+        graph.initializer.append(
+            numpy_helper.from_array(
+                np.ascontiguousarray(weight.reshape(k, n // block, block).transpose(1, 0, 2)), packed_name
+            )
+        )
+        for node, shape in zip(matmuls, input_shapes):
+            replaced[id(node)] = _packed_matmul(node, packed_name, shape, k, n, block, helper)
+        for node in lookups:
+            replaced[id(node)] = _packed_lookup(node, packed_name, k, block, helper)
+        packed.append(name)
+    if not packed:
+        return model, []
+    for node in graph.node:
+        new_nodes.extend(replaced.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [init for init in graph.initializer if init.name not in packed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model, packed
+
+
+def _axis(node: Any) -> int:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+
+
+def _packed_matmul(node: Any, weight: str, shape: list[int], k: int, n: int, block: int, helper: Any) -> list[Any]:
+    """x (..., K) @ W: (1, rows, K) @ W_packed (G, K, block) -> (G, rows, block) -> (rows, G, block) -> (..., N)."""
+    x, out, tag = node.input[0], node.output[0], f"{node.output[0]}{SUFFIX}"
+    rows = math.prod(shape[:-1])
+    return [
+        helper.make_node("Constant", [], [f"{tag}_in_shape"], value=_int64(f"{tag}_in_shape_v", [1, rows, k])),
+        helper.make_node("Reshape", [x, f"{tag}_in_shape"], [f"{tag}_x"]),
+        helper.make_node("MatMul", [f"{tag}_x", weight], [f"{tag}_blocks"]),
+        helper.make_node("Transpose", [f"{tag}_blocks"], [f"{tag}_rows"], perm=[1, 0, 2]),
+        helper.make_node("Constant", [], [f"{tag}_out_shape"], value=_int64(f"{tag}_out_shape_v", [*shape[:-1], n])),
+        helper.make_node("Reshape", [f"{tag}_rows", f"{tag}_out_shape"], [out]),
+    ]
+
+
+def _packed_lookup(node: Any, weight: str, k: int, block: int, helper: Any) -> list[Any]:
+    """Gather(W, t, axis=1) -> (K, B) for tokens t (B,): column t of W is W_packed[t // block, :, t % block]."""
+    tokens, out, tag = node.input[1], node.output[0], f"{node.output[0]}{SUFFIX}"
+    return [
+        helper.make_node("Constant", [], [f"{tag}_flat"], value=_int64(f"{tag}_flat_v", [-1])),
+        helper.make_node("Reshape", [weight, f"{tag}_flat"], [f"{tag}_table"]),
+        helper.make_node("Constant", [], [f"{tag}_block"], value=_int64(f"{tag}_block_v", block)),
+        helper.make_node("Constant", [], [f"{tag}_stride"], value=_int64(f"{tag}_stride_v", k * block)),
+        helper.make_node("Div", [tokens, f"{tag}_block"], [f"{tag}_g"]),
+        helper.make_node("Mod", [tokens, f"{tag}_block"], [f"{tag}_c"]),
+        helper.make_node("Mul", [f"{tag}_g", f"{tag}_stride"], [f"{tag}_g_off"]),
+        helper.make_node("Add", [f"{tag}_g_off", f"{tag}_c"], [f"{tag}_base"]),  # (B,)
+        helper.make_node("Constant", [], [f"{tag}_axis0"], value=_int64(f"{tag}_axis0_v", [0])),
+        helper.make_node("Unsqueeze", [f"{tag}_base", f"{tag}_axis0"], [f"{tag}_base1"]),  # (1, B)
+        helper.make_node("Constant", [], [f"{tag}_rows"], value=_int64(f"{tag}_rows_v", np.arange(k) * block)),
+        helper.make_node("Constant", [], [f"{tag}_axes"], value=_int64(f"{tag}_axes_v", [1])),
+        helper.make_node("Unsqueeze", [f"{tag}_rows", f"{tag}_axes"], [f"{tag}_rows1"]),  # (K, 1)
+        helper.make_node("Add", [f"{tag}_rows1", f"{tag}_base1"], [f"{tag}_index"]),  # (K, B)
+        helper.make_node("Gather", [f"{tag}_table", f"{tag}_index"], [out], axis=0),
+    ]
