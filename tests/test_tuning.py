@@ -296,20 +296,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 
 # ----- cuda: one story (issue 17). This TVM wheel has no CUDA runtime, so hatc cannot tune for
-# cuda; a cuda build uses dlight's default GPU schedules. No message may suggest a command that
-# refuses. The messages live in hatc/compile/ (tuning.check_tunable, compiler._tuning_database):
-# xfail until they say so; strict, so the marker goes when they do.
-CUDA_PENDING = "the cuda messages in hatc/compile/tuning.py and compiler.py still tell the old story (issue 17, item 4)"
-
-
-@pytest.mark.xfail(strict=True, reason=CUDA_PENDING)
+# cuda; a cuda build uses dlight's default GPU schedules. No message may suggest a command that refuses.
 def test_tune_refuses_cuda_saying_why_and_what_a_cuda_build_uses():
     result = run_cli("tune", "--target", "cuda", "--space", "tiny")
     assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "no CUDA runtime" in result.stderr and "dlight" in result.stderr, result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=CUDA_PENDING)
 def test_a_cuda_build_warns_of_dlight_schedules_and_suggests_no_tuning(tmp_path, monkeypatch):
     from hatc.compile.compiler import _tuning_database
     from hatc.targets import load_target

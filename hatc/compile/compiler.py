@@ -127,6 +127,14 @@ def _tuning_database(target: Target, db: Path | None) -> tuple[Any, Path | None,
     Without a database for the target (``hatc tune`` makes them) the build is
     untuned and says so; a ``--db`` that holds none is an error.
     """
+    if target.device == "cuda" and db is None:
+        return (
+            None,
+            None,
+            f"target '{target.name}' builds untuned: this TVM wheel has no CUDA runtime, so hatc cannot tune for "
+            "cuda; the build uses dlight's default GPU schedules (not tuned by MetaSchedule) and the artifact says "
+            '"tuned": false',
+        )
     path = Path(db) if db is not None else Path(tuning_db_path(target.name))
     try:
         return load_database(path), path, None
@@ -287,7 +295,7 @@ def _build_tvm(
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         parity["onnxruntime"][str(bucket)] = checks.ort_parity(exported, loaded.model, bucket)
         stages.next(f"bucket {bucket}: TVM import and build for {target.name}" + (" (tuned)" if database else ""))
-        relax_graphs = import_graphs(exported)
+        relax_graphs = import_graphs(exported, target)  # weights packed for the target's GEMV kernels
         entry: dict[str, Any] = {"signature": exported.signature.to_dict()}
         libs = []
         for graph in relax_graphs:

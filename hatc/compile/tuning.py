@@ -337,8 +337,8 @@ def check_tunable(target: Target, remote: RemoteDevice | None = None) -> None:
     run here (a host CPU target) or on a device of an RPC tracker (``remote``)."""
     if target.device != "cpu":
         raise TuningError(
-            f"target '{target.name}' runs on a {target.device} device; hatc tunes CPU targets "
-            "(here, or on a device through --tracker); the cuda target builds untuned"
+            f"target '{target.name}' cannot be tuned: this TVM wheel has no CUDA runtime, so hatc cannot tune for "
+            f"{target.device}; a {target.device} build uses dlight's default GPU schedules (untuned by MetaSchedule)"
         )
     if target.is_cross and remote is None:
         raise TuningError(

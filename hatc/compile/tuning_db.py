@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 TUNED_OPS = ("matmul", "softmax", "layer_norm")  # fused functions whose names hold these are tuned
 MODULE_EQUALITY = "anchor-block"  # how workloads are told apart (see the module docstring)
-PIPELINE = "fuse-transpose-matmul+fuse-ops/1"  # bump when _fuse_passes changes: workloads change with it
+PIPELINE = "fuse-transpose-matmul+fuse-ops+hatc-gemv+packed/2"  # bump when fusion, hatc's rules or packing change
 WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
 FALLBACKS_FILE = "fallbacks.json"  # why MetaSchedule failed on a workload, by workload hash (``record_fallback``)
 UNKNOWN_REASON = "reason not recorded"  # a fallback record without its entry in fallbacks.json
