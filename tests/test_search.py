@@ -1,6 +1,8 @@
 """Evolutionary search on a small supernet and a fitted predictor."""
 
 import json
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from conftest import BEAM, VOCAB
 from rpc_helpers import running_server, running_tracker
 
+from hatc.arch import Architecture
 from hatc.cost import count_flops
 from hatc.latency.dataset import append_rows, make_row
 from hatc.search.evolution import CachedLatency, SearchConfig, evolve, random_search
@@ -15,7 +18,7 @@ from hatc.search.run import parse_budget
 from hatc.space import load_space
 
 SMALL = ["--iterations", "4", "--population", "16", "--parents", "4", "--mutations", "6", "--crossovers", "6",
-         "--valid-subset", "40"]  # fmt: skip
+         "--valid-subset", "40", "--workers", "1"]  # fmt: skip
 
 
 def _synthetic_latency(arch, space):
@@ -68,6 +71,17 @@ def test_search_finds_architectures_within_budget_deterministically(cli, workspa
     args = ["search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL, "--json"]
     first = cli(*args, "--out", workspace / "s1")
     assert first.code == 0, first.stderr
+    # Off a terminal (here, captured), progress is plain lines: within each generation and at its end.
+    within = re.compile(
+        rf"^search {budget}: generation (\d)/4, (\d+)/(\d+) new architectures scored \(16 in the population\), "
+        r"\d+m\d\ds elapsed, best loss \d+\.\d{4} at \d+\.\d ms$"
+    )
+    lines = first.stderr.splitlines()
+    progress = [m.groups() for m in map(within.match, lines) if m]
+    assert progress[0][0] == "1" and progress[0][1] == progress[0][2]  # the first generation, all of it new
+    assert [g for g in range(1, 5) if any(f"search {budget}: generation {g}/4 done, " in line for line in lines)] == [
+        1, 2, 3, 4
+    ]  # fmt: skip
     result = json.loads(first.stdout)
     assert result["predicted_latency_ms"] <= parse_budget(budget)
     arch = space.validate(type(space.largest()).from_dict(result["arch"]))
@@ -133,9 +147,9 @@ class _Counting:
     def __init__(self, scorer):
         self.scorer, self.asked = scorer, set()
 
-    def score_many(self, archs):
+    def score_many(self, archs, on_scored=None):
         self.asked.update(a.to_json() for a in archs)
-        return self.scorer.score_many(archs)
+        return self.scorer.score_many(archs, on_scored)
 
 
 def test_evolution_beats_random_search_with_the_same_evaluations(workspace):
@@ -249,3 +263,88 @@ def test_verify_refuses_an_emulated_key_before_searching(cli, workspace, tmp_pat
                  tmp_path / "never", "--verify", "1", "--tracker", "127.0.0.1:9", "--key", "rpi4-qemu")  # fmt: skip
     assert result.code == 2 and "emulated device" in result.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_an_unknown_target_is_named_with_the_known_ones(cli, tmp_path):
+    from hatc.targets import known_targets
+
+    result = cli("search", "--target", "nosuch", "--budget", "50ms", "--workdir", tmp_path)
+    assert result.code == 2 and "unknown target 'nosuch'" in result.stderr
+    assert all(name in result.stderr for name in known_targets()) and "hatc latency fit" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_an_interrupted_search_saves_and_resumes_to_the_same_winner(workspace, tmp_path):
+    """Ctrl-C (a KeyboardInterrupt from a progress callback) within a generation, scoring in two
+    worker processes: every loss computed is saved with the generation's state, and --resume
+    (in this process) ends where an uninterrupted search does; screening on 20 pairs, the
+    winner confirmed on 40."""
+    from hatc.search.run import SearchInterrupted, SearchRequest, run_search
+
+    budget = sum(_latencies(load_space("tiny"))) / 2
+    label = f"{budget:g}ms"
+    cfg = SearchConfig(iterations=4, population=16, parents=4, mutations=6, crossovers=6, seed=2)
+
+    def request(out, workers, resume=False):
+        return SearchRequest(target="x86", budgets_ms=[budget], out=out, workdir=workspace / "runs", cfg=cfg,
+                             valid_subset=40, screen_subset=20, confirm=5, workers=workers, resume=resume)  # fmt: skip
+
+    straight = run_search(request(tmp_path / "straight", 1)).summary
+    seen = []
+
+    def stop(label, progress):
+        seen.append(progress)
+        if len(seen) == 24:
+            raise KeyboardInterrupt
+
+    split = tmp_path / "split"
+    with pytest.raises(SearchInterrupted, match="--resume continues it"):
+        run_search(request(split, 2), on_progress=stop)
+    assert seen[-1].generation >= 2  # within a generation after the first
+    state = json.loads((split / f"state-{label}.json").read_text())
+    assert state["generation"] == seen[-1].generation - 1  # the generation in progress is redone ...
+    assert len(json.loads((split / "evaluations.json").read_text())["losses"]) == 24  # ... from what it scored
+    resumed = run_search(request(split, 1, resume=True)).summary
+    for key in ("arch", "valid_loss", "screen_loss", "predicted_latency_ms"):
+        assert resumed["results"][label][key] == straight["results"][label][key], key
+    straight_log = (tmp_path / "straight" / f"generations-{label}.jsonl").read_text()
+    assert (split / f"generations-{label}.jsonl").read_text() == straight_log
+    # The reported loss is the winner's on all 40 pairs, the best of the 5 confirmed.
+    top = straight["results"][label]["top"]
+    assert len(top) == 5 and top[0]["arch"] == straight["results"][label]["arch"]
+    inputs = _inputs(workspace, valid_subset=40)
+    losses = inputs.scorer.score_many([Architecture.from_dict(t["arch"]) for t in top])
+    assert losses == [t["valid_loss"] for t in top] == sorted(losses)
+
+
+def test_ctrl_c_prints_the_resume_command_and_it_continues_to_the_same_result(cli, workspace, monkeypatch):
+    import hatc.search.run as run
+
+    budget = f"{sum(_latencies(load_space('tiny'))) / 2:.0f}ms"
+    base = ["search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL, "--json"]
+    straight = cli(*base, "--out", workspace / "c-straight")
+    assert straight.code == 0, straight.stderr
+    real = run.run_search
+
+    def interrupted_after_20(req, on_generation, on_progress, on_log):
+        count = [0]
+
+        def progress(label, p):
+            on_progress(label, p)
+            count[0] += 1
+            if count[0] == 20:
+                raise KeyboardInterrupt
+
+        return real(req, on_generation, progress, on_log)
+
+    monkeypatch.setattr(run, "run_search", interrupted_after_20)
+    stopped = cli(*base, "--out", workspace / "c-split")
+    monkeypatch.undo()
+    assert stopped.code == 130 and stopped.stdout == ""
+    (command,) = [line.removeprefix("resume with: ") for line in stopped.stderr.splitlines() if "resume with:" in line]
+    argv = shlex.split(command)
+    assert argv[:2] == ["hatc", "search"] and argv[-1] == "--resume"
+    resumed = cli(*argv[1:])
+    assert resumed.code == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["arch"] == json.loads(straight.stdout)["arch"]
+    assert json.loads(resumed.stdout)["valid_loss"] == json.loads(straight.stdout)["valid_loss"]

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
+import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.live import Live
 from rich.table import Table
 
-from hatc.cli.common import emit_json, stderr, stdout
+from hatc.cli.common import emit_json, sigterm_interrupts, stderr, stdout
 from hatc.errors import HatcError
-from hatc.search.evolution import SearchConfig, SearchState
+from hatc.search.evolution import SearchConfig, SearchProgress, SearchState
+
+if TYPE_CHECKING:
+    from hatc.search.run import SearchOutcome, SearchRequest
+
+PLAIN_EVERY = 25  # off a terminal, a progress line per this many architectures scored (and per generation)
 
 
 def search(
@@ -34,7 +44,21 @@ def search(
     mutations: Annotated[int, typer.Option(min=0, help="Children by mutation per generation.")] = 50,
     mutation_prob: Annotated[float, typer.Option(help="Probability to resample each gene.")] = 0.3,
     crossovers: Annotated[int, typer.Option(min=0, help="Children by crossover per generation.")] = 50,
-    valid_subset: Annotated[int, typer.Option(min=1, help="Validation sentences scored per architecture.")] = 500,
+    valid_subset: Annotated[
+        int, typer.Option(min=1, help="Validation pairs of the reported loss (the winner's, the confirmed ones').")
+    ] = 500,
+    screen_subset: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Validation pairs (the first ones) that rank candidates during evolution; 0: --valid-subset."
+        ),
+    ] = 150,
+    confirm: Annotated[
+        int, typer.Option(min=1, help="Per budget, the best K candidates scored on --valid-subset; the best wins.")
+    ] = 25,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Processes computing losses, one thread each (default: cores, at most 8).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the search in --out.")] = False,
     verify: Annotated[
         int, typer.Option("--verify", min=0, help="Measure the top K of each budget on the target (needs a tuned DB).")
@@ -47,7 +71,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Find the SubTransformer with the lowest validation loss under a latency budget."""
-    from hatc.search.run import SearchRequest, parse_budget, run_search  # imports torch: only when searching
+    from hatc.search.run import SearchInterrupted, SearchRequest, parse_budget  # imports torch: only when searching
 
     if (budget is None) == (budgets is None):
         raise HatcError("give --budget B or --budgets B1,B2,... (forms: 200ms, 6s, 0.2s)")
@@ -63,41 +87,21 @@ def search(
         workdir=workdir,
         cfg=cfg,
         valid_subset=valid_subset,
+        screen_subset=screen_subset,
+        confirm=confirm,
+        workers=workers or default_workers(),
         resume=resume,
         verify=verify,
         tracker=tracker,
         key=key,
         db=db,
     )
-    rows: dict[str, SearchState] = {}
-    scored = [0]
-
-    def view() -> Table:
-        table = Table(title=f"search on {target} ({scored[0]} architectures scored)")
-        for column in ("budget", "generation", "best valid loss", "its predicted latency"):
-            table.add_column(column)
-        for label, state in rows.items():
-            best = state.history[-1]
-            table.add_row(
-                label,
-                f"{state.generation}/{iterations}",
-                f"{best['best_loss']:.4f}",
-                f"{best['best_latency_ms']:.1f} ms",
-            )
-        return table
-
-    with Live(view(), console=stderr, refresh_per_second=4, transient=True) as live:
-
-        def on_generation(label: str, state: SearchState) -> None:
-            rows[label] = state
-            live.update(view())
-
-        def on_scored(n: int) -> None:
-            scored[0] = n
-            if n % 10 == 0:
-                live.update(view())
-
-        outcome = run_search(request, on_generation, on_scored, lambda line: live.console.print(f"[dim]{line}[/]"))
+    try:
+        outcome = _run_with_progress(request, target, iterations)
+    except SearchInterrupted as e:
+        sys.stderr.write(f"{e}\nresume with: {resume_command()}\n")
+        sys.stderr.flush()
+        raise SystemExit(130) from None
 
     results, summary = outcome.results, outcome.summary
     if as_json:
@@ -132,3 +136,79 @@ def _print_verified(summary: dict) -> None:
                 "yes" if row["within_budget"] else "NO",
             )
     stdout.print(table)
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def resume_command() -> str:
+    """This command line, with --resume."""
+    args = sys.argv[1:]
+    return shlex.join(["hatc", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _run_with_progress(request: SearchRequest, target: str, iterations: int) -> SearchOutcome:
+    """run_search with its progress on stderr: a live table on a terminal, else plain lines."""
+    from hatc.search.run import run_search
+
+    started = time.monotonic()
+    rows: dict[str, tuple[SearchState | None, SearchProgress | None]] = {}
+    terminal = stderr.is_terminal
+
+    def view() -> Table:
+        table = Table(title=f"search on {target}, {_elapsed(time.monotonic() - started)}")
+        for column in ("budget", "generation", "new architectures scored", "best valid loss", "its predicted latency"):
+            table.add_column(column)
+        for label, (state, p) in rows.items():
+            if p is not None and (state is None or p.generation > state.generation):
+                scored, best, lat = f"{p.scored}/{p.to_score}", p.best_loss, p.best_latency_ms
+                generation = p.generation
+            else:
+                last = state.history[-1]
+                scored, best, lat, generation = "-", last["best_loss"], last["best_latency_ms"], state.generation
+            table.add_row(label, f"{generation}/{iterations}", scored, f"{best:.4f}", f"{lat:.1f} ms")
+        return table
+
+    live = Live(view(), console=stderr, refresh_per_second=4, transient=True) if terminal else None
+
+    def on_progress(label: str, p: SearchProgress) -> None:
+        rows[label] = (rows.get(label, (None, None))[0], p)
+        if live is not None:
+            live.update(view())
+        elif p.scored % PLAIN_EVERY == 0 or p.scored == p.to_score:
+            stderr.print(
+                f"search {label}: generation {p.generation}/{p.iterations}, {p.scored}/{p.to_score} new "
+                f"architectures scored ({p.population} in the population), "
+                f"{_elapsed(time.monotonic() - started)} elapsed, best loss {p.best_loss:.4f} "
+                f"at {p.best_latency_ms:.1f} ms",
+                soft_wrap=True, markup=False,
+            )  # fmt: skip
+
+    def on_generation(label: str, state: SearchState) -> None:
+        rows[label] = (state, rows.get(label, (None, None))[1])
+        if live is not None:
+            live.update(view())
+        else:
+            best = state.history[-1]
+            stderr.print(
+                f"search {label}: generation {state.generation}/{iterations} done, "
+                f"{_elapsed(time.monotonic() - started)} elapsed, best loss {best['best_loss']:.4f} "
+                f"at {best['best_latency_ms']:.1f} ms",
+                soft_wrap=True, markup=False,
+            )  # fmt: skip
+
+    def on_log(line: str) -> None:
+        if live is not None:
+            live.console.print(f"[dim]{line}[/]", soft_wrap=True)
+        else:
+            stderr.print(line, soft_wrap=True, markup=False)
+
+    with sigterm_interrupts(), live if live is not None else contextlib.nullcontext():
+        return run_search(request, on_generation, on_progress, on_log)

@@ -11,7 +11,7 @@ instead of looping.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,7 +26,12 @@ class LatencyModel(Protocol):
 
 
 class Scorer(Protocol):
-    def score_many(self, archs: Sequence[Architecture]) -> list[float]: ...
+    def score_many(
+        self, archs: Sequence[Architecture], on_scored: Callable[[Architecture, float, int, int], None] | None = None
+    ) -> list[float]:
+        """Fitness of each architecture (lower is better); ``on_scored(arch, loss, done, total)``
+        hears of each one computed (not of those known already)."""
+        ...
 
 
 class BudgetUnreachable(HatcError):
@@ -56,7 +61,9 @@ class SearchConfig:
 
 
 class CachedLatency:
-    """Predictions cached per architecture (the search asks for many repeats)."""
+    """Predictions cached per architecture (the search asks for many repeats), rounded to
+    the nanosecond: a predictor's arithmetic can differ in the last bit between batch sizes,
+    and a resumed search predicts in other batches than an uninterrupted one."""
 
     def __init__(self, model: LatencyModel):
         self.model = model
@@ -66,7 +73,7 @@ class CachedLatency:
         missing = [a for a in dict.fromkeys(archs) if arch_key(a) not in self.cache]
         if missing:
             for arch, value in zip(missing, self.model.predict_many(list(missing))):
-                self.cache[arch_key(arch)] = float(value)
+                self.cache[arch_key(arch)] = round(float(value), 6)
         return [self.cache[arch_key(a)] for a in archs]
 
 
@@ -83,6 +90,20 @@ class SearchState:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """Where a search is within a generation (for progress displays)."""
+
+    budget_ms: float
+    generation: int  # the generation being scored, from 1
+    iterations: int
+    scored: int  # new architectures of this generation scored so far ...
+    to_score: int  # ... of this many (the others were scored before)
+    population: int
+    best_loss: float  # lowest fitness found so far in this search
+    best_latency_ms: float  # its predicted latency
 
 
 @dataclass
@@ -116,15 +137,23 @@ def evolve(
     cfg: SearchConfig,
     state: SearchState | None = None,
     on_generation: Callable[[SearchState], None] = lambda _: None,
+    on_progress: Callable[[SearchProgress], None] = lambda _: None,
 ) -> SearchResult:
     """Runs (or resumes) the search; ``on_generation`` gets the state after each
-    generation (save it to resume)."""
+    generation (save it to resume), ``on_progress`` hears of each architecture scored.
+
+    ``state`` is updated in place: from the first population on it holds what a resumed
+    search needs, so a caller interrupted within a generation can save it too (with the
+    scorer's cache, a resumed search then redoes only what was not scored).
+    """
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
+    state = SearchState(budget_ms) if state is None else state
     parents: list[Architecture] = []
-    if state is None or not state.population:
-        state = SearchState(budget_ms)
+    if not state.population:
         population = _initial_population(space, latency, budget_ms, cfg, rng)
+        _commit(state, generation=0, history=[], parents=[], population=[a.to_dict() for a in population],
+                rng=rng.bit_generator.state)  # fmt: skip
     else:
         rng.bit_generator.state = state.rng
         population = [Architecture.from_dict(a) for a in state.population]
@@ -134,28 +163,29 @@ def evolve(
         return latency([arch])[0] <= budget_ms
 
     while state.generation < cfg.iterations:
-        losses = scorer.score_many(population)
+        best = min(((h["best_loss"], h["best_latency_ms"]) for h in state.history), default=(float("inf"), 0.0))
+        start = SearchProgress(budget_ms, state.generation + 1, cfg.iterations, 0, 0, len(population), *best)
+        losses = scorer.score_many(population, on_scored=_reporter(on_progress, latency, start))
         ranked = sorted(range(len(population)), key=lambda i: (losses[i], arch_key(population[i])))
         parents = [population[i] for i in ranked[: cfg.parents]]
-        best = ranked[0]
-        state.history.append(
-            {
-                "generation": state.generation + 1,
-                "best_loss": losses[best],
-                "best_latency_ms": latency([population[best]])[0],
-                "best_arch": population[best].to_dict(),
-                "population": [
-                    {"loss": losses[i], "latency_ms": latency([population[i]])[0]} for i in range(len(population))
-                ],
-            }
-        )
-        state.generation += 1
+        top = ranked[0]
+        record = {
+            "generation": state.generation + 1,
+            "best_loss": losses[top],
+            "best_latency_ms": latency([population[top]])[0],
+            "best_arch": population[top].to_dict(),
+            "population": [
+                {"loss": losses[i], "latency_ms": latency([population[i]])[0]} for i in range(len(population))
+            ],
+        }
         # Children of the last generation too: the saved state is then always the next
         # population, so extending a finished search (more iterations) equals running longer.
         population = parents + _children(space, parents, feasible, cfg, rng)
-        state.population = [a.to_dict() for a in population]
-        state.parents = [a.to_dict() for a in parents]
-        state.rng = rng.bit_generator.state
+        _commit(
+            state, generation=state.generation + 1, history=[*state.history, record],
+            population=[a.to_dict() for a in population], parents=[a.to_dict() for a in parents],
+            rng=rng.bit_generator.state,
+        )  # fmt: skip
         on_generation(state)
 
     if not parents:  # a state saved without its parents: rank the population it holds
@@ -163,9 +193,29 @@ def evolve(
         parents = sorted(population, key=lambda a: (losses[population.index(a)], arch_key(a)))[: cfg.parents]
     final = scorer.score_many(parents)
     order = sorted(range(len(parents)), key=lambda i: (final[i], arch_key(parents[i])))
-    top = [(parents[i], final[i], latency([parents[i]])[0]) for i in order]
-    arch, loss, lat = top[0]
-    return SearchResult(arch, loss, lat, budget_ms, state.history, top)
+    top_parents = [(parents[i], final[i], latency([parents[i]])[0]) for i in order]
+    arch, loss, lat = top_parents[0]
+    return SearchResult(arch, loss, lat, budget_ms, state.history, top_parents)
+
+
+def _reporter(
+    on_progress: Callable[[SearchProgress], None], latency: CachedLatency, start: SearchProgress
+) -> Callable[[Architecture, float, int, int], None]:
+    """A scorer's ``on_scored`` that reports a generation's progress from ``start`` on."""
+    best = (start.best_loss, start.best_latency_ms)
+
+    def scored(arch: Architecture, loss: float, done: int, total: int) -> None:
+        nonlocal best
+        best = min(best, (loss, latency([arch])[0]))
+        on_progress(replace(start, scored=done, to_score=total, best_loss=best[0], best_latency_ms=best[1]))
+
+    return scored
+
+
+def _commit(state: SearchState, **fields: Any) -> None:
+    """Replaces the state's fields in one step (one C call: Ctrl-C lands before or after it,
+    so an interrupted search saves a state that is whole)."""
+    vars(state).update(fields)
 
 
 def _initial_population(
