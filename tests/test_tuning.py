@@ -311,3 +311,13 @@ def test_a_cuda_build_warns_of_dlight_schedules_and_suggests_no_tuning(tmp_path,
     database, _, warning = _tuning_database(load_target("cuda"), None)
     assert database is None and warning is not None
     assert "dlight" in warning and "hatc tune" not in warning, warning
+
+
+def test_tune_refuses_a_database_of_another_build_pipeline(tmp_path):
+    """Its workloads were fused differently: new records would be filed under kernels they do not fit."""
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "runs.jsonl").write_text(json.dumps({"space": "tiny", "pipeline": "fuse-ops/0"}) + "\n")
+    result = run_cli("tune", "--target", "x86", "--space", "tiny", "--buckets", "16", "--beam", "1", "--db", db)
+    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "another build pipeline (fuse-ops/0" in result.stderr and "new --db" in result.stderr

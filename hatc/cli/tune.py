@@ -39,8 +39,9 @@ def tune_command(
         int | None,
         typer.Option(
             "--trials",
-            help="Total measured trials, split over the workloads by sqrt(FLOPs x calls per sentence), "
-            f"at least one each (default: {DEFAULT_TRIALS_PER_TASK} x workloads).",
+            help="Total measured trials, split over the workloads by their measured share of the latency "
+            f"(plain loops' time x calls per sentence), a few each at least (default: {DEFAULT_TRIALS_PER_TASK} x "
+            "workloads); a workload that stops improving leaves its trials to the others.",
         ),
     ] = None,
     db: Annotated[
@@ -135,6 +136,9 @@ def _tune_with_progress(request: TuneRequest) -> TuneReport:
         return run_tune(request, show, lambda text: bar.console.print(f"warning: {text}", soft_wrap=True))
 
 
+TOP_WORKLOADS = 5  # the report lists the workloads with the largest share of the tuned latency
+
+
 def _print_report(r: TuneReport) -> None:
     shapes = f"buckets {','.join(map(str, r.config['buckets']))}, beam {','.join(map(str, r.config['beams']))}"
     stdout.print(
@@ -149,6 +153,12 @@ def _print_report(r: TuneReport) -> None:
     )
     if r.fallbacks:
         stdout.print(fallback_line(r.fallbacks), soft_wrap=True)
+    for row in r.per_workload[:TOP_WORKLOADS]:  # where the time is: trials went there
+        roof = f", {row['roofline_fraction']:.0%} of its roofline" if row["roofline_fraction"] is not None else ""
+        best = f"{row['best_s'] * 1e3:.3f} ms" if row["best_s"] else "unmeasured"
+        stdout.print(
+            f"  {row['share']:6.1%} of the latency  {row['name']}: {row['trials_in_database']} trials, {best}{roof}"
+        )
     stdout.print(f"database: {r.database}")
 
 

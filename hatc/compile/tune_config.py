@@ -14,11 +14,11 @@ DEFAULT_VOCAB = 8000  # hatc's data default (``hatc data prepare``)
 class TuneConfig:
     """What to tune for, and how hard.
 
-    ``trials`` is the total measured-trial budget over all workloads, split in
-    proportion to sqrt(FLOPs x calls per sentence) (``allocate_trials``: the
-    output projection, run at every decoder step, gets more than a 4x1x64
-    attention product), at least one each: a workload without a measured trial
-    would stay untuned and every build using it would be refused.
+    ``trials`` is the total measured-trial budget over all workloads, split by
+    each workload's measured share of the latency (its plain loops' time x calls
+    per sentence; ``hatc.compile.trial_budget``), with a floor of a few each: a
+    workload without a measured trial would stay untuned and every build using it
+    would be refused.
     """
 
     buckets: tuple[int, ...]  # source length buckets (hatc.runtime.signature.BUCKETS)

@@ -16,10 +16,13 @@ Candidates run on this machine for a host target, or on a device of an RPC
 tracker (``RemoteDevice``: MetaSchedule's RPCRunner, each candidate linked into a
 shared library with the target's compiler, cross-compiling for rpi4).
 
-Resumable: each workload has a trial goal (the budget split by sqrt(FLOPs x calls
-per sentence), at least one); a workload whose database records already reach
-it is skipped, so a second run with the same budget tunes nothing and a larger
-budget tops up.
+Trials go where the time is (``hatc.compile.trial_budget``): every workload's
+plain loops are measured first, the budget is split by measured share (time x
+calls per sentence) with a floor of a few each, each workload is tuned in chunks
+until it stops improving, and what it leaves goes to the workloads with the
+largest share of the tuned latency that still improve. Resumable: a workload
+whose database records already reach its goal is skipped, so a second run with
+the same budget tunes nothing and a larger budget tops up.
 
 What builds need of a database (``tuning_db_path``, ``load_database``,
 ``missing_workloads``) lives in ``hatc.compile.tuning_db``; the settings in
@@ -32,7 +35,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -44,11 +46,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hatc.compile.trial_budget import (
+    CHUNK,
+    FLOOR,
+    WorkloadBudget,
+    estimated_shares,
+    next_chunk,
+    roofline_fraction,
+    split_by_share,
+)
 from hatc.compile.tune_config import DEFAULT_TRIALS_PER_TASK, TuneConfig
 from hatc.compile.tuning_db import (
     MODULE_EQUALITY,
+    PIPELINE,
     Baselines,
     TuningError,
+    best_tuned_seconds,
     load_database,
     measured_trials,
     record_fallback,
@@ -60,7 +73,7 @@ from hatc.compile.workloads import Workload, plan_workloads
 from hatc.space import SearchSpace
 from hatc.targets import Target, tvm_target_of
 
-__all__ = ["RemoteDevice", "TuneProgress", "TuneReport", "allocate_trials", "check_tunable", "tune"]
+__all__ = ["RemoteDevice", "TuneProgress", "TuneReport", "check_tunable", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +119,6 @@ def lazy_tensor_intrinsics(target: Any) -> None:
         importlib.import_module(name + ".cuda")
 
 
-def allocate_trials(flops: list[float], total: int | None, calls: list[int] | None = None) -> list[int]:
-    """Per-workload trial goals: ``total`` split by sqrt(FLOPs x calls), at least one each.
-
-    ``calls`` is how often a workload runs per translated sentence (a decoder step's
-    run once per target token, the encoder's once), so trials follow the time at
-    stake: the square root keeps some for the many small workloads.
-    """
-    if not flops:
-        return []
-    total = DEFAULT_TRIALS_PER_TASK * len(flops) if total is None else total
-    calls = calls or [1] * len(flops)
-    weights = [math.sqrt(max(f, 1.0) * c) for f, c in zip(flops, calls)]
-    scale = total / sum(weights)
-    return [max(1, int(w * scale)) for w in weights]
-
-
 @dataclass(frozen=True)
 class TuneProgress:
     """One progress report: ``stage`` is plan (exporting/extracting) or tune."""
@@ -158,6 +155,7 @@ class TuneReport:
     per_graph: dict[str, int]  # "encoder S=32 B=4" -> distinct workloads in that graph
     config: dict[str, Any]
     device: str = "local"  # or TRACKER/KEY: where the candidates ran
+    per_workload: list[dict[str, Any]] = field(default_factory=list)  # trials, baseline, best, share, roofline
     # Workloads MetaSchedule failed on in this run, kept on their plain loops:
     # {"workload": Workload.describe(), "reason": the error's first line}.
     fallbacks: list[dict[str, str]] = field(default_factory=list)
@@ -384,7 +382,29 @@ def tune(
             progress(TuneProgress("plan", done, total, task=what))
 
     with writer_lock(db_dir):
+        _check_pipeline(db_dir)
         return _tune_locked(space, target, config, db_dir, progress, planned, tvm_target, cores, remote)
+
+
+def _check_pipeline(db_dir: Path) -> None:
+    """Refuses to add to a database tuned with another build pipeline (``PIPELINE``).
+
+    Its workloads were fused differently; MetaSchedule matches workloads by their anchor
+    block, so a new record could be filed under an old workload whose function it does
+    not fit, and the database would no longer load."""
+    runs = db_dir / "runs.jsonl"
+    if not runs.is_file():
+        return
+    for line in runs.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            pipeline = json.loads(line).get("pipeline", "an earlier hatc's")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if pipeline != PIPELINE:
+            raise TuningError(
+                f"{db_dir} was tuned with another build pipeline ({pipeline}, this hatc's is {PIPELINE}): its "
+                "records belong to kernels fused differently; tune into a new --db, or move it aside"
+            )
 
 
 def _tune_locked(
@@ -407,25 +427,47 @@ def _tune_locked(
 
     flops = [float(estimate_tir_flops(w.mod)) for w in workloads]
     calls = [space.target_tokens if w.graph == "decoder_step" else 1 for w in workloads]  # per sentence
-    goals = allocate_trials(flops, config.trials, calls)
-    needs = [goal - measured_trials(database, w.mod, goal) for w, goal in zip(workloads, goals)]
-    smoke = sum(goals) < 2 * len(workloads)  # a smoke-test budget: random candidates (see _search_strategy)
-    trials_total = sum(n for n in needs if n > 0)
-    state = {"trials": 0, "done": 0}
-
-    def report(task: str = "") -> None:
-        if progress:
-            progress(TuneProgress("tune", state["done"], len(workloads), state["trials"], trials_total, task=task))
-
-    start = time.perf_counter()
-    tuned, fallbacks = 0, []
     baselines = Baselines(database)
-    if trials_total or any(baselines.seconds(w.mod) is None for w in workloads):
-        runner = _runner(remote)
-        tuned, fallbacks = _tune_workloads(
-            workloads, needs, smoke, database, baselines, target, tvm_target, cores, config, db_dir, state, report,
-            runner, _builder(target, remote is not None),
-        )  # fmt: skip
+    start = time.perf_counter()
+    tools: dict[str, Any] = {}  # runner and builder, made once and only if something is measured
+
+    def measuring() -> tuple[Any, Any]:
+        if not tools:
+            tools["runner"], tools["builder"] = _runner(remote), _builder(target, remote is not None)
+        return tools["runner"], tools["builder"]
+
+    try:
+        # Every workload's plain loops first: the budget follows their measured share.
+        for w in workloads:
+            if baselines.seconds(w.mod) is None:
+                runner, builder = measuring()
+                _measure_baseline(w, builder, runner, database, baselines, tvm_target)
+        baseline_s = [baselines.seconds(w.mod) for w in workloads]
+        total = DEFAULT_TRIALS_PER_TASK * len(workloads) if config.trials is None else config.trials
+        goals = split_by_share(estimated_shares(baseline_s, flops, calls), total)
+        needs = [goal - measured_trials(database, w.mod, goal) for w, goal in zip(workloads, goals)]
+        smoke = sum(goals) < 2 * len(workloads)  # a smoke-test budget: random candidates (see _search_strategy)
+        trials_total = sum(n for n in needs if n > 0)
+        state = {"trials": 0, "done": 0}
+
+        def report(task: str = "") -> None:
+            if progress:
+                progress(TuneProgress("tune", state["done"], len(workloads), state["trials"], trials_total, task=task))
+
+        budgets = [
+            WorkloadBudget(w.describe(), c, g, best_s=_best(database, baselines, w))
+            for w, c, g in zip(workloads, calls, goals)
+        ]
+        tuned, fallbacks = 0, []
+        if trials_total:
+            tuned, fallbacks = _tune_workloads(
+                workloads, needs, budgets, smoke, database, baselines, tvm_target, cores, config, db_dir, state,
+                report, *measuring(),
+            )  # fmt: skip
+    finally:
+        pool = getattr(tools.get("runner"), "pool", None)
+        if pool is not None:
+            pool.shutdown()
     state["done"] = len(workloads)
     report()
     report = TuneReport(
@@ -446,10 +488,58 @@ def _tune_locked(
         per_graph=per_graph,
         config={**asdict(config), "tvm_target": target.resolved_tvm_target()},
         device=str(remote) if remote else "local",
+        per_workload=_per_workload(database, workloads, budgets, baseline_s, flops, remote is None, cores),
         fallbacks=fallbacks,
     )
     _log_run(db_dir, report)
     return report
+
+
+def _best(database: Any, baselines: Baselines, workload: Workload) -> float | None:
+    """The workload's best measured time: its fastest tuned record or its plain loops."""
+    times = [t for t in (best_tuned_seconds(database, workload.mod), baselines.seconds(workload.mod)) if t]
+    return min(times) if times else None
+
+
+def _per_workload(
+    database: Any,
+    workloads: list[Workload],
+    budgets: list[WorkloadBudget],
+    baseline_s: list[float | None],
+    flops: list[float],
+    local: bool,
+    cores: int,
+) -> list[dict[str, Any]]:
+    """Per workload: trials, plain and best time, share of the tuned latency and, tuned here, its roofline fraction."""
+    import numpy as np
+    from tvm.s_tir import meta_schedule as ms
+
+    machine = None
+    if local:  # the roofline of this machine; a device's own is not known here
+        from hatc.compile.profiling import measure_machine
+
+        machine = measure_machine(threads=cores, repeats=5)
+    total = sum(b.share_s for b in budgets) or 1.0
+    rows = []
+    for w, b, base, f in zip(workloads, budgets, baseline_s, flops):
+        args = ms.arg_info.ArgInfo.from_prim_func(w.mod["main"])
+        nbytes = sum(int(np.prod([int(d) for d in a.shape])) * np.dtype(str(a.dtype)).itemsize for a in args)
+        rows.append(
+            {
+                **b.to_dict(),
+                "trials_in_database": measured_trials(database, w.mod, 10**6),
+                "baseline_s": base,
+                "share": b.share_s / total,
+                "flops": f,
+                "bytes": nbytes,
+                "roofline_fraction": (
+                    roofline_fraction(b.best_s, f, nbytes, machine.gemm_gflop_s, machine.stream_read_gb_s)
+                    if machine
+                    else None
+                ),
+            }
+        )
+    return sorted(rows, key=lambda r: -r["share"])
 
 
 def _log_run(db_dir: Path, report: TuneReport) -> None:
@@ -460,6 +550,7 @@ def _log_run(db_dir: Path, report: TuneReport) -> None:
 
     entry = {
         **report.to_dict(),
+        "pipeline": PIPELINE,
         "time": datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": {"hatc": hatc.__version__, "tvm": tvm.__version__},
     }
@@ -473,10 +564,10 @@ def _log_run(db_dir: Path, report: TuneReport) -> None:
 def _tune_workloads(
     workloads: list[Workload],
     needs: list[int],
+    budgets: list[WorkloadBudget],
     smoke: bool,
     database: Any,
     baselines: Baselines,
-    target: Target,
     tvm_target: Any,
     cores: int,
     config: TuneConfig,
@@ -486,10 +577,12 @@ def _tune_workloads(
     runner: Any,
     builder: Any,
 ) -> tuple[int, list[dict[str, str]]]:
-    """One MetaSchedule run per workload that still needs trials.
+    """MetaSchedule on every workload that still needs trials, in chunks (``hatc.compile.trial_budget``):
+    a workload that stops improving ends early, and the trials it leaves go to those with the largest
+    share of the tuned latency that still improve.
 
     Returns:
-        (how many ran, the fallbacks: workloads MetaSchedule raised on, kept on plain loops)
+        (how many were tuned, the fallbacks: workloads MetaSchedule raised on, kept on plain loops)
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -500,49 +593,60 @@ def _tune_workloads(
     current = {"name": ""}
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)  # shared: what one task teaches helps the next
     callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(on_batch)]
-    tuned, fallbacks = 0, []
-    try:
-        for i, (workload, need) in enumerate(zip(workloads, needs)):
-            if baselines.seconds(workload.mod) is None:
-                _measure_baseline(workload, builder, runner, database, baselines, tvm_target)
-            if need > 0:
-                current["name"] = workload.describe()
-                report(current["name"])
-                context = ms.TuneContext(
-                    mod=workload.mod,
-                    target=tvm_target,
-                    space_generator="post-order-apply",
-                    search_strategy=_search_strategy(need, smoke),
-                    task_name=workload.name,
-                    rand_state=config.seed + i,
-                    num_threads=cores,
-                ).clone()
-                try:
-                    ms.tune_tasks(
-                        tasks=[context],
-                        task_weights=[1.0],
-                        work_dir=str(db_dir / "logs"),
-                        max_trials_global=need,
-                        max_trials_per_task=need,
-                        num_trials_per_iter=min(need, 64),
-                        builder=builder,
-                        runner=runner,
-                        database=database,
-                        cost_model=cost_model,
-                        measure_callbacks=callbacks,
-                        task_scheduler="round-robin",
-                        module_equality=MODULE_EQUALITY,
-                    )
-                except Exception as e:  # noqa: BLE001 - MetaSchedule's own failure on one workload
-                    fallbacks.append(_keep_plain_loops(workload, database, baselines, tvm_target, e, db_dir))
-                else:
-                    tuned += 1
-                if not measured_trials(database, workload.mod, 1):
-                    log.warning("no candidate of %s built and ran; it stays untuned", workload.describe())
-            state["done"] = i + 1
-            report(current["name"])
-    finally:
-        pool = getattr(runner, "pool", None)
-        if pool is not None:
-            pool.shutdown()
-    return tuned, fallbacks
+    failed: dict[int, dict[str, str]] = {}
+    chunks = [0] * len(workloads)
+
+    def run_chunk(i: int, trials: int) -> None:
+        workload, budget = workloads[i], budgets[i]
+        current["name"] = workload.describe()
+        report(current["name"])
+        before = state["trials"]
+        context = ms.TuneContext(
+            mod=workload.mod,
+            target=tvm_target,
+            space_generator="post-order-apply",
+            search_strategy=_search_strategy(trials, smoke),
+            task_name=workload.name,
+            rand_state=config.seed + 1000 * i + chunks[i],
+            num_threads=cores,
+        ).clone()
+        chunks[i] += 1
+        try:
+            ms.tune_tasks(
+                tasks=[context],
+                task_weights=[1.0],
+                work_dir=str(db_dir / "logs"),
+                max_trials_global=trials,
+                max_trials_per_task=trials,
+                num_trials_per_iter=min(trials, 64),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=callbacks,
+                task_scheduler="round-robin",
+                module_equality=MODULE_EQUALITY,
+            )
+        except Exception as e:  # noqa: BLE001 - MetaSchedule's own failure on one workload
+            failed[i] = _keep_plain_loops(workload, database, baselines, tvm_target, e, db_dir)
+            budget.converged = True  # no more chunks for it
+        budget.record(_best(database, baselines, workload), state["trials"] - before)
+
+    spare = 0
+    for i, need in enumerate(needs):
+        left = max(need, 0)
+        while left > 0 and not budgets[i].converged:
+            chunk = left if smoke else min(CHUNK, left)
+            run_chunk(i, chunk)
+            left -= chunk
+        spare += left  # a workload that stopped improving leaves its trials
+        if need > 0 and not measured_trials(database, workloads[i].mod, 1):
+            log.warning("no candidate of %s built and ran; it stays untuned", workloads[i].describe())
+        state["done"] = i + 1
+        report(current["name"])
+    while not smoke and spare >= FLOOR and (i := next_chunk(budgets, spare)) is not None:
+        chunk = min(CHUNK, spare)
+        run_chunk(i, chunk)
+        spare -= chunk
+    ran = [i for i, n in enumerate(needs) if n > 0]
+    return sum(1 for i in ran if i not in failed), [failed[i] for i in sorted(failed)]

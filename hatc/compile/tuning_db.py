@@ -282,6 +282,14 @@ def measured_trials(database: Any, mod: Any, limit: int) -> int:
     return sum(1 for r in _records(database, mod, limit) if not is_baseline(r))
 
 
+def best_tuned_seconds(database: Any, mod: Any) -> float | None:
+    """The fastest tuned record's mean time for ``mod``'s workload (fallbacks excluded), None if none."""
+    for record in _records(database, mod, 4):
+        if not is_baseline(record) and not is_fallback(record) and record.run_secs:
+            return _mean(record.run_secs)
+    return None
+
+
 class Baselines:
     """The measured time of each workload's plain loops (baseline records).
 
