@@ -39,17 +39,19 @@ from typing import Any
 from hatc import atomic
 from hatc.errors import DataError, HatcError, Interrupted
 from hatc.quickstart_plan import (
-    COMPILE_PER_ARCH,
     MIN_FINETUNE_S,
     MIN_FIT_ROWS,
     MIN_TEST_SENTENCES,
     MIN_TRAIN_S,
-    WANTED_LATENCY_ROWS,
+    SEARCH_BUDGETS,
+    STAGES,
     Allocation,
+    Context,
     Cost,
     Cut,
     Plan,
     TimeBudget,
+    stage_cost,
 )
 from hatc.quickstart_report import SAMPLE, TARGET
 
@@ -57,10 +59,7 @@ SPACE = "tiny"
 MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 LAYOUT = 2  # of OUT/quickstart.json; 1 trained the supernet before the latency stages
 MULTI30K_PAIRS = 29000  # training pairs without --subset
-TUNE_WORKLOADS = {"32": 65}  # distinct workloads of the tiny space per bucket set (estimate until tuned)
 BUDGET_QUANTILES = (0.25, 0.5, 0.75)  # of the measured latencies
-SEARCH_BUDGETS = len(BUDGET_QUANTILES)
-STAGES = ("tune", "collect", "fit", "supernet", "search", "models")  # in run order, as planned
 
 # Runs ``hatc ARGV`` (its stderr passed through); returns (exit code, stdout).
 Runner = Callable[[list[str], "str | None"], "tuple[int, str]"]
@@ -158,47 +157,20 @@ class Quickstart:
         """One architecture built and measured (collection's rate, measured or estimated)."""
         return self.budget.rate("collect_arch")
 
-    def model_count(self) -> int:
-        return self.state.get("models", 1 + SEARCH_BUDGETS)
-
     def test_pairs(self) -> int:
         data = self.state["stages"].get("data")
         return data["result"]["splits"]["test"]["pairs"] if data else (self.plan.subset or 1000)
 
     def cost(self, stage: str) -> Cost:
         """Estimated seconds of a whole stage (floor, nominal) at the rates known now."""
-        p, rate = self.plan, self.budget.rate
-        if stage == "tune":
-            workloads = self.state.get("workloads", TUNE_WORKLOADS.get(p.buckets, 160))
-            floor = rate("tune_start") + workloads * rate("tune_trial")
-            more = max(0, p.tune_trials - workloads)
-            return Cost(floor, floor + (rate("tune_start") + more * rate("tune_trial") if more else 0.0))
-        if stage == "collect":  # the rows a fit needs, then (another start-up) more for the plan's minutes
-            start, arch = rate("collect_start"), self.arch_seconds()
-            floor = start + MIN_FIT_ROWS * arch
-            more = max(60 * p.collect_minutes, WANTED_LATENCY_ROWS * arch) - MIN_FIT_ROWS * arch
-            return Cost(floor, floor + (start + more if more >= 2 * arch else 0.0), grow=2.0)
-        if stage == "fit":
-            return Cost(rate("fit"), rate("fit"))
-        if stage == "supernet":
-            start = rate("train_start")
-            return Cost(start + MIN_TRAIN_S, start + max(MIN_TRAIN_S, 60 * p.train_minutes), grow=3.0)
-        if stage == "search":
-            start, per_arch = rate("search_start"), rate("search_sentence") * p.valid_subset
-            first = start + SEARCH_BUDGETS * p.search_population * per_arch
-            more = (p.search_iterations - 1) * SEARCH_BUDGETS * 2 * p.search_children * per_arch
-            return Cost(first, first + (start + more if more else 0.0))
-        if stage == "models":
-            fixed = (
-                rate("finetune_start") + rate("evaluate_start") + rate("translate")
-                + self.budget.measured.get("compile", COMPILE_PER_ARCH * self.arch_seconds())
-                + self.budget.measured.get("measure", rate("measure_start") + self.arch_seconds())
-            )  # fmt: skip
-            test, sentence = self.test_pairs(), rate("evaluate_sentence")
-            floor = fixed + MIN_FINETUNE_S + min(test, MIN_TEST_SENTENCES) * sentence
-            nominal = fixed + max(MIN_FINETUNE_S, 60 * p.finetune_minutes) + test * sentence
-            return Cost(self.model_count() * floor, self.model_count() * nominal)
-        raise AssertionError(stage)
+        before = Context.before(self.plan)
+        ctx = Context(
+            self.state.get("workloads", before.workloads),
+            self.state.get("models", before.models),
+            self.test_pairs(),
+            {k: v for k, v in self.budget.measured.items() if k in ("compile", "measure")},
+        )
+        return stage_cost(stage, self.plan, self.budget.rate, ctx)
 
     def allocate(self, stage: str, rest: Cost | None = None) -> Allocation:
         """Seconds for ``stage`` (or for ``rest``, what is left of it) out of the time left."""
@@ -242,6 +214,8 @@ class Quickstart:
         corpus = self.stage("corpus", self._corpus)
         prepared = self.stage("data", lambda: self._prepare(Path(corpus), data))
         vocab = prepared["vocab_size"]
+        if not self.done("tune"):
+            self.allocate("tune")  # says so now if the floors alone overrun --minutes
         tuned = self.stage("tune", lambda: self._tune(db, vocab))
         self.state["workloads"] = tuned["workloads"]
         tuning_db = self.stage("tuning db", lambda: register_tuning_db(db, TARGET))
@@ -294,7 +268,7 @@ class Quickstart:
             return result
         start, trial = self.budget.rate("tune_start"), self.budget.rate("tune_trial")
         allocation = self.allocate("tune", Cost(0.0, start + more * trial))
-        affordable = max(0, min(more, int((allocation.seconds - start) / trial + 1e-6)))
+        affordable = max(0, min(more, int((allocation.seconds - start) / trial + 0.05)))
         self.cut("tuning", "trials", p.tune_trials, workloads + affordable, allocation)
         if affordable < max(1, workloads // 10):  # not worth another start-up
             return result
@@ -426,7 +400,7 @@ class Quickstart:
             return result
         per_generation = SEARCH_BUDGETS * 2 * p.search_children * p.valid_subset * self.budget.rate("search_sentence")
         allocation = self.allocate("search", Cost(0.0, start + (p.search_iterations - 1) * per_generation))
-        more = max(0, min(p.search_iterations - 1, int((allocation.seconds - start) / per_generation + 1e-6)))
+        more = max(0, min(p.search_iterations - 1, int((allocation.seconds - start) / per_generation + 0.05)))
         self.cut("search", "generations", p.search_iterations, 1 + more, allocation)
         return search(1 + more) if more else result
 
@@ -466,7 +440,7 @@ class Quickstart:
 
     def _model_settings(self) -> dict[str, Any]:
         """Fine-tuning minutes and test sentences, the same for every model (they are compared)."""
-        p, test = self.plan, self.test_pairs()
+        p, test = self.plan, min(self.test_pairs(), self.plan.test_sentences)
         allocation = self.allocate("models")
         share = min(1.0, allocation.factor)
         least = min(test, MIN_TEST_SENTENCES)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 MIN_FIT_ROWS = 20  # hatc.latency.predictor.MIN_ROWS (a test checks they agree)
@@ -49,10 +49,11 @@ REFERENCE_S: dict[str, float] = {
     "search_sentence": 0.008,  # one validation sentence scored by one SubTransformer
     "finetune_start": 8.0,
     "evaluate_start": 4.0,
-    "evaluate_sentence": 0.05,  # one test sentence decoded (beam 4), a badly trained model's long outputs included
+    "evaluate_sentence": 0.1,  # one test sentence decoded (beam 4); a barely trained model decodes to the length limit
     "measure_start": 7.0,  # hatc latency measure: start-up, then one measured architecture
     "translate": 4.0,
 }
+LONG_FROM = 45  # minutes from which HAT's protocol (5 + 20 runs) and three buckets are used
 LONG_PROTOCOL = 1.6  # 5 + 20 runs per measurement instead of 1 + 5: an architecture's time grows by this
 COMPILE_PER_ARCH = 1.2  # hatc compile takes this many measured architectures' time (a build, packing, checks)
 
@@ -75,6 +76,7 @@ class Plan:
     search_children: int  # mutations and crossovers each
     valid_subset: int
     finetune_minutes: float  # per model
+    test_sentences: int  # BLEU on the first N test pairs (all if there are fewer)
     subset: int | None  # training pairs kept (None: all)
     latency_warmup: int  # HAT's protocol: discarded and kept runs per measurement
     latency_repeats: int
@@ -83,26 +85,40 @@ class Plan:
     @classmethod
     def for_minutes(cls, minutes: float, subset: int | None = None) -> Plan:
         s = minutes / 60.0
-        return cls(
+        short = min(1.0, 2 * s)  # what stays the same from 30 minutes on
+        plan = cls(
             minutes=minutes,
-            train_minutes=22.0 * s,  # the rest sums to ~35 min at 60; what is left goes to training
+            train_minutes=0.0,  # below: what the other stages leave at the reference rates
             tune_trials=max(1, round(600 * s)),
             collect_minutes=8.0 * s,
             # HAT's search (30 generations of 125 on the whole validation set) would take hours
-            # here: ~7 min at 60 (3 budgets x 30 + 9 x 3 x 16 SubTransformers on 100 sentences).
+            # here; at 60: 10 generations of 30 (6 parents + 8 + 8 children) on 100 sentences,
+            # ~7 min; longer runs get more generations (the cost grows with them alone).
             search_iterations=max(2, round(10 * s)),
-            search_population=max(8, round(30 * s)),
-            search_parents=max(2, round(6 * s)),
-            search_children=max(3, round(8 * s)),
-            valid_subset=max(40, round(100 * s)),
+            search_population=max(8, round(30 * short)),
+            search_parents=max(2, round(6 * short)),
+            search_children=max(3, round(8 * short)),
+            valid_subset=max(40, round(100 * short)),
             finetune_minutes=1.5 * s,
+            test_sentences=max(MIN_TEST_SENTENCES, min(1000, round(1000 * s))),  # of Multi30k's 1000
             subset=subset,
             # The target's defaults (5 + 20) for real runs; fewer runs when minutes are few.
-            latency_warmup=5 if minutes >= 30 else 1,
-            latency_repeats=20 if minutes >= 30 else 5,
+            latency_warmup=5 if minutes >= LONG_FROM else 1,
+            latency_repeats=20 if minutes >= LONG_FROM else 5,
             # Multi30k sentences are short; quick runs build only the protocol's bucket.
-            buckets="16,32,64" if minutes >= 30 else "32",
+            buckets="16,32,64" if minutes >= LONG_FROM else "32",
         )
+        rates = plan.reference_s()
+        others = (
+            DATA_S
+            + rates["train_start"]
+            + sum(
+                stage_cost(stage, plan, rates.__getitem__, Context.before(plan)).nominal
+                for stage in STAGES
+                if stage != "supernet"
+            )
+        )
+        return replace(plan, train_minutes=round(max(MIN_TRAIN_S, 60 * minutes - others) / 60, 2))
 
     def reference_s(self) -> dict[str, float]:
         """``REFERENCE_S`` for this plan's latency protocol."""
@@ -113,7 +129,8 @@ class Plan:
         return (
             f"supernet {self.train_minutes:.1f} min, tuning {self.tune_trials} trials, latency collection "
             f"{self.collect_minutes:.1f} min (at least {MIN_FIT_ROWS} archs), search {self.search_iterations} "
-            f"generations of {self.search_population}, fine-tuning {self.finetune_minutes:.1f} min per model; "
+            f"generations of {self.search_population}, fine-tuning {self.finetune_minutes:.1f} min per model, "
+            f"BLEU on {self.test_sentences} test sentences; "
             "each shrinks to fit the time left at this machine's measured rates"
         )
 
@@ -137,6 +154,62 @@ class Cost:
     def at(self, factor: float) -> float:
         """Seconds at a fill factor (see ``fill_factor``)."""
         return self.floor + min(factor, self.grow) * self.flex
+
+
+STAGES = ("tune", "collect", "fit", "supernet", "search", "models")  # the planned stages, in run order
+SEARCH_BUDGETS = 3
+TUNE_WORKLOADS = {"32": 65}  # distinct workloads of the tiny space per bucket set (until tuned)
+DATA_S = 10.0  # hatc data prepare
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the stage costs depend on besides the plan and the rates (known as the run goes)."""
+
+    workloads: int  # tuning workloads
+    models: int  # distinct models to fine-tune, build and measure
+    test_pairs: int
+    measured: Mapping[str, float] = field(default_factory=dict)  # a model's compile, measure (seconds)
+
+    @classmethod
+    def before(cls, plan: Plan) -> Context:
+        return cls(TUNE_WORKLOADS.get(plan.buckets, 160), 1 + SEARCH_BUDGETS, min(plan.subset or 1000, 1000))
+
+
+def stage_cost(stage: str, plan: Plan, rate: Callable[[str], float], ctx: Context) -> Cost:
+    """A whole stage's seconds (floor, nominal) for ``plan`` at ``rate(name)`` seconds per unit."""
+    p = plan
+    if stage == "tune":  # one trial per workload, then (another start-up) the rest of the trials
+        floor = rate("tune_start") + ctx.workloads * rate("tune_trial")
+        more = max(0, p.tune_trials - ctx.workloads)
+        return Cost(floor, floor + (rate("tune_start") + more * rate("tune_trial") if more else 0.0))
+    if stage == "collect":  # the rows a fit needs, then (another start-up) more for the plan's minutes
+        start, arch = rate("collect_start"), rate("collect_arch")
+        floor = start + MIN_FIT_ROWS * arch
+        more = max(60 * p.collect_minutes, WANTED_LATENCY_ROWS * arch) - MIN_FIT_ROWS * arch
+        return Cost(floor, floor + (start + more if more >= 2 * arch else 0.0), grow=2.0)
+    if stage == "fit":
+        return Cost(rate("fit"), rate("fit"))
+    if stage == "supernet":  # what is left goes to training
+        start = rate("train_start")
+        return Cost(start + MIN_TRAIN_S, start + max(MIN_TRAIN_S, 60 * p.train_minutes), grow=3.0)
+    if stage == "search":  # one generation, then (another start-up) the rest
+        start, per_arch = rate("search_start"), rate("search_sentence") * p.valid_subset
+        first = start + SEARCH_BUDGETS * p.search_population * per_arch
+        more = (p.search_iterations - 1) * SEARCH_BUDGETS * 2 * p.search_children * per_arch
+        return Cost(first, first + (start + more if more else 0.0))
+    if stage == "models":  # each: fine-tune, evaluate, compile, measure, translate
+        arch = rate("collect_arch")
+        fixed = (
+            rate("finetune_start") + rate("evaluate_start") + rate("translate")
+            + ctx.measured.get("compile", COMPILE_PER_ARCH * arch)
+            + ctx.measured.get("measure", rate("measure_start") + arch)
+        )  # fmt: skip
+        sentence, test = rate("evaluate_sentence"), min(ctx.test_pairs, p.test_sentences)
+        floor = fixed + MIN_FINETUNE_S + min(test, MIN_TEST_SENTENCES) * sentence
+        nominal = fixed + max(MIN_FINETUNE_S, 60 * p.finetune_minutes) + test * sentence
+        return Cost(ctx.models * floor, ctx.models * nominal)
+    raise AssertionError(stage)
 
 
 def fill_factor(left: float, costs: list[Cost]) -> float:
@@ -166,6 +239,7 @@ class Allocation:
     left: float  # seconds to the deadline when deciding
     floors: float  # seconds the stages from here need at least
     biggest: tuple[str, float]  # the stage with the largest floor, and that floor
+    basis: str = "this machine's rates"  # what the costs are estimated from
 
     @property
     def overrun(self) -> float:
@@ -177,7 +251,7 @@ class Allocation:
         left = f"{self.left / 60:.1f} min left" if self.left >= 0 else f"{-self.left / 60:.1f} min past the time"
         return (
             f"{left}; the stages from here need at least {self.floors / 60:.1f} min "
-            f"at this machine's rates, {name} {floor / 60:.1f} min of it"
+            f"at {self.basis}, {name} {floor / 60:.1f} min of it"
         )
 
 
@@ -249,4 +323,5 @@ class TimeBudget:
         factor = fill_factor(left, list(costs.values()))
         floors = sum(c.floor for c in costs.values())
         biggest = max(costs.items(), key=lambda kv: kv[1].floor)
-        return Allocation(stage, costs[stage].at(factor), factor, left, floors, (biggest[0], biggest[1].floor))
+        basis = "this machine's rates" if self.measured else "a quiet 2-core machine's rates (none measured yet)"
+        return Allocation(stage, costs[stage].at(factor), factor, left, floors, (biggest[0], biggest[1].floor), basis)

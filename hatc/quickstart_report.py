@@ -104,7 +104,7 @@ def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
         lines += ["", "## Not to be trusted", ""]
         lines += [f"- `{w['code']}`: {w['message']}" for w in result["warnings"]]
     if result["cuts"]:
-        lines += ["", f"## Cut to fit {plan.minutes:g} minutes", ""]
+        lines += ["", f"## Cut to fit --minutes {plan.minutes:g}", ""]
         lines += [f"- {c['line'].removeprefix('cut: ')}" for c in result["cuts"]]
     db = result["tuning_db"]
     compile_db = "" if db["registered"] else f" --db {db['path']}"
@@ -112,7 +112,7 @@ def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
         "",
         "## Use a model",
         "",
-        f"Tuning database: {db['note']}. Compile a model again with "
+        f"Tuning: {db['note']}. Compile a model again with "
         f"`hatc compile --checkpoint {rows[0]['checkpoint']} --target {TARGET} --buckets {plan.buckets}{compile_db}`.",
         "",
         "![Pareto front: predicted latency vs validation loss; a star per budget's winner](pareto.png)",

@@ -34,9 +34,10 @@ def quickstart(
     device, predictor, supernet, search at three budgets, fine-tuning, BLEU, artifacts.
 
     --minutes bounds the whole run. At --minutes 60 on a quiet 2-core machine: tuning
-    600 trials, latency collection 8 min, supernet 22 min, search 10 generations of 30,
-    fine-tuning 1.5 min for each winner and the largest SubTransformer, BLEU on the
-    whole test set, builds and measurements. On a slower machine every stage is
+    600 trials, latency collection 8 min, search 10 generations of 30, fine-tuning
+    1.5 min for each winner and the largest SubTransformer, BLEU on the whole test
+    set, builds and measurements; the supernet trains what is left (19 min). On a
+    slower machine every stage is
     re-planned from the rates measured so far; what was cut, and what in the results
     cannot be trusted, is said on stderr and in the report (docs/quickstart.md).
     Each stage prints the hatc command it runs; interrupted, the same command resumes."""
