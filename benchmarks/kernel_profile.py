@@ -122,9 +122,10 @@ def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Name
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     options.log_severity_level = 3
     out: dict[str, Any] = {"beam": beam, "graphs": {}}
-    for graph, path, inputs in (
-        (import_graphs(graphs)[0], graphs.encoder, sig.encoder_inputs()),
-        (import_graphs(graphs)[1], graphs.decoder, sig.decoder_inputs()),
+    packed, unpacked = import_graphs(graphs, target), import_graphs(graphs)  # target: weights packed for it
+    for graph, plain, path, inputs in (
+        (packed[0], unpacked[0], graphs.encoder, sig.encoder_inputs()),
+        (packed[1], unpacked[1], graphs.decoder, sig.decoder_inputs()),
     ):
         feeds = _feeds(inputs, seed=beam)
         missing = tuning_db.missing_workloads(graph, target, database)
@@ -142,6 +143,11 @@ def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Name
         run_tvm = functools.partial(vm["main"], *tvm_args)
         run_ort = functools.partial(session.run, None, feeds)
         tvm_total, ort_total = _interleaved(run_tvm, run_ort, args.rounds)
+        # The same build with the weights as exported (not packed): what packing buys, in the same run.
+        plain_vm = tvm.relax.VirtualMachine(build_module(plain, target, database), dev)
+        plain_args = [tvm.runtime.tensor(feeds[n], dev) for n in plain.input_names]
+        plain_args += [tvm.runtime.tensor(p.numpy(), dev) for p in plain.params]
+        unpacked_total, tvm_again = _interleaved(functools.partial(plain_vm["main"], *plain_args), run_tvm, args.rounds)
         weights = sum(int(np.prod(p.shape)) * 4 for p in graph.params)
         caches = sum(feeds[n].nbytes for n in inputs if n.startswith(("self_", "cross_")))
         must_read = weights + caches
@@ -170,6 +176,7 @@ def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Name
                 },
             },
             "tvm_over_ort": tvm_total / ort_total,
+            "packing": {"tvm_unpacked_ms": unpacked_total, "tvm_packed_ms": tvm_again},
         }
     return out
 
@@ -182,6 +189,8 @@ def _print(result: dict[str, Any], top: int) -> None:
                 f"{g['bytes_must_read'] / 2**20:.1f} MiB; roofline {g['roofline_ms']['stream']:.3f} ms "
                 f"(stream) / {g['roofline_ms']['cache_resident']:.3f} ms (cache-resident)"
             )
+            p = g["packing"]
+            print(f"  weights as exported {p['tvm_unpacked_ms']:.3f} ms, packed {p['tvm_packed_ms']:.3f} ms (TVM)")
             for backend, b in g["backends"].items():
                 print(
                     f"  {backend:12s} {b['ms']:8.3f} ms  {b['memory_roofline_fraction']:6.1%} of stream roofline  "
