@@ -58,8 +58,7 @@ from hatc.quickstart_report import SAMPLE, TARGET
 SPACE = "tiny"
 MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 LAYOUT = 2  # of OUT/quickstart.json; 1 trained the supernet before the latency stages
-MULTI30K_PAIRS = 29000  # training pairs without --subset
-BUDGET_QUANTILES = (0.25, 0.5, 0.75)  # of the measured latencies
+BUDGET_QUANTILES = (0.25, 0.5, 0.75)  # of the measured latencies: SEARCH_BUDGETS budgets
 
 # Runs ``hatc ARGV`` (its stderr passed through); returns (exit code, stdout).
 Runner = Callable[[list[str], "str | None"], "tuple[int, str]"]
@@ -269,8 +268,10 @@ class Quickstart:
         start, trial = self.budget.rate("tune_start"), self.budget.rate("tune_trial")
         allocation = self.allocate("tune", Cost(0.0, start + more * trial))
         affordable = max(0, min(more, int((allocation.seconds - start) / trial + 0.05)))
-        self.cut("tuning", "trials", p.tune_trials, workloads + affordable, allocation)
         if affordable < max(1, workloads // 10):  # not worth another start-up
+            affordable = 0
+        self.cut("tuning", "trials", p.tune_trials, workloads + affordable, allocation)
+        if not affordable:
             return result
         second, seconds = self.timed(lambda: self.hatc(*base, "--trials", workloads + affordable))
         self._observe_tune(second, seconds)
@@ -349,8 +350,10 @@ class Quickstart:
             return max(0.0, seconds - start - 0.5 * arch) / 60  # (the one in flight still ends)
 
         minutes = minutes_of(allocation.seconds)
+        if 60 * minutes < arch:  # not even one more row
+            minutes = 0.0
         self.cut("latency collection", "extra minutes", minutes_of(rest), minutes, allocation)
-        if 60 * minutes < arch:
+        if not minutes:
             return first
         more, seconds = self.timed(lambda: self.hatc(*common, "--n", "2000", "--minutes", f"{minutes:.3f}"))
         self._observe_collect(more, seconds)

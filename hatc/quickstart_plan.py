@@ -157,7 +157,7 @@ class Cost:
 
 
 STAGES = ("tune", "collect", "fit", "supernet", "search", "models")  # the planned stages, in run order
-SEARCH_BUDGETS = 3
+SEARCH_BUDGETS = 3  # hatc.quickstart.BUDGET_QUANTILES
 TUNE_WORKLOADS = {"32": 65}  # distinct workloads of the tiny space per bucket set (until tuned)
 DATA_S = 10.0  # hatc data prepare
 
