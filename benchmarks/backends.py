@@ -76,6 +76,29 @@ def _graph_run(runner, src, beam: int) -> tuple[float, float]:
     return (encoded - start) * 1e3, (done - encoded) * 1e3
 
 
+def _threads_reported(ort: Any, tvm_loaded: bool) -> dict[str, int]:
+    """What each runtime says it runs with (not what was asked)."""
+    import torch
+
+    out = {"torch": torch.get_num_threads(), "onnxruntime": ort._dec.get_session_options().intra_op_num_threads}
+    if tvm_loaded:
+        from hatc.runtime.backends import tvm_threads
+
+        out["tvm"] = tvm_threads()
+    return out
+
+
+def _step_bytes(built: Any, beam: int) -> int:
+    """What one decoder step must read: its weights (as the build holds them) and the key/value caches."""
+    import numpy as np
+
+    sig = built.signature
+    weights = sum(int(np.prod(p.shape)) * 4 for p in built.decoder_graph.params)
+    inputs = sig.decoder_inputs()
+    caches = sum(int(np.prod(inputs[n][0])) * 4 for n in inputs if n.startswith(("self_", "cross_")))
+    return weights + caches
+
+
 def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -141,6 +164,15 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
         if name in parity:
             backends[name]["max_abs_diff_vs_pytorch"] = parity[name]
     eager_total, ort_total = backends["eager"]["total_ms"], backends["onnxruntime"]["total_ms"]
+    step_bytes = _step_bytes(tuned or built, beam) if (tuned or built) else None
+    roofline = {}
+    if step_bytes:  # bytes a step must read over the streaming read bandwidth, against each step's median time
+        for name, b in backends.items():
+            step_s = b["decoder_ms"] / TARGET_TOKENS / 1e3
+            roofline[name] = {
+                "memory": step_bytes / (args.machine.stream_read_gb_s * 1e9) / step_s,
+                "cache_resident": step_bytes / (args.machine.cache_read_gb_s * 1e9) / step_s,
+            }
     return {
         "space": space_name,
         "arch": arch_name,
@@ -154,6 +186,9 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
         "backends": backends,
         "speedup_vs_eager": {n: eager_total / b["total_ms"] for n, b in backends.items()},
         "slowdown_vs_onnxruntime": {n: b["total_ms"] / ort_total for n, b in backends.items()},
+        "threads": _threads_reported(ort, built is not None or tuned is not None),
+        "decoder_step_bytes": step_bytes,
+        "decoder_step_roofline_fraction": roofline,
         "arch_config": arch.to_dict(),
     }
 
@@ -205,6 +240,9 @@ def main() -> None:
     import hatc
 
     torch.set_num_threads(args.threads)
+    from hatc.compile.profiling import measure_machine
+
+    args.machine = measure_machine(args.threads)  # the roofline, measured in this run
     cases = [tuple(c.split(":")) for c in args.cases.split(",")]
     beams = [int(b) for b in args.beams.split(",")]
     load_before = os.getloadavg()  # a shared machine: record how busy it was
@@ -257,6 +295,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "threads": args.threads,
             "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+            "roofline": args.machine.to_dict(),
             "target": load_target("x86").resolved_tvm_target() if not (args.skip_tvm and args.skip_tuned) else None,
         },
         "versions": versions,

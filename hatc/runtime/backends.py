@@ -7,8 +7,10 @@ only the one its artifact needs (and never torch).
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,8 @@ import numpy as np
 from hatc.runtime.artifact import Artifact, ArtifactError
 from hatc.runtime.runners import GraphRunner, OrtRunner
 from hatc.runtime.signature import GraphSignature
+
+log = logging.getLogger(__name__)
 
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 _HOST_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
@@ -36,15 +40,33 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _import_tvm() -> Any:
-    # TVM would take half the hardware threads; a deployed model wants all it is given.
-    os.environ.setdefault("TVM_NUM_THREADS", str(_cpus()))
+def _import_tvm(threads: int | None = None) -> Any:
+    """TVM, its thread pool sized to ``threads`` (default: the CPUs this process may use).
+
+    TVM sizes its pool once, from ``TVM_NUM_THREADS``, when its runtime starts; so the
+    count is set here, before the import, and a later different request is logged
+    (``tvm_threads`` says what the runtime uses)."""
+    if "tvm" not in sys.modules:
+        # TVM would take half the hardware threads; a deployed model wants all it is given.
+        if threads:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        else:
+            os.environ.setdefault("TVM_NUM_THREADS", str(_cpus()))
     try:
         import tvm
         from tvm import relax  # noqa: F401  (registers the VM)
     except ImportError:
         raise ArtifactError("this artifact needs the TVM runtime: pip install apache-tvm") from None
+    if threads and tvm_threads() != threads:
+        log.warning("TVM already runs %d threads in this process; %d were asked for", tvm_threads(), threads)
     return tvm
+
+
+def tvm_threads() -> int:
+    """The threads TVM's runtime runs kernels with in this process (what it reports)."""
+    import tvm_ffi
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
 def _check_local_cuda(tvm: Any) -> None:
@@ -78,8 +100,9 @@ class TvmLibRunner:
         device_kind: str = "cpu",
         device: Any = None,
         session: Any = None,
+        threads: int | None = None,
     ):
-        tvm = _import_tvm()
+        tvm = _import_tvm(threads if session is None else None)
         from tvm import relax
 
         self._tvm, self.signature, self._remote = tvm, signature, session is not None
@@ -171,7 +194,8 @@ def load_runner(
         weights: a shared store (so buckets share arrays); opened here if None.
         device: a TVM device to run on (default: the target's device, local or the session's).
         session: a TVM RPC session; the libraries then run on the remote device.
-        threads: ONNX Runtime's intra-op threads (default: the CPUs this process may use).
+        threads: intra-op threads of ONNX Runtime, or of TVM run here (default: the CPUs this
+            process may use; TVM's count is fixed once its runtime starts, see ``_import_tvm``).
     """
     entry = artifact.graph(bucket)
     sig = GraphSignature.from_dict(entry["signature"])
@@ -200,4 +224,5 @@ def load_runner(
         device_kind=artifact.manifest["target"].get("device", "cpu"),
         device=device,
         session=session,
+        threads=threads,
     )

@@ -47,7 +47,8 @@ class Translator:
         device: a TVM device to run on instead of the target's default.
         session: a TVM RPC session (``tvm.rpc`` / a tracker's ``request``): the
             libraries are uploaded and run on that remote device.
-        threads: ONNX Runtime's threads (TVM reads ``TVM_NUM_THREADS``).
+        threads: intra-op threads of ONNX Runtime, or of TVM (set before TVM's runtime starts;
+            ``hatc.runtime.backends.tvm_threads`` reports the count it uses).
         trust: a public key file: open ``artifact`` (a path) only if that key signed it.
     """
 
