@@ -166,42 +166,73 @@ class TuneReport:
         return out
 
 
-def _builder(target: Target, remote: bool) -> Any:
-    """Builds candidates in this process: MetaSchedule's LocalBuilder starts a fresh
-    worker process per batch, and each worker's TVM import (plus tensor_intrin)
-    costs more than its 30 s timeout on a busy core.
+BUILD_TIMEOUT_S = 120  # one candidate's build, a worker's start (importing TVM on a busy core) included
+BUILDS_PER_WORKER = 500  # then a fresh worker: TVM's popen workers leak a little per build
+
+
+def _build_candidate(mod: Any, tvm_target: Any, target_source: str | None) -> str:
+    """Builds one candidate in a builder worker; returns the file the runner loads.
 
     A local runner links the objects itself (a .tar); a remote device gets a shared
-    library linked here with the target's compiler, since a device (the emulated rpi4
-    above all) may have no linker."""
+    library linked here with the target's compiler (``target_source``: its file),
+    since a device (the emulated rpi4 above all) may have no linker."""
     import tvm
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
     from tvm.support.tar import tar
 
-    from hatc.compile.tvm_build import export_library
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    lib = tvm.tirx.build(mod, target=tvm_target)
+    folder = tempfile.mkdtemp(prefix="hatc-ms-")
+    if target_source is not None:
+        from hatc.compile.tvm_build import export_library
+        from hatc.targets import load_target_file
+
+        return str(export_library(lib, Path(folder) / "tvm_tmp_mod.so", load_target_file(Path(target_source))))
+    path = os.path.join(folder, "tvm_tmp_mod." + tar.output_format)
+    lib.export_library(path, fcompile=tar)
+    return path
+
+
+def _builder(target: Target, remote: bool) -> Any:
+    """Builds candidates one at a time in a worker process that lives across batches.
+
+    MetaSchedule's LocalBuilder starts fresh workers for every batch, and a worker's
+    TVM import costs more than its 30 s timeout on a busy core; building in this
+    process has no timeout at all, and LLVM can spend many minutes on one candidate
+    (seen: a log_softmax with a large unroll). A worker that exceeds
+    ``BUILD_TIMEOUT_S`` is killed and the candidate counts as a failed trial."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    source = str(target.source) if remote else None
 
     @derived_object
-    class InProcessBuilder(PyBuilder):
+    class WorkerBuilder(PyBuilder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = PopenPoolExecutor(
+                max_workers=1, timeout=BUILD_TIMEOUT_S, maximum_process_uses=BUILDS_PER_WORKER
+            )
+
         def build(self, build_inputs: list[Any]) -> list[Any]:
             results = []
             for item in build_inputs:
-                try:
-                    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(item.mod)
-                    lib = tvm.tirx.build(mod, target=item.target)
-                    folder = tempfile.mkdtemp(prefix="hatc-ms-")
-                    if remote:
-                        path = str(export_library(lib, Path(folder) / "tvm_tmp_mod.so", target))
-                    else:
-                        path = os.path.join(folder, "tvm_tmp_mod." + tar.output_format)
-                        lib.export_library(path, fcompile=tar)
-                    results.append(BuilderResult(path, None))
-                except Exception as e:  # a candidate that does not build is a failed trial, not a crash
-                    results.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+                (done,) = self.pool.map_with_error_catching(
+                    lambda x: _build_candidate(*x), [(item.mod, item.target, source)]
+                )
+                if done.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(done.value, None))
+                elif done.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(None, f"build timed out after {BUILD_TIMEOUT_S} s"))
+                else:  # a candidate that does not build is a failed trial, not a crash
+                    results.append(BuilderResult(None, f"build failed: {str(done.value).strip()[-300:]}"))
             return results
 
-    return InProcessBuilder()
+        def shutdown(self) -> None:
+            self.pool.shutdown()
+
+    return WorkerBuilder()
 
 
 def _measure_baseline(
@@ -468,6 +499,8 @@ def _tune_locked(
         pool = getattr(tools.get("runner"), "pool", None)
         if pool is not None:
             pool.shutdown()
+        if "builder" in tools:
+            tools["builder"].shutdown()
     state["done"] = len(workloads)
     report()
     report = TuneReport(
