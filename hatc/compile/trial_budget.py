@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 CHUNK = 32  # trials per MetaSchedule call: improvement is judged chunk by chunk
-FLOOR = 8  # trials every workload gets (fewer if the budget cannot afford them)
+FLOOR = 4  # trials every workload gets (fewer if the budget cannot afford them); the rest follows the share
 CONVERGED = 0.02  # a chunk that improves the best time by less than this ends the workload's tuning
 
 
