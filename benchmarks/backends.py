@@ -128,7 +128,7 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
         runners["tvm-untuned"] = TvmRunner(built)
     if not args.skip_tuned:
         target, database = load_target("x86"), load_database(args.db)
-        missing = [m for g in import_graphs(graphs) for m in missing_workloads(g, target, database)]
+        missing = [m for g in import_graphs(graphs, target) for m in missing_workloads(g, target, database)]
         if missing:
             raise SystemExit(
                 f"{args.db} lacks {len(missing)} workloads of {space_name} {arch_name} at beam {beam}: run "

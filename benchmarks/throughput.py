@@ -46,6 +46,17 @@ def _compile(args: argparse.Namespace, backend: str, buckets: str, out: Path) ->
     return json.loads(done.stdout)
 
 
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import tvm
+
+    import hatc
+
+    return {"hatc": hatc.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "tvm": tvm.__version__}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="supernet or SubTransformer checkpoint")
@@ -116,6 +127,8 @@ def main() -> None:
         "buckets": buckets,
         "tvm_artifact": {"tuned": compiled["tvm"]["tuned"], "warnings": compiled["tvm"]["warnings"]},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": _versions(),
+        "command": "python " + " ".join(sys.argv),
         "backends": rows,
         "speedup_vs_onnxruntime": {n: rows["onnxruntime"]["seconds"] / r["seconds"] for n, r in rows.items()},
     }

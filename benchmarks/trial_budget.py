@@ -47,7 +47,8 @@ def main() -> None:
         start = time.perf_counter()
         tuned = subprocess.run(
             [sys.executable, "-m", "hatc", "tune", "--target", "x86", "--space", "tiny", "--buckets", "32",
-             "--beam", args.beams, "--trials", str(budget), "--db", str(db), "--json"],
+             "--beam", args.beams, "--trials", str(budget), "--vocab-size", str(backends.VOCAB["tiny"]),
+             "--db", str(db), "--json"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if tuned.returncode != 0:
@@ -83,7 +84,21 @@ def main() -> None:
             f"trials {budget}: "
             + ", ".join(f"{r['arch']} b{r['beam']} {r['tvm_over_onnxruntime']:.2f}x ORT" for r in rows)
         )
-    result = {"benchmark": "trial_budget", "threads": 1, "machine": protocol.machine.to_dict(), "points": points}
+    import onnxruntime
+    import tvm
+
+    import hatc
+
+    result = {
+        "benchmark": "trial_budget",
+        "command": "python " + " ".join(sys.argv),
+        "settings": {"budgets": args.budgets, "cases": args.cases, "beams": args.beams, "repeats": args.repeats},
+        "target": "x86",
+        "threads": 1,
+        "machine": protocol.machine.to_dict(),
+        "versions": {"hatc": hatc.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
+        "points": points,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

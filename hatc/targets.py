@@ -90,7 +90,7 @@ class Target:
             target.setdefault("mcpu", _host_mcpu())
             # Schedules are tuned for, and libraries run with, the threads hatc runs TVM with here
             # (not the host's cores: a schedule tuned for two threads is slow on one).
-            target.setdefault("num-cores", tvm_threads())
+            target.setdefault("num-cores", configured_tvm_threads())
         return target
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +114,7 @@ def default_tvm_threads() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 
-def tvm_threads() -> int:
+def configured_tvm_threads() -> int:
     """The threads TVM runs with in this process (``TVM_NUM_THREADS``, 1 unless set)."""
     default_tvm_threads()
     try:

@@ -150,7 +150,7 @@ def test_tvm_weights_are_parameters_not_constants(exported, tmp_path):
     from hatc.compile.tvm_build import build_module, elf_machine, export_library, import_graphs
 
     model, graphs = exported["largest"]
-    encoder, decoder = import_graphs(graphs)
+    encoder, decoder = import_graphs(graphs, None)  # as exported: the same count as the model's weights
     n_weights = sum(p.numel() for p in model.parameters())
     n_params = sum(int(np.prod(p.shape)) for g in (encoder, decoder) for p in g.params)
     assert n_params >= n_weights  # every weight detached (decoder slices are copies)
@@ -176,7 +176,7 @@ def test_cuda_build_compiles_with_nvcc(exported, tmp_path):
     from hatc.compile.tvm_build import build_module, compile_cuda_kernels, import_graphs
 
     cuda = load_target("cuda")
-    _, decoder = import_graphs(exported["smallest"][1])
+    _, decoder = import_graphs(exported["smallest"][1], load_target("cuda"))
     executable = build_module(decoder, cuda)
     assert len(compile_cuda_kernels(executable, cuda)) > 0
 
@@ -185,7 +185,7 @@ def test_cuda_build_without_nvcc_says_how_to_install(exported, monkeypatch):
     from hatc.compile.tvm_build import build_module, import_graphs
 
     monkeypatch.setenv("PATH", "/nonexistent")
-    _, decoder = import_graphs(exported["smallest"][1])
+    _, decoder = import_graphs(exported["smallest"][1], load_target("cuda"))
     with pytest.raises(HatcError, match="needs 'nvcc'.*CUDA toolkit"):
         build_module(decoder, load_target("cuda"))
 

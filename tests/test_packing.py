@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from hatc.compile.export import export_onnx
-from hatc.compile.packing import SUFFIX, pack_block, pack_onnx
+from hatc.compile.packing import SUFFIX, pack_onnx
+from hatc.compile.schedules import column_block
 from hatc.space import load_space
 from hatc.static.model import ModelConfig, SubTransformer
 
-VOCAB = 96  # a multiple of 16 (packed in blocks of 48 at 16 lanes) ...
+VOCAB = 96  # a multiple of 16 (packed in blocks of 96 at beam 1, 48 at beam 4, at 16 lanes) ...
 ODD_VOCAB = 90  # ... and one no multiple of 16 divides: left as it is
 
 
@@ -55,7 +56,8 @@ def test_packed_decoder_step_computes_the_same(tmp_path, beam):
     assert "embed_t" in names and "embed_t" not in initializers
     dim, vocab = next(i.dims for i in original.graph.initializer if i.name == "embed_t")  # (D, V)
     assert vocab == VOCAB
-    assert initializers["embed_t" + SUFFIX] == (VOCAB // 48, dim, 48)
+    block = column_block(VOCAB, beam, 16)  # the GEMV kernel's own block: one contiguous run each
+    assert block == {1: 96, 4: 48}[beam] and initializers["embed_t" + SUFFIX] == (VOCAB // block, dim, block)
     assert not [n for n in names if n + SUFFIX not in initializers]
     feeds = _feeds(graphs, VOCAB)
     for expected, got in zip(_run(original, feeds), _run(packed, feeds)):
@@ -72,21 +74,24 @@ def test_the_encoder_and_odd_widths_stay_unpacked(tmp_path):
     assert "embed_t" not in names and names  # 90 columns: no block; the layers (multiples of 16) still pack
 
 
-def test_pack_block():
-    assert pack_block(8000, 16) == 64 and pack_block(6000, 16) == 48 and pack_block(256, 4) == 16
-    assert pack_block(90, 16) is None and pack_block(90, 4) is None and pack_block(96, 4) == 16
-
-
 def test_tvm_build_with_packed_weights_matches_pytorch(tmp_path):
     from hatc.compile.parity import check_parity
+    from hatc.compile.schedules import vector_lanes
+    from hatc.compile.tuning_db import graph_schedules
     from hatc.compile.tvm_build import TvmRunner, build_graphs
-    from hatc.targets import load_target
+    from hatc.targets import load_target, tvm_target_of
 
     pytest.importorskip("tvm")
     space = load_space("tiny")
     torch.manual_seed(1)
     model = SubTransformer(space.smallest(), ModelConfig(VOCAB, space.qkv_dim, space.super_embed_dim)).eval()
     graphs = export_onnx(model, tmp_path / "g", 16, batch=2)
-    built = build_graphs(graphs, load_target("x86"))
-    assert any(p.shape == (VOCAB // 48, space.smallest().decoder_embed_dim, 48) for p in built.decoder_graph.params)
+    target = load_target("x86")
+    built = build_graphs(graphs, target)
+    block = column_block(VOCAB, 2, vector_lanes(tvm_target_of(target)))
+    dim = space.smallest().decoder_embed_dim
+    assert any(tuple(p.shape) == (VOCAB // block, dim, block) for p in built.decoder_graph.params)
+    # hatc's rule schedules the packed matmuls (the layers and the output projection): nothing left to tune
+    schedules = graph_schedules(built.decoder_graph, target, None)
+    assert len(schedules.ruled) >= 3, schedules  # at least a projection, the FFN's two and the output projection
     assert check_parity(TvmRunner(built), model, steps=3).max_abs_diff <= 1e-4

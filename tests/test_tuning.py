@@ -78,7 +78,7 @@ def micro_fallback(tmp_path_factory):
     messages: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("hatc.compile.tuning")
+    logger = logging.getLogger("hatc.compile.candidates")  # where the fallback warning is logged
     logger.addHandler(handler)
     try:
         result = run_cli("tune", "--target", "x86", "--space", space, "--buckets", "16", "--beam", "1",
@@ -129,7 +129,7 @@ def test_a_build_with_the_database_reports_the_fallback_and_is_right(micro_fallb
     micro = load_space(space)
     model = SubTransformer(micro.largest(), ModelConfig(MICRO_VOCAB, micro.qkv_dim, micro.super_embed_dim)).eval()
     graphs = export_onnx(model, tmp_path / "graphs", 16, batch=1)
-    encoder, decoder = import_graphs(graphs)
+    encoder, decoder = import_graphs(graphs, target)
     assert missing_workloads(encoder, target, database) == missing_workloads(decoder, target, database) == []
     assert graph_schedules(encoder, target, database).fallbacks == {}
     schedules = graph_schedules(decoder, target, database)
@@ -198,14 +198,15 @@ def test_tuned_build_is_applied_and_matches_pytorch(tuned, tmp_path):
             p.add_(torch.randn_like(p) * 0.05)
     graphs = export_onnx(model, tmp_path / "graphs", BUCKET, batch=BEAM)
     tvm_target = tvm_target_of(target)
-    for graph in import_graphs(graphs):
+    for graph in import_graphs(graphs, target):
         assert missing_workloads(graph, target, database) == []
         fused = _fused(graph.module, tvm_target)
         applied, missing = apply_database(fused, tvm_target, database)  # unpacks as (module, missing)
         scheduled = [
             gv.name_hint for gv, f in applied.functions.items() if f.attrs and f.attrs.get("tirx.is_scheduled")
         ]
-        assert scheduled and not missing  # the database changed the build
+        assert scheduled and not missing
+        assert apply_database(fused, tvm_target, database).tuned  # the database changed the build, not only the rule
         assert not any(f.attrs and f.attrs.get("tirx.is_scheduled") for f in fused.functions.values())
     report = check_parity(TvmRunner(build_graphs(graphs, target, database=db)), model, steps=3)
     assert report.max_abs_diff <= 1e-4, str(report)

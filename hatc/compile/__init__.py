@@ -8,9 +8,9 @@ so ``import hatc.compile`` stays cheap. The modules:
 - ``packing``: beam-sized matmul weights packed into the GEMV kernel's layout.
 - ``schedules``: hatc's own GEMV schedule for the decoder step's linear layers.
 - ``tvm_build``: Relax import, builds for a target, the TVM runner.
-- ``tune_config``, ``workloads``, ``trial_budget``, ``tuning``, ``tuning_db``,
-  ``tune_job``: what ``hatc tune`` tunes, where trials go, the database and builds
-  that apply it.
+- ``tune_config``, ``workloads``, ``trial_budget``, ``candidates``, ``tuning``,
+  ``tuning_db``, ``tune_job``: what ``hatc tune`` tunes, where trials go, how
+  candidates are built and measured, the database and builds that apply it.
 - ``profiling``: per-kernel times against the machine's roofline.
 - ``compiler``, ``checks``, ``parity``, ``weights``: ``hatc compile`` and its checks.
 """

@@ -31,17 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from hatc.compile.schedules import MAX_ROWS
+from hatc.compile.schedules import MAX_ROWS, column_block
 
 SUFFIX = "__packed"
-
-
-def pack_block(n: int, lanes: int) -> int | None:
-    """Columns per packed block: the widest multiple of ``lanes`` up to 4 vectors that divides ``n``."""
-    for size in range(4 * lanes, 0, -lanes):
-        if n % size == 0:
-            return size
-    return None
 
 
 def _shapes(model: Any) -> dict[str, list[int]]:
@@ -93,7 +85,8 @@ def pack_onnx(model: Any, lanes: int) -> tuple[Any, list[str]]:
         input_shapes = [shapes.get(u.input[0]) for u in matmuls]
         if any(not s or 0 in s or math.prod(s[:-1]) > MAX_ROWS for s in input_shapes):
             continue
-        block = pack_block(n, lanes)
+        rows = {math.prod(s[:-1]) for s in input_shapes}
+        block = column_block(n, max(rows), lanes)  # the kernel's own column block: one contiguous run each
         if block is None:
             continue
         weight = numpy_helper.to_array(init)

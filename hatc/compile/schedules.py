@@ -2,9 +2,10 @@
 
 At beam 1-8 every linear layer of a decoder step is a matrix-vector product
 (GEMV): ``rows`` = beam, and all it does is read each weight once. MetaSchedule
-spends trials on these and rarely finds the streaming loop order (measured on
-this project's x86 machine: tuned ~2x slower than ONNX Runtime's decoder step).
-This rule writes that loop order directly, so it needs no tuning:
+spends trials on these and rarely finds the streaming loop order (the tuned
+decoder steps of ``benchmarks/results/backends.json`` before this rule were
+about 2x ONNX Runtime's). This rule writes that loop order directly, so it needs
+no tuning:
 
     for each block of ``n_block`` output columns:       # accumulators fit in registers
         acc[rows, n_block] = 0
@@ -34,7 +35,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # beam sizes up to this; more rows make a compute-bound GEMM, MetaSchedule's ground
-ACCUMULATOR_REGISTERS = 16  # vector registers for accumulators: half of AVX-512's and NEON's 32
+ACCUMULATOR_REGISTERS = 16  # vector registers for accumulators: half of AVX-512's and NEON's 32 (AVX2: 8)
 RULE_NAME = "hatc-gemv"
 
 
@@ -76,6 +77,27 @@ def _loads(expr: Any) -> list[Any]:
     return [load for child in children for load in _loads(child)]
 
 
+def _strip_casts(expr: Any) -> Any:
+    while hasattr(expr, "value") and type(expr).__name__ == "Cast":
+        expr = expr.value
+    return expr
+
+
+def _is_multiply_accumulate(store: Any) -> bool:
+    """``C[i] = C[i] + A * B`` (either order, casts allowed)."""
+    import tvm
+
+    value = store.value
+    if not isinstance(value, tvm.tirx.Add):
+        return False
+    for acc, product in ((value.a, value.b), (value.b, value.a)):
+        acc, product = _strip_casts(acc), _strip_casts(product)
+        is_self = isinstance(acc, tvm.ir.expr.TensorLoad) and acc.source.same_as(store.buffer)
+        if is_self and type(product).__name__ == "Mul":
+            return True
+    return False
+
+
 def gemv_shape(block: Any) -> GemvShape | None:
     """The roles of a reduction block's axes if it is GEMV-like (see the module docstring), else None."""
     import tvm
@@ -100,7 +122,7 @@ def gemv_shape(block: Any) -> GemvShape | None:
     except ValueError:
         return None
     k, n = reduce[0], out[-1]
-    if n is None or len(inputs) != 2 or not isinstance(store.value, tvm.tirx.Add):
+    if n is None or len(inputs) != 2 or not _is_multiply_accumulate(store):
         return None
     weights = [pos for _, pos in inputs if pos and pos[-1] == n and k in pos]
     activations = [pos for _, pos in inputs if n not in pos and k in pos]
@@ -108,6 +130,8 @@ def gemv_shape(block: Any) -> GemvShape | None:
         return None
     batch = tuple(i for i in spatial if i != n and i in weights[0])
     rows = tuple(i for i in spatial if i != n and i not in weights[0])
+    if not all(isinstance(iv.dom.extent, tvm.tirx.IntImm) for iv in iter_vars):
+        return None  # a symbolic shape: MetaSchedule's
     extent = [int(iv.dom.extent) for iv in iter_vars]
     row_count = math.prod(extent[i] for i in rows)
     if row_count > MAX_ROWS:
@@ -120,15 +144,24 @@ def vector_lanes(target: Any) -> int:
     from tvm.target import codegen
 
     try:
-        bits = int(codegen.llvm_get_vector_width(target))
-    except Exception:  # noqa: BLE001 - a target LLVM cannot describe: assume 128-bit vectors
-        bits = 128
-    return max(bits // 32, 1)
+        bits = int(codegen.llvm_get_vector_width(target))  # -1 when LLVM cannot tell
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe
+        bits = -1
+    return max((bits if bits > 0 else 128) // 32, 1)  # unknown: assume 128-bit vectors (SSE, NEON)
+
+
+def accumulator_registers(lanes: int) -> int:
+    """Vector registers the accumulators may take: half the register file (AVX-512 and NEON
+    have 32, AVX2 16), the rest for the weights' loads and the broadcast inputs."""
+    return 8 if lanes == 8 else ACCUMULATOR_REGISTERS
 
 
 def column_block(n_extent: int, rows: int, lanes: int) -> int | None:
-    """The widest block of output columns whose accumulators fit in registers and divide ``n``."""
-    limit = max(ACCUMULATOR_REGISTERS * lanes // rows, lanes)
+    """The widest block of output columns whose accumulators fit in registers and divide ``n``.
+
+    ``hatc.compile.packing`` packs weights in blocks of this width, so the kernel's block
+    is one contiguous run of the packed weight."""
+    limit = max(accumulator_registers(lanes) * lanes // rows, lanes)
     for size in range(min(limit, n_extent) // lanes * lanes, 0, -lanes):
         if n_extent % size == 0:
             return size
@@ -145,6 +178,13 @@ def _has_root(sch: Any) -> bool:
     except Exception:  # noqa: BLE001 - TVM raises its own error for a missing block
         return False
     return True
+
+
+def _cores(target: Any) -> int:
+    try:
+        return int(target.attrs.get("num-cores", 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def schedule_gemv(func: Any, target: Any) -> Any | None:
@@ -185,6 +225,8 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
             n_lanes,
         )
         sch.reverse_compute_at(output, n_outer)
+        if _cores(target) > 1:  # column blocks (and heads) are independent
+            sch.parallel(loops[shape.batch[0]] if shape.batch else n_outer)
         for i in shape.rows:
             sch.unroll(loops[i])
         sch.unroll(n_unrolled)

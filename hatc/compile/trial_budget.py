@@ -27,7 +27,8 @@ def split_by_share(shares: list[float], total: int, floor: int = FLOOR) -> list[
 
     Args:
         shares: each workload's measured time x calls per sentence (any positive scale).
-        total: the run's trials; goals sum to at most ``total`` (at least one each).
+        total: the run's trials; goals sum to at most ``total``, except that every workload
+            gets one even when ``total`` is smaller than their number.
     """
     if not shares:
         return []

@@ -31,13 +31,13 @@ What builds need of a database (``tuning_db_path``, ``load_database``,
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -46,6 +46,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hatc import atomic
+from hatc.compile.candidates import (
+    RemoteDevice,
+    keep_plain_loops,
+    make_builder,
+    make_runner,
+    measure_baseline,
+    progress_callback,
+    search_strategy,
+)
 from hatc.compile.trial_budget import (
     CHUNK,
     FLOOR,
@@ -64,7 +74,7 @@ from hatc.compile.tuning_db import (
     best_tuned_seconds,
     load_database,
     measured_trials,
-    record_fallback,
+    read_fallbacks,
     tuning_db_path,
     workload_key,
     writer_lock,
@@ -76,20 +86,6 @@ from hatc.targets import Target, tvm_target_of
 __all__ = ["RemoteDevice", "TuneProgress", "TuneReport", "check_tunable", "tune"]
 
 log = logging.getLogger(__name__)
-
-# A remote candidate's whole session (connect, upload, load, run); the emulated rpi4 is slow.
-REMOTE_SESSION_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class RemoteDevice:
-    """Where candidates run for a target that is another machine: a key at an RPC tracker."""
-
-    tracker: Any  # hatc.rpc.TrackerAddress
-    key: str
-
-    def __str__(self) -> str:
-        return f"{self.tracker}/{self.key}"
 
 
 def lazy_tensor_intrinsics(target: Any) -> None:
@@ -166,191 +162,6 @@ class TuneReport:
         return out
 
 
-BUILD_TIMEOUT_S = 120  # one candidate's build, a worker's start (importing TVM on a busy core) included
-BUILDS_PER_WORKER = 500  # then a fresh worker: TVM's popen workers leak a little per build
-
-
-def _build_candidate(mod: Any, tvm_target: Any, target_source: str | None) -> str:
-    """Builds one candidate in a builder worker; returns the file the runner loads.
-
-    A local runner links the objects itself (a .tar); a remote device gets a shared
-    library linked here with the target's compiler (``target_source``: its file),
-    since a device (the emulated rpi4 above all) may have no linker."""
-    import tvm
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-    from tvm.support.tar import tar
-
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    lib = tvm.tirx.build(mod, target=tvm_target)
-    folder = tempfile.mkdtemp(prefix="hatc-ms-")
-    if target_source is not None:
-        from hatc.compile.tvm_build import export_library
-        from hatc.targets import load_target_file
-
-        return str(export_library(lib, Path(folder) / "tvm_tmp_mod.so", load_target_file(Path(target_source))))
-    path = os.path.join(folder, "tvm_tmp_mod." + tar.output_format)
-    lib.export_library(path, fcompile=tar)
-    return path
-
-
-def _builder(target: Target, remote: bool) -> Any:
-    """Builds candidates one at a time in a worker process that lives across batches.
-
-    MetaSchedule's LocalBuilder starts fresh workers for every batch, and a worker's
-    TVM import costs more than its 30 s timeout on a busy core; building in this
-    process has no timeout at all, and LLVM can spend many minutes on one candidate
-    (seen: a log_softmax with a large unroll). A worker that exceeds
-    ``BUILD_TIMEOUT_S`` is killed and the candidate counts as a failed trial."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
-
-    source = str(target.source) if remote else None
-
-    @derived_object
-    class WorkerBuilder(PyBuilder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pool = PopenPoolExecutor(
-                max_workers=1, timeout=BUILD_TIMEOUT_S, maximum_process_uses=BUILDS_PER_WORKER
-            )
-
-        def build(self, build_inputs: list[Any]) -> list[Any]:
-            results = []
-            for item in build_inputs:
-                (done,) = self.pool.map_with_error_catching(
-                    lambda x: _build_candidate(*x), [(item.mod, item.target, source)]
-                )
-                if done.status == StatusKind.COMPLETE:
-                    results.append(BuilderResult(done.value, None))
-                elif done.status == StatusKind.TIMEOUT:
-                    results.append(BuilderResult(None, f"build timed out after {BUILD_TIMEOUT_S} s"))
-                else:  # a candidate that does not build is a failed trial, not a crash
-                    results.append(BuilderResult(None, f"build failed: {str(done.value).strip()[-300:]}"))
-            return results
-
-        def shutdown(self) -> None:
-            self.pool.shutdown()
-
-    return WorkerBuilder()
-
-
-def _measure_baseline(
-    workload: Workload, builder: Any, runner: Any, database: Any, baselines: Baselines, tvm_target: Any
-) -> None:
-    """Measures the workload as it is (plain loops) and records it with an empty trace.
-
-    Builds then pick the faster of it and the tuned schedules: a few trials can land
-    on a schedule far worse than no schedule at all (a layer norm recomputing its
-    mean for every element: 400x slower), and this makes tuning never worse than
-    not tuning, kernel by kernel.
-    """
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.schedule import Trace
-
-    args_info = ms.arg_info.ArgInfo.from_prim_func(workload.mod["main"])
-    (built,) = builder.build([ms.builder.BuilderInput(workload.mod, tvm_target)])
-    if built.error_msg:
-        log.warning("the baseline of %s does not build: %s", workload.describe(), built.error_msg)
-        return
-    device = "cuda" if str(tvm_target.kind.name) == "cuda" else "cpu"  # the runner's device names
-    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, device, args_info)])
-    result = future.result()
-    if result.error_msg or not result.run_secs:
-        log.warning("the baseline of %s does not run: %s", workload.describe(), result.error_msg)
-        return
-    committed = database.commit_workload(workload.mod)
-    database.commit_tuning_record(
-        ms.database.TuningRecord(Trace([], {}), committed, result.run_secs, tvm_target, args_info)
-    )
-    baselines.add(committed, sum(float(t) for t in result.run_secs) / len(result.run_secs))
-
-
-def _runner(remote: RemoteDevice | None) -> Any:
-    """MetaSchedule's runner: candidates measured here, or on a device of the tracker."""
-    from tvm.s_tir import meta_schedule as ms
-
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50)
-    if remote is None:
-        return ms.runner.LocalRunner(timeout_sec=60, evaluator_config=evaluator)
-    config = ms.runner.RPCConfig(
-        tracker_host=remote.tracker.host,
-        tracker_port=remote.tracker.port,
-        tracker_key=remote.key,
-        session_timeout_sec=REMOTE_SESSION_TIMEOUT_S,
-    )
-    return ms.runner.RPCRunner(config, evaluator, max_workers=1)  # one device measures one candidate at a time
-
-
-def _first_line(error: Exception) -> str:
-    """The first meaningful line of an exception's message (TVM's can start with a traceback)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Traceback", "File ", "note: run with"))]
-    text = (useful or lines or [type(error).__name__])[0]
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _keep_plain_loops(
-    workload: Workload, database: Any, baselines: Baselines, tvm_target: Any, error: Exception, db_dir: Path
-) -> dict[str, str]:
-    """Records a workload that MetaSchedule fails on as a fallback to its plain loops.
-
-    MetaSchedule 0.27 raises from inside its task scheduler on a few workloads
-    (seen: reverse-compute-at on a decoder step's masked attention scores, 1x2x1x32,
-    on x86 and aarch64 alike). Rather than lose the run, the workload gets a record
-    with a no-op trace (builds keep the plain loops; ``tuning_db.is_fallback`` knows
-    it) and the baseline's time, and its reason goes to ``fallbacks.json`` so
-    later builds report it as a fallback, not as tuned. Returns the report's entry.
-    """
-    from tvm.s_tir import Schedule
-    from tvm.s_tir import meta_schedule as ms
-
-    reason = _first_line(error)
-    log.warning("MetaSchedule cannot tune %s (%s); it keeps its plain loops", workload.describe(), reason)
-    entry = {"workload": workload.describe(), "reason": reason}
-    seconds = baselines.seconds(workload.mod)
-    if seconds is None:
-        return entry  # no baseline either: the workload stays untuned (missing in builds)
-    schedule = Schedule(workload.mod)
-    schedule.get_sblock("root")  # a no-op trace that queries return (they skip empty and post-process-only ones)
-    args_info = ms.arg_info.ArgInfo.from_prim_func(workload.mod["main"])
-    committed = database.commit_workload(workload.mod)
-    record_fallback(db_dir, workload_key(committed), entry["workload"], reason)  # before the record that needs it
-    database.commit_tuning_record(ms.database.TuningRecord(schedule.trace, committed, [seconds], tvm_target, args_info))
-    return entry
-
-
-def _progress_callback(on_batch: Callable[[int], None]) -> Any:
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
-    @derived_object
-    class Report(PyMeasureCallback):
-        def apply(self, task_scheduler: Any, task_id: int, candidates: list, builds: list, runs: list) -> None:
-            on_batch(len(candidates))
-
-    return Report()
-
-
-def _search_strategy(trials: int, smoke: bool) -> Any:
-    """Evolutionary search sized to the budget (its default population of 512 costs
-    minutes per task on one core). Even for one trial it beats random sampling: the
-    cost model is shared across tasks, so later tasks pick from what earlier ones
-    measured (random picks gave a 2 ms layer norm). Only a smoke-test budget (under
-    two trials per workload on average) samples at random (replay-trace), which
-    halves the time per task."""
-    from tvm.s_tir import meta_schedule as ms
-
-    if smoke:
-        return ms.search_strategy.ReplayTrace()
-    population = min(256, max(32, 8 * trials))
-    return ms.search_strategy.EvolutionarySearch(
-        population_size=population,
-        init_min_unmeasured=min(50, population),
-        genetic_num_iters=3 if trials >= 16 else 2,
-    )
-
-
 def _num_cores(target: Target, tvm_target: Any) -> int:
     cores = tvm_target.attrs.get("num-cores")
     if cores is None:
@@ -417,25 +228,32 @@ def tune(
         return _tune_locked(space, target, config, db_dir, progress, planned, tvm_target, cores, remote)
 
 
+PIPELINE_FILE = "pipeline"  # the build pipeline a database's records were tuned with
+
+
 def _check_pipeline(db_dir: Path) -> None:
-    """Refuses to add to a database tuned with another build pipeline (``PIPELINE``).
+    """Refuses to add to a database tuned with another build pipeline (``PIPELINE``), then
+    marks the database with this one (before any record: an interrupted first run counts).
 
     Its workloads were fused differently; MetaSchedule matches workloads by their anchor
     block, so a new record could be filed under an old workload whose function it does
     not fit, and the database would no longer load."""
+    marker = db_dir / PIPELINE_FILE
+    found = [marker.read_text(encoding="utf-8", errors="replace").strip()] if marker.is_file() else []
     runs = db_dir / "runs.jsonl"
-    if not runs.is_file():
-        return
-    for line in runs.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in runs.read_text(encoding="utf-8", errors="replace").splitlines() if runs.is_file() else []:
         try:
-            pipeline = json.loads(line).get("pipeline", "an earlier hatc's")
+            found.append(json.loads(line).get("pipeline", "an earlier hatc's"))
         except (json.JSONDecodeError, AttributeError):
             continue
-        if pipeline != PIPELINE:
-            raise TuningError(
-                f"{db_dir} was tuned with another build pipeline ({pipeline}, this hatc's is {PIPELINE}): its "
-                "records belong to kernels fused differently; tune into a new --db, or move it aside"
-            )
+    other = next((p for p in found if p != PIPELINE), None)
+    if other is not None:
+        raise TuningError(
+            f"{db_dir} was tuned with another build pipeline ({other}, this hatc's is {PIPELINE}): its "
+            "records belong to kernels fused differently; tune into a new --db, or move it aside"
+        )
+    if not marker.is_file():
+        atomic.write_text(marker, PIPELINE + "\n")
 
 
 def _tune_locked(
@@ -463,8 +281,10 @@ def _tune_locked(
     tools: dict[str, Any] = {}  # runner and builder, made once and only if something is measured
 
     def measuring() -> tuple[Any, Any]:
-        if not tools:
-            tools["runner"], tools["builder"] = _runner(remote), _builder(target, remote is not None)
+        if "runner" not in tools:
+            tools["runner"] = make_runner(remote)
+        if "builder" not in tools:
+            tools["builder"] = make_builder(target, remote is not None)
         return tools["runner"], tools["builder"]
 
     try:
@@ -472,37 +292,45 @@ def _tune_locked(
         for w in workloads:
             if baselines.seconds(w.mod) is None:
                 runner, builder = measuring()
-                _measure_baseline(w, builder, runner, database, baselines, tvm_target)
+                measure_baseline(w, builder, runner, database, baselines, tvm_target)
         baseline_s = [baselines.seconds(w.mod) for w in workloads]
         total = DEFAULT_TRIALS_PER_TASK * len(workloads) if config.trials is None else config.trials
         goals = split_by_share(estimated_shares(baseline_s, flops, calls), total)
-        needs = [goal - measured_trials(database, w.mod, goal) for w, goal in zip(workloads, goals)]
-        smoke = sum(goals) < 2 * len(workloads)  # a smoke-test budget: random candidates (see _search_strategy)
+        settled = _settled(db_dir, database, workloads, goals)  # converged or fallen back: nothing to add
+        needs = [
+            0 if done else goal - measured_trials(database, w.mod, goal)
+            for w, goal, done in zip(workloads, goals, settled)
+        ]
+        smoke = sum(goals) < 2 * len(workloads)  # a smoke-test budget: random candidates (see search_strategy)
         trials_total = sum(n for n in needs if n > 0)
         state = {"trials": 0, "done": 0}
 
-        def report(task: str = "") -> None:
+        def report_progress(task: str = "") -> None:
             if progress:
                 progress(TuneProgress("tune", state["done"], len(workloads), state["trials"], trials_total, task=task))
 
+        # A workload with nothing to add this run is settled: the spare trials of others skip it.
         budgets = [
-            WorkloadBudget(w.describe(), c, g, best_s=_best(database, baselines, w))
-            for w, c, g in zip(workloads, calls, goals)
+            WorkloadBudget(w.describe(), c, g, best_s=_best(database, baselines, w), converged=n <= 0)
+            for w, c, g, n in zip(workloads, calls, goals, needs)
         ]
         tuned, fallbacks = 0, []
         if trials_total:
             tuned, fallbacks = _tune_workloads(
                 workloads, needs, budgets, smoke, database, baselines, tvm_target, cores, config, db_dir, state,
-                report, *measuring(),
+                report_progress, *measuring(),
             )  # fmt: skip
+            _save_settled(db_dir, database, workloads, budgets)
     finally:
-        pool = getattr(tools.get("runner"), "pool", None)
-        if pool is not None:
-            pool.shutdown()
-        if "builder" in tools:
-            tools["builder"].shutdown()
+        with contextlib.suppress(Exception):  # never hide the run's own error
+            pool = getattr(tools.get("runner"), "pool", None)
+            if pool is not None:
+                pool.shutdown()
+        with contextlib.suppress(Exception):
+            if "builder" in tools:
+                tools["builder"].shutdown()
     state["done"] = len(workloads)
-    report()
+    report_progress()
     report = TuneReport(
         target=target.name,
         space=space.name,
@@ -521,11 +349,40 @@ def _tune_locked(
         per_graph=per_graph,
         config={**asdict(config), "tvm_target": target.resolved_tvm_target()},
         device=str(remote) if remote else "local",
-        per_workload=_per_workload(database, workloads, budgets, baseline_s, flops, remote is None, cores),
+        per_workload=_per_workload(
+            database, workloads, budgets, baseline_s, flops, remote is None and state["trials"] > 0, cores
+        ),
         fallbacks=fallbacks,
     )
     _log_run(db_dir, report)
     return report
+
+
+SETTLED_FILE = "settled.json"  # workloads that converged early, by workload key, with the goal they had
+
+
+def _settled(db_dir: Path, database: Any, workloads: list[Workload], goals: list[int]) -> list[bool]:
+    """Per workload: nothing to add at this goal. It converged early under a goal at least
+    this large (``settled.json``), or MetaSchedule failed on it (``fallbacks.json``): a re-run
+    with the same budget then tunes nothing, and a fallback is not retried."""
+    path = db_dir / SETTLED_FILE
+    settled = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    fallbacks = read_fallbacks(db_dir)
+    out = []
+    for w, goal in zip(workloads, goals):
+        key = workload_key(database.commit_workload(w.mod)) if database.has_workload(w.mod) else None
+        out.append(key is not None and (key in fallbacks or settled.get(key, -1) >= goal))
+    return out
+
+
+def _save_settled(db_dir: Path, database: Any, workloads: list[Workload], budgets: list[WorkloadBudget]) -> None:
+    path = db_dir / SETTLED_FILE
+    settled = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    for w, b in zip(workloads, budgets):
+        if b.converged and b.trials and database.has_workload(w.mod):
+            key = workload_key(database.commit_workload(w.mod))
+            settled[key] = max(settled.get(key, 0), b.goal)
+    atomic.write_text(path, json.dumps(settled, indent=1) + "\n")
 
 
 def _best(database: Any, baselines: Baselines, workload: Workload) -> float | None:
@@ -625,7 +482,7 @@ def _tune_workloads(
 
     current = {"name": ""}
     cost_model = ms.cost_model.XGBModel(num_tuning_cores=cores)  # shared: what one task teaches helps the next
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _progress_callback(on_batch)]
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), progress_callback(on_batch)]
     failed: dict[int, dict[str, str]] = {}
     chunks = [0] * len(workloads)
 
@@ -638,7 +495,7 @@ def _tune_workloads(
             mod=workload.mod,
             target=tvm_target,
             space_generator="post-order-apply",
-            search_strategy=_search_strategy(trials, smoke),
+            search_strategy=search_strategy(trials, smoke),
             task_name=workload.name,
             rand_state=config.seed + 1000 * i + chunks[i],
             num_threads=cores,
@@ -661,7 +518,7 @@ def _tune_workloads(
                 module_equality=MODULE_EQUALITY,
             )
         except Exception as e:  # noqa: BLE001 - MetaSchedule's own failure on one workload
-            failed[i] = _keep_plain_loops(workload, database, baselines, tvm_target, e, db_dir)
+            failed[i] = keep_plain_loops(workload, database, baselines, tvm_target, e, db_dir)
             budget.converged = True  # no more chunks for it
         budget.record(_best(database, baselines, workload), state["trials"] - before)
 
@@ -681,5 +538,5 @@ def _tune_workloads(
         chunk = min(CHUNK, spare)
         run_chunk(i, chunk)
         spare -= chunk
-    ran = [i for i, n in enumerate(needs) if n > 0]
-    return sum(1 for i in ran if i not in failed), [failed[i] for i in sorted(failed)]
+    tuned = sum(1 for i, b in enumerate(budgets) if b.trials > 0 and i not in failed)
+    return tuned, [failed[i] for i in sorted(failed)]

@@ -82,8 +82,9 @@ def import_onnx(
     return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names)
 
 
-def import_graphs(graphs: ExportedGraphs, target: Target | None = None) -> tuple[RelaxGraph, RelaxGraph]:
-    """Both graphs of an export as Relax; pass the ``target`` they are built for (weights packed for it)."""
+def import_graphs(graphs: ExportedGraphs, target: Target | None) -> tuple[RelaxGraph, RelaxGraph]:
+    """Both graphs of an export as Relax, weights packed for the ``target`` they are built for
+    (None: the weights as exported, e.g. to measure what packing buys)."""
     sig = graphs.signature
     return (
         import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), target),
@@ -97,9 +98,10 @@ def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any
     Args:
         graph: an imported graph.
         target: the hatc target. Needs its tools (nvcc for CUDA: TVM calls it while building).
-        database: None for an untuned build; else a tuning database directory or a
-            loaded database (``hatc.compile.tuning_db.load_database``), whose schedules
-            replace every workload it holds. Whether it holds them all:
+        database: None for a build scheduled by hatc's rules only (the decoder step's
+            GEMVs; the rest plain loops); else a tuning database directory or a loaded
+            database (``hatc.compile.tuning_db.load_database``), whose schedules replace
+            every workload it holds. Whether it holds them all:
             ``hatc.compile.tuning_db.missing_workloads(graph, target, database)``.
     """
     target.check_tools()

@@ -43,15 +43,14 @@ def _cpus() -> int:
 def _import_tvm(threads: int | None = None) -> Any:
     """TVM, its thread pool sized to ``threads`` (default: the CPUs this process may use).
 
-    TVM sizes its pool once, from ``TVM_NUM_THREADS``, when its runtime starts; so the
-    count is set here, before the import, and a later different request is logged
-    (``tvm_threads`` says what the runtime uses)."""
-    if "tvm" not in sys.modules:
+    TVM sizes a thread's pool from ``TVM_NUM_THREADS`` when that thread first runs a
+    kernel, so the count is set here, before any kernel runs; a pool that already ran
+    with another count is logged (``tvm_threads`` says what the runtime uses)."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    elif "tvm" not in sys.modules:
         # TVM would take half the hardware threads; a deployed model wants all it is given.
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
-        else:
-            os.environ.setdefault("TVM_NUM_THREADS", str(_cpus()))
+        os.environ.setdefault("TVM_NUM_THREADS", str(_cpus()))
     try:
         import tvm
         from tvm import relax  # noqa: F401  (registers the VM)
