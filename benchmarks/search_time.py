@@ -26,6 +26,10 @@ The inputs:
 - the earlier version (``--baseline REV``): the repository at REV (``git archive``), run from a
   temporary directory with its own CLI and defaults.
 
+Before the searches, one architecture's loss on 500 pairs is timed the earlier way and this
+version's, interleaved in one process on 8 random architectures (``--per-arch-only`` runs just
+that, into ``--out``'s ``per_architecture``).
+
 Each search runs as its own ``hatc search`` process (a fresh start-up, as a user runs it), one
 after another, this version before and after the baseline, so a change of the machine's load
 over the session shows; the file records the load averages around every run.
@@ -47,6 +51,7 @@ import numpy as np
 import torch
 
 import hatc
+from hatc import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 TAU_SIZES = (50, 100, 150, 200, 300)
@@ -114,6 +119,78 @@ def supernet_and_valid(checkpoint: Path, pairs: int) -> tuple[Any, Any]:
     return supernet, DataDir(Path(state["data"]["dir"])).split("valid").subset(pairs)
 
 
+def per_architecture(checkpoint: Path, archs: int = 8, seed: int = 0) -> dict[str, Any]:
+    """One architecture's loss on 500 pairs the earlier way and this version's, interleaved in
+    this process on the same random architectures (the order rotated per architecture); and
+    this version's throughput with one worker process per core.
+
+    The earlier way, as the previous ``SupernetValidLoss`` computed it: the training loop's
+    batches (4096 tokens, seed 0), the supernet's forward, ``label_smoothed_loss`` with no
+    smoothing, ``torch.no_grad``, torch's default threads."""
+    from hatc.cli.search import default_workers
+    from hatc.data.batching import collate, token_batches
+    from hatc.search.fitness import LossEngine, SupernetValidLoss, one_thread, scoring_batches, valid_loss
+    from hatc.train.loop import label_smoothed_loss
+
+    supernet, valid = supernet_and_valid(checkpoint, 500)
+    supernet.eval()
+    src_lens, tgt_lens = valid.lengths()
+    earlier_batches = [
+        collate([valid.src[i] for i in idx], [valid.tgt[i] for i in idx])
+        for idx in token_batches(src_lens, tgt_lens, 4096, seed=0, epoch=0)
+    ]
+
+    def earlier(arch: Any) -> float:
+        supernet.set_active_subnet(arch)
+        nll_sum, ntokens = 0.0, 0
+        with torch.no_grad():
+            for b in earlier_batches:
+                _, nll = label_smoothed_loss(supernet(b.src, b.prev), b.target, 0.0)
+                nll_sum, ntokens = nll_sum + nll.item(), ntokens + b.ntokens
+        return nll_sum / ntokens
+
+    batches = {n: scoring_batches(valid.subset(n)) for n in (500, 150)}
+
+    def ours(n: int) -> Any:
+        def score(arch: Any) -> float:
+            with one_thread():
+                return valid_loss(supernet, arch, batches[n])
+
+        return score
+
+    ways = {"earlier_500": earlier, "this_500": ours(500), "this_150": ours(150)}
+    rng = np.random.default_rng(seed)
+    sample = [supernet.space.sample(rng) for _ in range(archs)]
+    seconds: dict[str, list[float]] = {k: [] for k in ways}
+    losses: dict[str, list[float]] = {k: [] for k in ways}
+    for i, arch in enumerate(sample):
+        names = list(ways)
+        for name in names[i % 3 :] + names[: i % 3]:
+            start = time.perf_counter()
+            losses[name].append(ways[name](arch))
+            seconds[name].append(time.perf_counter() - start)
+    workers = default_workers()
+    with LossEngine(supernet, valid, [500], workers=workers) as engine:
+        engine.compute(500, sample[:1], lambda *_: None)  # the workers started and warm
+        start = time.perf_counter()
+        pooled = SupernetValidLoss(engine, 500).score_many(sample)
+        pool_s = (time.perf_counter() - start) / archs
+    earlier_s, this_s = np.array(seconds["earlier_500"]), np.array(seconds["this_500"])
+    return {
+        "archs": archs,
+        "seed": seed,
+        "torch_threads_earlier": torch.get_num_threads(),
+        "median_s": {k: float(np.median(v)) for k, v in seconds.items()},
+        "median_ratio_earlier_to_this_500": float(np.median(earlier_s / this_s)),
+        "median_ratio_earlier_to_this_150": float(np.median(earlier_s / np.array(seconds["this_150"]))),
+        "max_abs_loss_difference_500": float(np.max(np.abs(np.array(losses["earlier_500"]) - losses["this_500"]))),
+        "workers": workers,
+        "pool_s_per_arch_500": pool_s,
+        "pool_equals_this_process": pooled == losses["this_500"],
+        "load_average": os.getloadavg(),
+    }
+
+
 def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
 
@@ -125,6 +202,11 @@ def main() -> None:
     parser.add_argument("--budget", default="110ms")
     parser.add_argument("--baseline", help="an earlier commit to time too (a git revision)")
     parser.add_argument("--extra", default="", help="more `hatc search` options for every run (a smoke test)")
+    parser.add_argument(
+        "--per-arch-only",
+        action="store_true",
+        help="only the per-architecture comparison, into --out's per_architecture (kept otherwise)",
+    )
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "search-time")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "search_time.json")
     args = parser.parse_args()
@@ -134,6 +216,13 @@ def main() -> None:
     from hatc.arch import Architecture
     from hatc.cli.search import default_workers
     from hatc.search.fitness import LossEngine, SupernetValidLoss
+
+    if args.per_arch_only:
+        payload = json.loads(args.out.read_text()) if args.out.exists() else {}
+        payload["per_architecture"] = per_architecture(args.checkpoint) | {"commit": git("rev-parse", "HEAD")}
+        print(json.dumps(payload["per_architecture"], indent=1))
+        atomic.write_text(args.out, json.dumps(payload, indent=1) + "\n")
+        return
 
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -148,6 +237,7 @@ def main() -> None:
         command = [sys.executable, "-m", "hatc", *common, "--out", str(out)]
         return run_search(name, command, out, REPO, work / f"{name}.log")
 
+    per_arch = per_architecture(checkpoint)
     runs = [ours("new-1")]
     baseline = None
     if args.baseline:
@@ -207,7 +297,7 @@ def main() -> None:
         print(f"| {name} | {r['evaluated']} | {r['wall_s'] / 60:.1f} min | {r['valid_loss_500']:.4f} "
               f"| {r['predicted_latency_ms']:.1f} ms |")  # fmt: skip
     print(f"Kendall tau, first N pairs vs 500 (50 random archs): {tau}")
-    payload: dict[str, Any] = {
+    payload = {
         "benchmark": "hatc search wall time at HAT's default settings, this version against an earlier one",
         "inputs": {
             "checkpoint": str(args.checkpoint),
@@ -228,6 +318,7 @@ def main() -> None:
             "loss_difference": runs[0]["valid_loss_500"] - baseline["valid_loss_500"] if baseline else None,
         },
         "rank_agreement": agreement,
+        "per_architecture": per_arch,
         "scoring_s": scoring_s,
         "versions": {
             "hatc": hatc.__version__,
@@ -238,8 +329,6 @@ def main() -> None:
         "machine": {"processor": platform.processor() or platform.machine()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from hatc import atomic
-
     atomic.write_text(args.out, json.dumps(payload, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
 
