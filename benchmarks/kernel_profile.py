@@ -122,7 +122,7 @@ def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Name
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     options.log_severity_level = 3
     out: dict[str, Any] = {"beam": beam, "graphs": {}}
-    packed, unpacked = import_graphs(graphs, target), import_graphs(graphs)  # target: weights packed for it
+    packed, unpacked = import_graphs(graphs, target), import_graphs(graphs, None)  # packed for the target; as exported
     for graph, plain, path, inputs in (
         (packed[0], unpacked[0], graphs.encoder, sig.encoder_inputs()),
         (packed[1], unpacked[1], graphs.decoder, sig.decoder_inputs()),
