@@ -23,8 +23,8 @@ as another process holds a core (its workers spin at barriers), which would
 make every ratio meaningless. Prints a table, writes JSON:
 
     hatc tune --target x86 --space tiny --buckets 32 --beam 1,4 --trials 500
-    hatc tune --target x86 --space wmt --buckets 32 --beam 1,4 --trials 500 --vocab-size 32768
-    python benchmarks/backends.py --out benchmarks/results/backends.json
+    hatc tune --target x86 --space wmt --buckets 32 --beam 1,4 --trials 500 --vocab-size 32768 --db DB_WMT
+    python benchmarks/backends.py --space-db wmt=DB_WMT --out benchmarks/results/backends.json
 """
 
 from __future__ import annotations
@@ -127,13 +127,14 @@ def measure_case(space_name: str, arch_name: str, beam: int, args: argparse.Name
         built = build_graphs(graphs, load_target("x86"))
         runners["tvm-untuned"] = TvmRunner(built)
     if not args.skip_tuned:
-        target, database = load_target("x86"), load_database(args.db)
+        db = args.space_db.get(space_name, args.db)
+        target, database = load_target("x86"), load_database(db)
         missing = [m for g in import_graphs(graphs, target) for m in missing_workloads(g, target, database)]
         if missing:
             raise SystemExit(
-                f"{args.db} lacks {len(missing)} workloads of {space_name} {arch_name} at beam {beam}: run "
+                f"{db} lacks {len(missing)} workloads of {space_name} {arch_name} at beam {beam}: run "
                 f"`hatc tune --target x86 --space {space_name} --buckets {BUCKET} --beam {beam} "
-                f"--vocab-size {VOCAB[space_name]} --db {args.db}`"
+                f"--vocab-size {VOCAB[space_name]} --db {db}`"
             )
         tuned = build_graphs(graphs, target, database=database)  # a warm database: compile time per subnet
         runners["tvm-tuned"] = TvmRunner(tuned)
@@ -225,6 +226,9 @@ def main() -> None:
     parser.add_argument("--skip-tvm", action="store_true", help="skip untuned TVM (slow)")
     parser.add_argument("--skip-tuned", action="store_true", help="skip tuned TVM")
     parser.add_argument("--db", type=Path, default=None, help="tuning database [default: the x86 target's]")
+    parser.add_argument(
+        "--space-db", action="append", default=[], metavar="SPACE=DIR", help="another database for one space"
+    )
     parser.add_argument("--cases", default=",".join(f"{s}:{a}" for s, a in CASES), help="space:arch,...")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/backends.json"))
     args = parser.parse_args()
@@ -232,6 +236,7 @@ def main() -> None:
     from hatc.compile.tuning_db import tuning_db_path
 
     args.db = args.db or tuning_db_path("x86")
+    args.space_db = dict(item.split("=", 1) for item in args.space_db)
 
     import numpy
     import onnxruntime
@@ -301,6 +306,9 @@ def main() -> None:
         "versions": versions,
         "weights": "random (seed 0)",
         "tvm_tuned": None if args.skip_tuned else _tuning_provenance(args.db),
+        "tvm_tuned_by_space": {
+            space: _tuning_provenance(Path(db)) for space, db in args.space_db.items() if not args.skip_tuned
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
