@@ -119,6 +119,7 @@ class TvmLibRunner:
         self.device = device if device is not None else default
         self._enc = relax.VirtualMachine(libs[0], self.device)
         self._dec = relax.VirtualMachine(libs[1], self.device)
+        self._mains = {} if self._remote else {id(vm): vm["main"] for vm in (self._enc, self._dec)}  # looked up once
         # Weights move to the device once; every call passes them after the inputs.
         self._enc_params = [tvm.runtime.tensor(p, self.device) for p in encoder_params]
         self._dec_params = [tvm.runtime.tensor(p, self.device) for p in decoder_params]
@@ -132,7 +133,7 @@ class TvmLibRunner:
             vm.invoke_stateful("main")
             out = vm.get_outputs("main")
         else:
-            out = vm["main"](*args)
+            out = self._mains[id(vm)](*args)
         if hasattr(out, "numpy"):  # one output comes back bare, several as a tvm Array
             out = [out]
         return dict(zip(io[1], out))
