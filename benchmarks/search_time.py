@@ -32,7 +32,10 @@ that, into ``--out``'s ``per_architecture``).
 
 Each search runs as its own ``hatc search`` process (a fresh start-up, as a user runs it), one
 after another, this version before and after the baseline, so a change of the machine's load
-over the session shows; the file records the load averages around every run.
+over the session shows; the file records the load averages around every run. Each finished
+step is kept in ``WORKDIR/steps.json``: the same command continues a benchmark that was killed
+(a killed search resumes, its time counted up to its last save; see ``run_search``); remove
+WORKDIR to start over.
 """
 
 from __future__ import annotations
@@ -77,19 +80,32 @@ def synthetic_predictor(path: Path) -> Path:
     return fit_predictor(read_dataset(dataset), "x86", "tiny", FitConfig(models=("cost-linear",))).save(path)
 
 
-def run_search(label: str, command: list[str], out: Path, src: Path, log: Path) -> dict[str, Any]:
+def run_search(label: str, command: list[str], out: Path, src: Path, work: Path) -> dict[str, Any]:
     """One ``hatc search`` process running the hatc in ``src`` (its working directory, which
-    ``python -m`` puts first on the path): its wall time, JSON result and search.json."""
+    ``python -m`` puts first on the path): its wall time, JSON result and search.json.
+
+    A search killed before (``WORK/LABEL.started`` holds when it started) is resumed: its
+    time is the time to its last save (the newest of its files) plus the resumed run's; what
+    it computed after that save is lost and not counted."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     where = subprocess.run([sys.executable, "-c", "import hatc; print(hatc.__file__)"], cwd=src, env=env,
                            stdout=subprocess.PIPE, text=True, check=True).stdout.strip()  # fmt: skip
     assert Path(where).resolve() == (src / "hatc" / "__init__.py").resolve(), where
+    started = work / f"{label}.started"
+    before_s = 0.0
+    if started.exists() and any(out.glob("state-*.json")):
+        saved = max(p.stat().st_mtime for p in out.iterdir())
+        before_s = saved - float(started.read_text())
+        command = [*command, "--resume"]
+    else:
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        atomic.write_text(started, f"{time.time()}\n")
     load_before = os.getloadavg()
     print(f"[{label}] {' '.join(command)} (hatc from {src})", file=sys.stderr)
     start = time.perf_counter()
-    with open(log, "w") as err:
+    with open(work / f"{label}.log", "a") as err:
         proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=src, env=env, check=True)
-    wall = time.perf_counter() - start
+    wall = before_s + time.perf_counter() - start
     summary = json.loads((out / "search.json").read_text())
     result = json.loads(proc.stdout)
     print(f"[{label}] {wall / 60:.1f} min, {summary['evaluated']} architectures scored", file=sys.stderr)
@@ -97,6 +113,7 @@ def run_search(label: str, command: list[str], out: Path, src: Path, log: Path) 
         "command": " ".join(command),
         "hatc": where,
         "wall_s": wall,
+        "killed_and_resumed": {"before_s": before_s, "resumed_s": wall - before_s} if before_s else None,
         "search_wall_s": summary["wall_s"],
         "evaluated": summary["evaluated"],
         "settings": summary["settings"],
@@ -106,6 +123,16 @@ def run_search(label: str, command: list[str], out: Path, src: Path, log: Path) 
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }
+
+
+def step(work: Path, name: str, run: Any) -> Any:
+    """``run()``'s result, kept in WORK/steps.json: a benchmark killed midway continues."""
+    path = work / "steps.json"
+    steps = json.loads(path.read_text()) if path.exists() else {}
+    if name not in steps:
+        steps[name] = run()
+        atomic.write_text(path, json.dumps(steps, indent=1) + "\n")
+    return steps[name]
 
 
 def supernet_and_valid(checkpoint: Path, pairs: int) -> tuple[Any, Any]:
@@ -232,12 +259,10 @@ def main() -> None:
               "--predictor", str(predictor), "--json", *args.extra.split()]  # fmt: skip
 
     def ours(name: str) -> dict[str, Any]:
-        out = work / name
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        command = [sys.executable, "-m", "hatc", *common, "--out", str(out)]
-        return run_search(name, command, out, REPO, work / f"{name}.log")
+        command = [sys.executable, "-m", "hatc", *common, "--out", str(work / name)]
+        return step(work, name, lambda: run_search(name, command, work / name, REPO, work))
 
-    per_arch = per_architecture(checkpoint)
+    per_arch = step(work, "per_architecture", lambda: per_architecture(checkpoint))
     runs = [ours("new-1")]
     baseline = None
     if args.baseline:
@@ -247,11 +272,9 @@ def main() -> None:
             src.mkdir(parents=True, exist_ok=True)
             archive = subprocess.run(["git", "archive", commit], cwd=REPO, stdout=subprocess.PIPE, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-        out = work / "baseline"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
-        command = [sys.executable, "-m", "hatc", *common, "--out", str(out)]
+        command = [sys.executable, "-m", "hatc", *common, "--out", str(work / "baseline")]
         baseline = {"rev": args.baseline, "commit": commit}
-        baseline |= run_search("baseline", command, out, src, work / "baseline.log")
+        baseline |= step(work, "baseline", lambda: run_search("baseline", command, work / "baseline", src, work))
         runs.append(ours("new-2"))  # this version again after the baseline: the load's drift shows
 
     # Every loss below by this version's scorer, in worker processes, on the first 500 pairs.
