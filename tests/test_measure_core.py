@@ -212,7 +212,7 @@ def no_build(monkeypatch, tmp_path) -> Path:
         return types.SimpleNamespace(signature=SIG, owner=Path(directory).name)
 
     monkeypatch.setattr(export, "export_onnx", export_onnx)
-    monkeypatch.setattr(tvm_build, "import_graphs", lambda g: (FakeGraph("encoder", g.owner),
+    monkeypatch.setattr(tvm_build, "import_graphs", lambda g, target: (FakeGraph("encoder", g.owner),
                                                                FakeGraph("decoder_step", g.owner)))  # fmt: skip
     monkeypatch.setattr(tvm_build, "build_module", lambda graph, target, database: owner.setdefault(
         (graph.owner, graph.name), graph))  # fmt: skip
