@@ -142,19 +142,30 @@ def translate_lines(
 ) -> list[str]:
     """Detokenized translations of ``lines``, in order (batched by length)."""
     encoded = [subword.encode(line) + [EOS] for line in lines]
+    return [subword.decode(ids) for ids in translate_ids(model, encoded, options, batch_sentences, on_batch)]
+
+
+def translate_ids(
+    model: SubTransformer,
+    encoded: Sequence[list[int]],
+    options: DecodeOptions,
+    batch_sentences: int = 32,
+    on_batch: Callable[[int], None] = lambda _: None,
+) -> list[list[int]]:
+    """Target ids of sources (``subword ids + [EOS]``), in order (batched by length)."""
     max_positions = model.cfg.max_positions
     for number, ids in enumerate(encoded, start=1):
         if len(ids) > max_positions:
             raise HatcError(f"input line {number} has {len(ids)} subwords; the model takes at most {max_positions}")
     options = replace(options, max_len=min(options.max_len, max_positions - 1))
-    order = sorted(range(len(lines)), key=lambda i: len(encoded[i]))
-    results: list[str] = [""] * len(lines)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    results: list[list[int]] = [[] for _ in encoded]
     search = greedy if options.beam == 1 else beam_search
     model.eval()
     for start in range(0, len(order), batch_sentences):
         chunk = order[start : start + batch_sentences]
         hyps = search(model, pad_batch([encoded[i] for i in chunk]), options)
         for i, hyp in zip(chunk, hyps):
-            results[i] = subword.decode(hyp)
+            results[i] = list(hyp)
         on_batch(len(chunk))
     return results

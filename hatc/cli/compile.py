@@ -46,10 +46,31 @@ def compile_command(
         Path | None,
         typer.Option(help="Sign the manifest with this Ed25519 private key ('hatc keys generate' makes one)."),
     ] = None,
+    quantize: Annotated[
+        str, typer.Option(help="Weights: fp32, int8 (per output channel) or int4 (blocks of 32); tvm backend.")
+    ] = "fp32",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Check BLEU against fp32 on this data directory's validation split ('hatc data prepare')."),
+    ] = None,
+    src: Annotated[Path | None, typer.Option(help="Check BLEU on these source sentences (with --ref).")] = None,
+    ref: Annotated[Path | None, typer.Option(help="Reference translations of --src.")] = None,
+    check_sentences: Annotated[int, typer.Option(min=1, help="Sentences the BLEU check translates.")] = 500,
+    max_bleu_loss: Annotated[
+        float, typer.Option(min=0.0, help="Refuse (exit 2, nothing written) above this BLEU loss against fp32.")
+    ] = 0.5,
+    allow_bleu_loss: Annotated[
+        bool, typer.Option(help="Write the artifact even when the BLEU loss is above --max-bleu-loss.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Compile a SubTransformer into an artifact: libraries, weights, subword model, manifest."""
+    """Compile a SubTransformer into an artifact: libraries, weights, subword model, manifest.
+
+    With --quantize int8|int4 the weights are stored quantized and the decoder step's
+    kernels read them as they are; with --data (or --src/--ref) the build's BLEU is
+    checked against the fp32 model's before anything is written."""
     from hatc.compile.compiler import CompileEvent, CompileRequest, compile_artifact, parse_buckets
+    from hatc.compile.quality import quality_request
     from hatc.data.corpus import read_lines
     from hatc.runtime.signature import BUCKETS
 
@@ -65,6 +86,8 @@ def compile_command(
         buckets=parse_buckets(buckets) if buckets else BUCKETS,
         force=force,
         sign=sign,
+        quantize=quantize,
+        quality=quality_request(data, src, ref, check_sentences, max_bleu_loss, allow_bleu_loss),
         **({"sentences": tuple(read_lines(sentences))} if sentences else {}),
     )
     progress = Progress(
@@ -85,6 +108,10 @@ def compile_command(
     manifest = result.manifest
     parity = {k: v for k, v in manifest["parity"].items() if k != "greedy"}
     worst = {k: max(v.values()) for k, v in parity.items()}
+    files = [p for p in result.directory.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    weights_size = (result.directory / manifest["weights"]).stat().st_size
+    quality = manifest.get("quality")
     if as_json:
         emit_json(
             {
@@ -99,27 +126,44 @@ def compile_command(
                 "parity": manifest["parity"],
                 "max_abs_diff": worst,
                 "files": len(manifest["files"]),
+                "precision": manifest["precision"],
+                "artifact_bytes": size,
+                "weights_bytes": weights_size,
+                "quality": quality,
                 "signed_by": result.signed_by,
                 "seconds": round(result.seconds, 1),
                 "warnings": result.warnings,
             }
         )
         return
-    files = [p for p in result.directory.rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    stdout.print(f"artifact {result.directory} ({len(files)} files, {size / 1e6:.1f} MB)")
+    stdout.print(
+        f"artifact {result.directory} ({len(files)} files, {size / 1e6:.1f} MB; weights {weights_size / 1e6:.1f} MB "
+        f"{manifest['precision']})"
+    )
     stdout.print(f"archive  {result.archive} ({result.archive.stat().st_size / 1e6:.1f} MB)")
     stdout.print(
         f"target {manifest['target']['name']}, backend {manifest['backend']}, buckets "
         f"{','.join(map(str, manifest['buckets']))}, beam {manifest['decoding']['beam']}, {_tuned_label(manifest)}"
     )
     for name, diff in worst.items():
-        stdout.print(f"parity   {name} vs PyTorch: max abs diff {diff:.2e}")
+        against = "PyTorch" if name != "tvm_host" or manifest["precision"] == "fp32" else "its reference"
+        stdout.print(f"parity   {name} vs {against}: max abs diff {diff:.2e}")
     greedy = manifest["parity"]["greedy"]
     stdout.print(
         f"greedy   {greedy['sentences']} sentences through every bucket that holds them ({greedy['checks']} runs): "
-        "the same tokens as PyTorch"
+        + (
+            "the same tokens as PyTorch"
+            if manifest["precision"] == "fp32"
+            else f"the same tokens as the {manifest['precision']} reference (fake-quantized weights on ONNX Runtime)"
+        )
     )
+    if quality is not None:
+        stdout.print(
+            f"BLEU     {quality['bleu']:.2f} against fp32's {quality['bleu_fp32']:.2f} "
+            f"(loss {quality['bleu_loss']:+.2f}, "
+            f"95% CI of the delta {quality['bleu_delta_ci95'][0]:+.2f}..{quality['bleu_delta_ci95'][1]:+.2f}) on "
+            f"{quality['sentences']} sentences, beam {quality['beam']}; {quality['identical_share']:.0%} identical"
+        )
     if result.signed_by is not None:
         stdout.print(f"signed   by key {result.signed_by} (manifest.sig; check with 'hatc translate --trust hatc.pub')")
     stdout.print(f"done in {result.seconds:.1f} s")

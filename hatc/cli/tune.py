@@ -68,6 +68,14 @@ def tune_command(
     key: Annotated[
         str | None, typer.Option("--key", help="Device key at the tracker (default: the target's, e.g. rpi4).")
     ] = None,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            "--quantize",
+            help="Tune for builds with these weights: fp32, int8 or int4 (hatc compile --quantize). The "
+            "decoder step's quantized GEMVs are hatc's own rule and need no tuning.",
+        ),
+    ] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Tune every distinct operator workload of a space's SubTransformers for a target (MetaSchedule).
@@ -87,6 +95,7 @@ def tune_command(
         seed=seed,
         tracker=tracker,
         key=key,
+        precision=quantize,
     )
     report = _tune_with_progress(request)
     if as_json:

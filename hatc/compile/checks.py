@@ -66,10 +66,12 @@ class Stages:
         self.done += 1
 
 
-def runner_parity(runner: GraphRunner, model: SubTransformer, bucket: int, what: str) -> float:
-    """Max abs diff of ``runner`` against PyTorch; VerificationError above the tolerance."""
+def runner_parity(
+    runner: GraphRunner, model: SubTransformer, bucket: int, what: str, reference: GraphRunner | None = None
+) -> float:
+    """Max abs diff of ``runner`` against PyTorch (or ``reference``); VerificationError above the tolerance."""
     try:
-        return check_parity(runner, model, steps=PARITY_STEPS).max_abs_diff
+        return check_parity(runner, model, steps=PARITY_STEPS, reference=reference).max_abs_diff
     except ParityError as e:
         raise VerificationError(f"bucket {bucket}: {what}: {e}; artifact not written") from None
 
@@ -84,25 +86,30 @@ def check_greedy(
     runners: Mapping[int, GraphRunner],
     sentences: Sequence[str],
     options: DecodeOptions,
+    references: Mapping[int, GraphRunner] | None = None,
 ) -> dict[str, Any]:
-    """Greedy translations through every bucket's runner equal PyTorch's, token for token.
+    """Greedy translations through every bucket's runner equal PyTorch's (or those of the
+    same bucket's ``references`` runner), token for token.
 
     Returns a summary for the manifest (sentences, checks, all equal).
     """
     rules = replace(options, beam=1)
     checks = 0
+    expected_from = "PyTorch's" if references is None else "the reference's"
     for number, line in enumerate(sentences, start=1):
         src = loaded.subword.encode(line) + [EOS]
-        expected = greedy(loaded.model, torch.tensor([src]), options)[0]
+        expected = greedy(loaded.model, torch.tensor([src]), options)[0] if references is None else None
         for bucket, runner in sorted(runners.items()):
             if len(src) > bucket:
                 continue
+            if references is not None:
+                expected = numpy_search.greedy(Decoding(references[bucket]), src, rules)
             got = numpy_search.greedy(Decoding(runner), src, rules)
             checks += 1
             if got != expected:
                 where = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
                 raise VerificationError(
-                    f"bucket {bucket}: the greedy translation of sentence {number} ({line!r}) differs from PyTorch's "
-                    f"at token {where} ({len(got)} vs {len(expected)} tokens); artifact not written"
+                    f"bucket {bucket}: the greedy translation of sentence {number} ({line!r}) differs from "
+                    f"{expected_from} at token {where} ({len(got)} vs {len(expected)} tokens); artifact not written"
                 )
     return {"sentences": len(sentences), "checks": checks, "equal": True}

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,14 @@ from hatc.checkpoint import LoadedModel, load_subtransformer
 from hatc.compile import checks
 from hatc.compile.checks import CompileEvent
 from hatc.compile.export import export_onnx
+from hatc.compile.quality import QualityRequest, check_quality
 from hatc.compile.tuning_db import graph_schedules, load_database, tuning_db_path
 from hatc.compile.weights import WeightTable, externalize_onnx
 from hatc.data.subword import BOS, EOS, PAD, UNK
 from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 from hatc.errors import HatcError
 from hatc.runtime.artifact import FORMAT, MANIFEST, SUBWORD, WEIGHTS, sha256_file, write_archive
+from hatc.runtime.quantization import PRECISIONS
 from hatc.runtime.signature import BUCKETS, target_capacity
 from hatc.runtime.signing import SIGNATURE, key_id, load_private_key, signature_for
 from hatc.targets import Target, load_target
@@ -66,6 +68,8 @@ class CompileRequest:
     sentences: tuple[str, ...] = checks.SENTENCES  # greedy translations that must equal PyTorch's
     force: bool = False  # replace an existing artifact
     sign: Path | None = None  # an Ed25519 private key (hatc keys generate): writes manifest.sig
+    quantize: str = "fp32"  # fp32, int8 or int4 weights (hatc.runtime.quantization)
+    quality: QualityRequest | None = None  # BLEU of the quantized model against fp32's (hatc.compile.quality)
 
 
 @dataclass
@@ -76,6 +80,18 @@ class CompileResult:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     signed_by: str | None = None  # the signing key's id
+
+
+@dataclass
+class Build:
+    """What a backend's build hands to the checks and the manifest."""
+
+    graphs: dict[str, Any]  # the manifest's graphs
+    runners: dict[int, Any]  # bucket -> a runner of this host's build
+    parity: dict[str, dict[str, float]]
+    scheduling: Scheduling
+    references: dict[int, Any] | None = None  # quantized: bucket -> ONNX Runtime on the fake-quantized graphs
+    dequantize: dict[str, dict[str, Any]] = field(default_factory=dict)  # the manifest's dequantize table
 
 
 @dataclass
@@ -185,6 +201,13 @@ def _check_request(request: CompileRequest) -> Target:
         raise HatcError(f"the onnxruntime backend runs on CPUs; target '{target.name}' is a {target.device} target")
     if request.beam < 1:
         raise HatcError(f"--beam must be >= 1, got {request.beam}")
+    if request.quantize not in PRECISIONS:
+        raise HatcError(f"--quantize {request.quantize}: unknown precision; accepted: {', '.join(PRECISIONS)}")
+    if request.quantize != "fp32" and request.backend != "tvm":
+        raise HatcError(
+            f"--quantize {request.quantize} with --backend {request.backend}: this backend builds fp32 only; "
+            "accepted: --backend tvm for int8 and int4"
+        )
     out = Path(request.out)
     archive = out.with_name(out.name + ".tar.gz")
     for path in (out, archive):
@@ -223,9 +246,12 @@ def compile_artifact(
     staging.mkdir(parents=True)
     try:
         with tempfile.TemporaryDirectory(prefix="hatc-compile-") as work:
-            stages = checks.Stages(on_event, total=len(request.buckets) * (4 if request.backend == "tvm" else 3) + 2)
-            build = _build_tvm if request.backend == "tvm" else _build_onnxruntime
-            graphs, runners, parity, scheduling = build(request, target, loaded, database, staging, Path(work), stages)
+            per_bucket = 4 if request.backend == "tvm" else 3
+            total = len(request.buckets) * per_bucket + 2 + (request.quality is not None)
+            stages = checks.Stages(on_event, total=total)
+            builder = _build_tvm if request.backend == "tvm" else _build_onnxruntime
+            build = builder(request, target, loaded, database, staging, Path(work), stages)
+            graphs, runners, parity, scheduling = build.graphs, build.runners, build.parity, build.scheduling
             missing, fallbacks = scheduling.missing, scheduling.fallbacks
             if missing:
                 warning = (
@@ -240,7 +266,14 @@ def compile_artifact(
                 on_event(CompileEvent("warning", warning))
             stages.next("greedy translations against PyTorch")
             options = DecodeOptions(beam=1, lenpen=request.lenpen, max_len=min(256, loaded.model.cfg.max_positions))
-            parity["greedy"] = checks.check_greedy(loaded, runners, request.sentences, options)
+            parity["greedy"] = checks.check_greedy(loaded, runners, request.sentences, options, build.references)
+            quality = None
+            if request.quality is not None:
+                stages.next("BLEU of this build against the fp32 model")
+                quality = check_quality(request.quality, loaded, runners, replace(options, beam=request.beam))
+                if quality.get("warning"):
+                    warnings.append(quality["warning"])
+                    on_event(CompileEvent("warning", quality["warning"]))
             stages.next("writing the artifact")
             (staging / SUBWORD).write_bytes(loaded.subword.model_bytes)
             tuning = {
@@ -251,6 +284,10 @@ def compile_artifact(
                 "schedules": scheduling.counts,
             }
             manifest = _manifest(request, target, loaded, graphs, parity, tuning, options)
+            manifest["precision"] = request.quantize
+            if build.dequantize:
+                manifest["dequantize"] = build.dequantize
+            manifest["quality"] = quality
             manifest["files"] = _file_hashes(staging)
             manifest_bytes = (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
             (staging / MANIFEST).write_bytes(manifest_bytes)
@@ -282,20 +319,26 @@ def _build_tvm(
     staging: Path,
     work: Path,
     stages: checks.Stages,
-) -> tuple[dict, dict, dict, Scheduling]:
+) -> Build:
     from hatc.compile.tvm_build import build_module, export_library, import_graphs
     from hatc.runtime.backends import TvmLibRunner, WeightStore
 
     host = load_target("x86")
     host_is_target = not target.is_cross and target.device == "cpu"
+    quantized = request.quantize != "fp32"
     weights, graphs, host_libs, signatures, scheduling = WeightTable(), {}, {}, {}, Scheduling()
     parity: dict[str, dict[str, float]] = {"onnxruntime": {}, "tvm_host": {}}
+    references: dict[int, Any] = {}
+    dequantize: dict[str, dict[str, Any]] = {}
     for bucket in request.buckets:
         stages.next(f"bucket {bucket}: ONNX export and ONNX Runtime parity")
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         parity["onnxruntime"][str(bucket)] = checks.ort_parity(exported, loaded.model, bucket)
+        if quantized:
+            references[bucket] = _quantized_reference(exported, request.quantize, work / f"s{bucket}")
         stages.next(f"bucket {bucket}: TVM import and build for {target.name}" + (" (tuned)" if database else ""))
-        relax_graphs = import_graphs(exported, target)  # weights packed for the target's GEMV kernels
+        # weights packed for the target's GEMV kernels (and quantized: hatc.compile.quantize)
+        relax_graphs = import_graphs(exported, target, request.quantize)
         entry: dict[str, Any] = {"signature": exported.signature.to_dict()}
         libs = []
         for graph in relax_graphs:
@@ -303,7 +346,7 @@ def _build_tvm(
                 scheduling.add(f"{graph.name}.s{bucket}", graph_schedules(graph, target, database))
             executable = build_module(graph, target, **({"database": database} if database is not None else {}))
             lib = export_library(executable, staging / "lib" / f"{graph.name}.s{bucket}.so", target)
-            params = weights.add_all([p.numpy() for p in graph.params])
+            params = [_store_param(p.numpy(), graph.at_load, weights, dequantize) for p in graph.params]
             entry[graph.name] = {"file": lib.relative_to(staging).as_posix(), "params": params}
             libs.append(lib)
         stages.next(f"bucket {bucket}: the same Relax module built for this host")
@@ -317,9 +360,9 @@ def _build_tvm(
         graphs[str(bucket)], signatures[bucket] = entry, exported.signature
     weights.save(staging / WEIGHTS)
     # Checked with the weights as written (weights.npz), so a storage slip cannot pass unnoticed.
-    store, runners = WeightStore(staging / WEIGHTS), {}
+    store, runners = WeightStore(staging / WEIGHTS, dequantize), {}
     for bucket in request.buckets:
-        stages.next(f"bucket {bucket}: host build against PyTorch")
+        stages.next(f"bucket {bucket}: host build against " + ("the quantized reference" if quantized else "PyTorch"))
         entry = graphs[str(bucket)]
         runner = TvmLibRunner(
             *host_libs[bucket],
@@ -327,9 +370,47 @@ def _build_tvm(
             store.get(entry["encoder"]["params"], staging),
             store.get(entry["decoder_step"]["params"], staging),
         )
-        parity["tvm_host"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "TVM host build")
+        parity["tvm_host"][str(bucket)] = checks.runner_parity(
+            runner, loaded.model, bucket, "TVM host build", references.get(bucket)
+        )
         runners[bucket] = runner
-    return graphs, runners, parity, scheduling
+    return Build(graphs, runners, parity, scheduling, references or None, dequantize)
+
+
+def _quantized_reference(exported: Any, precision: str, work: Path) -> Any:
+    """ONNX Runtime on the exported graphs with every weight fake-quantized: the model a
+    quantized build must compute (``hatc.compile.quantize``)."""
+    from hatc.compile.quantize import reference_graph
+    from hatc.runtime.runners import OrtRunner
+
+    vocab = exported.signature.vocab_size
+    encoder = reference_graph(exported.encoder, work / f"reference.{precision}.encoder.onnx", precision, vocab)
+    decoder = reference_graph(exported.decoder, work / f"reference.{precision}.decoder.onnx", precision, vocab)
+    runner = OrtRunner(encoder, decoder, exported.signature)
+    runner.name = f"the {precision} reference (ONNX Runtime, fake-quantized weights)"
+    return runner
+
+
+def _store_param(
+    array: np.ndarray, at_load: dict[str, Any], weights: WeightTable, dequantize: dict[str, dict[str, Any]]
+) -> str:
+    """The weight's name in the artifact; a weight to dequantize on load is stored as its
+    quantized values and scales, and named ``dqAXIS:VALUES`` in the manifest's dequantize table."""
+    from hatc.compile.quantize import content_key
+
+    stored = at_load.get(content_key(array)) if at_load else None
+    if stored is None:
+        return weights.add(array)
+    values, scales = weights.add(stored.weight.values), weights.add(stored.weight.scales)
+    # the axis too: a tied table's values serve the encoder's (V, D) lookup and the decoder's (D, V) projection
+    name = f"dq{stored.reduce_axis}:{values}"
+    dequantize[name] = {
+        "values": values,
+        "scales": scales,
+        "precision": stored.weight.precision,
+        "reduce_axis": stored.reduce_axis,
+    }
+    return name
 
 
 def _build_onnxruntime(
@@ -340,7 +421,7 @@ def _build_onnxruntime(
     staging: Path,
     work: Path,
     stages: checks.Stages,
-) -> tuple[dict, dict, dict, Scheduling]:
+) -> Build:
     from hatc.runtime.runners import OrtRunner
 
     exported_all = []
@@ -369,7 +450,7 @@ def _build_onnxruntime(
         )
         parity["onnxruntime"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "ONNX Runtime")
         runners[bucket] = runner
-    return graphs, runners, parity, Scheduling()
+    return Build(graphs, runners, parity, Scheduling())
 
 
 def _manifest(

@@ -145,7 +145,7 @@ def export_onnx(
 
     enc_inputs = sample_encoder_inputs(sig)
     _export(
-        EncoderGraph(model).eval(),
+        EncoderGraph(model, sig.src_len).eval(),
         (enc_inputs["src_tokens"],),
         list(sig.encoder_inputs()),
         list(sig.encoder_outputs()),

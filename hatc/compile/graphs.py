@@ -52,11 +52,12 @@ def _slice_param(weight: Tensor, dim: int) -> nn.Parameter:
 class EncoderGraph(nn.Module):
     """src_tokens (Be, S) -> src_mask (Be, S), then cross_k_i, cross_v_i per decoder layer."""
 
-    def __init__(self, model: SubTransformer):
+    def __init__(self, model: SubTransformer, src_len: int | None = None):
         super().__init__()
         self.dim, self.pad_idx = model.arch.encoder_embed_dim, model.cfg.pad_idx
         self.embed = _slice_param(model.embed_tokens.weight, self.dim)
-        self.register_buffer("positions", model.positions[:, : self.dim].clone(), persistent=False)
+        # The rows a source of src_len tokens reads, not the whole table (1024 rows: a MB in every artifact).
+        self.register_buffer("positions", model.positions[:src_len, : self.dim].clone(), persistent=False)
         self.layers = model.encoder_layers
         self.cross = nn.ModuleList(layer.cross_attn for layer in model.decoder_layers)
         self.ende = [layer.ende_layers for layer in model.decoder_layers]
@@ -142,7 +143,7 @@ def fixed_cache_decode(
     of Be; returns the log-probs (B, V) of every step. What ``decode_step``
     computes, re-expressed with static shapes.
     """
-    encoder, decoder = EncoderGraph(model).eval(), DecoderStepGraph(model, sig.capacity).eval()
+    encoder, decoder = EncoderGraph(model, sig.src_len).eval(), DecoderStepGraph(model, sig.capacity).eval()
     src_mask, *cross = encoder(pad_to_bucket(src_tokens, sig.src_len, sig.pad_idx))
     repeat = prev_tokens.shape[0] // src_tokens.shape[0]
     src_mask = src_mask.repeat_interleave(repeat, 0)

@@ -20,6 +20,13 @@ so the weights are stored once. The packed arrays replace the originals among
 the graph's initializers, so the artifact's weights file holds them packed and
 the runtime passes them as they are: nothing is re-laid-out at run time.
 
+With ``precision`` int8 or int4 (``hatc.runtime.quantization``) the packed weight
+is stored quantized, and the two rewrites read it through hatc's own operators
+(``hatc.compile.quantize``), whose kernels dequantize as they stream:
+
+    MatMul(x, W)                 ->  ... HatcQuantMatMul(Reshape(x), W_values, W_scales) ...
+    Gather(W, tokens, axis=1)    ->  HatcQuantLookup(W_values, W_scales, tokens)
+
 ONNX Runtime artifacts keep the exported graph: ORT packs weights its own way
 when it loads them.
 """
@@ -32,8 +39,10 @@ from typing import Any
 import numpy as np
 
 from hatc.compile.schedules import MAX_ROWS, column_block
+from hatc.runtime import quantization
 
 SUFFIX = "__packed"
+QUANT_DOMAIN = "ai.hatc"  # hatc's own operators, which only hatc's TVM import understands
 
 
 def _shapes(model: Any) -> dict[str, list[int]]:
@@ -50,8 +59,9 @@ def _int64(name: str, values: Any) -> Any:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def pack_onnx(model: Any, lanes: int) -> tuple[Any, list[str]]:
-    """``model`` (an ``onnx.ModelProto``, changed in place) with beam-sized matmul weights packed.
+def pack_onnx(model: Any, lanes: int, precision: str = "fp32") -> tuple[Any, list[str]]:
+    """``model`` (an ``onnx.ModelProto``, changed in place) with beam-sized matmul weights packed
+    (and quantized, with ``precision`` int8 or int4).
 
     Returns:
         (the model, names of the packed initializers' originals)
@@ -91,18 +101,24 @@ def pack_onnx(model: Any, lanes: int) -> tuple[Any, list[str]]:
             continue
         weight = numpy_helper.to_array(init)
         packed_name = name + SUFFIX
-        graph.initializer.append(
-            numpy_helper.from_array(
-                np.ascontiguousarray(weight.reshape(k, n // block, block).transpose(1, 0, 2)), packed_name
-            )
-        )
+        scheme = quantization.precision_for(precision, k)
+        if scheme == "fp32":
+            graph.initializer.append(numpy_helper.from_array(_blocked(weight, block), packed_name))
+            weights = [packed_name]
+        else:
+            quantized = quantization.quantize(weight, scheme)
+            weights = [f"{packed_name}_values", f"{packed_name}_scales"]
+            for array, weight_name in ((quantized.values, weights[0]), (quantized.scales, weights[1])):
+                graph.initializer.append(numpy_helper.from_array(_blocked(array, block), weight_name))
         for node, shape in zip(matmuls, input_shapes):
-            replaced[id(node)] = _packed_matmul(node, packed_name, shape, k, n, block, helper)
+            replaced[id(node)] = _packed_matmul(node, weights, shape, k, n, block, scheme, helper)
         for node in lookups:
-            replaced[id(node)] = _packed_lookup(node, packed_name, k, block, helper)
+            replaced[id(node)] = _packed_lookup(node, weights, k, block, scheme, helper)
         packed.append(name)
     if not packed:
         return model, []
+    if precision != "fp32" and not any(o.domain == QUANT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(QUANT_DOMAIN, 1))
     for node in graph.node:
         new_nodes.extend(replaced.get(id(node), [node]))
     del graph.node[:]
@@ -113,29 +129,46 @@ def pack_onnx(model: Any, lanes: int) -> tuple[Any, list[str]]:
     return model, packed
 
 
+def _blocked(array: np.ndarray, block: int) -> np.ndarray:
+    """(R, N) -> (N / block, R, block): each block of columns one contiguous run."""
+    rows, n = array.reshape(-1, array.shape[-1]).shape
+    return np.ascontiguousarray(array.reshape(rows, n // block, block).transpose(1, 0, 2))
+
+
 def _axis(node: Any) -> int:
     from onnx import helper
 
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
 
 
-def _packed_matmul(node: Any, weight: str, shape: list[int], k: int, n: int, block: int, helper: Any) -> list[Any]:
+def _packed_matmul(
+    node: Any, weights: list[str], shape: list[int], k: int, n: int, block: int, scheme: str, helper: Any
+) -> list[Any]:
     """x (..., K) @ W: (1, rows, K) @ W_packed (G, K, block) -> (G, rows, block) -> (rows, G, block) -> (..., N)."""
     x, out, tag = node.input[0], node.output[0], f"{node.output[0]}{SUFFIX}"
     rows = math.prod(shape[:-1])
+    if scheme == "fp32":
+        product = helper.make_node("MatMul", [f"{tag}_x", *weights], [f"{tag}_blocks"])
+    else:
+        product = helper.make_node(
+            "HatcQuantMatMul", [f"{tag}_x", *weights], [f"{tag}_blocks"], domain=QUANT_DOMAIN, precision=scheme
+        )
     return [
         helper.make_node("Constant", [], [f"{tag}_in_shape"], value=_int64(f"{tag}_in_shape_v", [1, rows, k])),
         helper.make_node("Reshape", [x, f"{tag}_in_shape"], [f"{tag}_x"]),
-        helper.make_node("MatMul", [f"{tag}_x", weight], [f"{tag}_blocks"]),
+        product,
         helper.make_node("Transpose", [f"{tag}_blocks"], [f"{tag}_rows"], perm=[1, 0, 2]),
         helper.make_node("Constant", [], [f"{tag}_out_shape"], value=_int64(f"{tag}_out_shape_v", [*shape[:-1], n])),
         helper.make_node("Reshape", [f"{tag}_rows", f"{tag}_out_shape"], [out]),
     ]
 
 
-def _packed_lookup(node: Any, weight: str, k: int, block: int, helper: Any) -> list[Any]:
+def _packed_lookup(node: Any, weights: list[str], k: int, block: int, scheme: str, helper: Any) -> list[Any]:
     """Gather(W, t, axis=1) -> (K, B) for tokens t (B,): column t of W is W_packed[t // block, :, t % block]."""
     tokens, out, tag = node.input[1], node.output[0], f"{node.output[0]}{SUFFIX}"
+    if scheme != "fp32":
+        return [helper.make_node("HatcQuantLookup", [*weights, tokens], [out], domain=QUANT_DOMAIN, precision=scheme)]
+    weight = weights[0]
     return [
         helper.make_node("Constant", [], [f"{tag}_flat"], value=_int64(f"{tag}_flat_v", [-1])),
         helper.make_node("Reshape", [weight, f"{tag}_flat"], [f"{tag}_table"]),

@@ -71,14 +71,28 @@ def sample_trajectory_inputs(
     return src, prev
 
 
+def runner_trajectory(
+    runner: GraphRunner, src: np.ndarray, prev: np.ndarray
+) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, np.ndarray]]:
+    """``reference_trajectory``'s outputs, computed by a backend's runner."""
+    steps = prev.shape[1]
+    decoding = Decoding(runner)
+    encoder = {k: v for k, v in decoding.start(src).items() if k.startswith("cross_")}  # as PyTorch's
+    log_probs = [decoding.advance(prev[:, t]) for t in range(steps)]
+    caches = {k: v[:, :, :steps] for k, v in decoding.caches().items()}
+    return encoder, log_probs, caches
+
+
 def check_parity(
     runner: GraphRunner,
     model: SubTransformer,
     steps: int = 4,
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
+    reference: GraphRunner | None = None,
 ) -> ParityReport:
-    """Runs ``steps`` teacher-forced decoder steps on ``runner`` and on PyTorch.
+    """Runs ``steps`` teacher-forced decoder steps on ``runner`` and on PyTorch (or on the
+    ``reference`` runner: a quantized build's reference is the fake-quantized graph).
 
     Raises:
         ParityError: the max abs diff exceeds ``tolerance`` (the message names
@@ -87,12 +101,12 @@ def check_parity(
     sig = runner.signature
     steps = min(steps, sig.capacity)
     src, prev = sample_trajectory_inputs(model, sig.src_len, sig.encoder_batch, sig.batch, steps, seed)
-    ref_enc, ref_log_probs, ref_caches = reference_trajectory(model, pad_source(src, sig), prev)
-
-    decoding = Decoding(runner)
-    got_enc = decoding.start(src)
-    got_log_probs = [decoding.advance(prev[:, t]) for t in range(steps)]
-    got_caches = {k: v[:, :, :steps] for k, v in decoding.caches().items()}
+    if reference is None:
+        ref_enc, ref_log_probs, ref_caches = reference_trajectory(model, pad_source(src, sig), prev)
+    else:
+        ref_enc, ref_log_probs, ref_caches = runner_trajectory(reference, src, prev)
+    expected = "PyTorch" if reference is None else reference.name
+    got_enc, got_log_probs, got_caches = runner_trajectory(runner, src, prev)
 
     pairs = [(k, got_enc[k], v) for k, v in ref_enc.items()]
     pairs += [(f"log_probs[step {t}]", g, r) for t, (g, r) in enumerate(zip(got_log_probs, ref_log_probs))]
@@ -100,7 +114,7 @@ def check_parity(
     worst, worst_name = 0.0, ""
     for name, got, ref in pairs:
         if got.shape != ref.shape:
-            raise ParityError(f"{runner.name}: output {name} has shape {got.shape}, PyTorch's is {ref.shape}")
+            raise ParityError(f"{runner.name}: output {name} has shape {got.shape}, {expected}'s is {ref.shape}")
         diff = float(np.max(np.abs(got - ref))) if got.size else 0.0
         if not np.isfinite(diff):
             diff = float("inf")
@@ -109,6 +123,6 @@ def check_parity(
     report = ParityReport(runner.name, worst, worst_name, steps, tolerance)
     if not worst <= tolerance:
         raise ParityError(
-            f"{runner.name} differs from PyTorch by {worst:.3g} (in {worst_name}), above the tolerance {tolerance:g}"
+            f"{runner.name} differs from {expected} by {worst:.3g} (in {worst_name}), above the tolerance {tolerance:g}"
         )
     return report

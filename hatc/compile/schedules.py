@@ -51,29 +51,31 @@ class GemvShape:
     n_extent: int
 
 
-def _var_positions(indices: Any, iter_vars: list[Any]) -> list[int | None]:
-    """For each index expression: which block iteration variable it is, or None (a constant)."""
+def _index_vars(indices: Any, iter_vars: list[Any]) -> list[set[int]]:
+    """For each index expression: the block iteration variables it reads (k, or k // 2 -> {k})."""
     import tvm
 
-    positions: list[int | None] = []
-    for index in indices:
-        if isinstance(index, tvm.tirx.IntImm):
-            positions.append(None)
-            continue
-        match = [i for i, iv in enumerate(iter_vars) if iv.var.same_as(index)]
-        if not match:
-            raise ValueError("index is not a plain iteration variable")
-        positions.append(match[0])
-    return positions
+    def used(index: Any) -> set[int]:
+        variables = tvm.tirx.analysis.undefined_vars(index)
+        return {i for i, iv in enumerate(iter_vars) if any(iv.var.same_as(v) for v in variables)}
+
+    return [used(index) for index in indices]
+
+
+def _plain(index: Any, iter_vars: list[Any]) -> int | None:
+    """Which block iteration variable ``index`` is, if it is exactly one."""
+    return next((i for i, iv in enumerate(iter_vars) if iv.var.same_as(index)), None)
 
 
 def _loads(expr: Any) -> list[Any]:
-    """The buffer loads of an arithmetic expression (adds, multiplies, casts of loads)."""
+    """The buffer loads of an expression (arithmetic, casts, bit operations on loads)."""
     import tvm
 
     if isinstance(expr, tvm.ir.expr.TensorLoad):  # tirx.BufferLoad builds one
         return [expr]
     children = [getattr(expr, name) for name in ("a", "b", "value") if hasattr(expr, name)]
+    if isinstance(expr, tvm.ir.Call):  # intrinsics
+        children = list(expr.args)
     return [load for child in children for load in _loads(child)]
 
 
@@ -99,7 +101,12 @@ def _is_multiply_accumulate(store: Any) -> bool:
 
 
 def gemv_shape(block: Any) -> GemvShape | None:
-    """The roles of a reduction block's axes if it is GEMV-like (see the module docstring), else None."""
+    """The roles of a reduction block's axes if it is GEMV-like (see the module docstring), else None.
+
+    The weight side may be several loads (a quantized weight's values and scales), each
+    indexed by the output column ``n`` innermost; the reduction index may reach them
+    through arithmetic (``k // 2`` for int4 pairs, ``k // 32`` for a block's scale).
+    """
     import tvm
 
     if not isinstance(block.body, tvm.tirx.BufferStore):
@@ -110,26 +117,27 @@ def gemv_shape(block: Any) -> GemvShape | None:
     if len(reduce) != 1 or len(spatial) + 1 != len(iter_vars) or not spatial:
         return None
     store = block.body
-    if store.buffer.dtype != "float32":
+    if store.buffer.dtype != "float32" or not _is_multiply_accumulate(store) or not store.indices:
         return None
-    try:
-        out = _var_positions(store.indices, iter_vars)
-        inputs = [
-            (load, _var_positions(load.indices, iter_vars))
-            for load in _loads(store.value)
-            if not load.source.same_as(store.buffer)
-        ]
-    except ValueError:
+    k, n = reduce[0], _plain(store.indices[-1], iter_vars)
+    if n is None:
         return None
-    k, n = reduce[0], out[-1]
-    if n is None or len(inputs) != 2 or not _is_multiply_accumulate(store):
+    loads = [
+        (load, _index_vars(load.indices, iter_vars))
+        for load in _loads(store.value)
+        if not load.source.same_as(store.buffer)
+    ]
+    activations = [used for _, used in loads if n not in set().union(*used) and k in set().union(*used)]
+    weights = [(load, used) for load, used in loads if n in set().union(*used)]
+    if len(activations) != 1 or len(weights) + 1 != len(loads):
         return None
-    weights = [pos for _, pos in inputs if pos and pos[-1] == n and k in pos]
-    activations = [pos for _, pos in inputs if n not in pos and k in pos]
-    if len(weights) != 1 or len(activations) != 1 or (len(weights[0]) < 2 or weights[0][-2] != k):
-        return None
-    batch = tuple(i for i in spatial if i != n and i in weights[0])
-    rows = tuple(i for i in spatial if i != n and i not in weights[0])
+    if any(_plain(load.indices[-1], iter_vars) != n for load, _ in weights):
+        return None  # the weight side must be stored with the output column innermost
+    if not any(len(used) >= 2 and k in used[-2] for _, used in weights):
+        return None  # ... and read row by row along the reduction (input-major)
+    weight_vars = set().union(*(set().union(*used) for _, used in weights))
+    batch = tuple(i for i in spatial if i != n and i in weight_vars)
+    rows = tuple(i for i in spatial if i != n and i not in weight_vars)
     if not all(isinstance(iv.dom.extent, tvm.tirx.IntImm) for iv in iter_vars):
         return None  # a symbolic shape: MetaSchedule's
     extent = [int(iv.dom.extent) for iv in iter_vars]

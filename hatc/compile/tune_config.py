@@ -28,3 +28,4 @@ class TuneConfig:
     max_positions: int = 1024
     trials: int | None = None  # None: DEFAULT_TRIALS_PER_TASK x the number of workloads
     seed: int = 0
+    precision: str = "fp32"  # the weights of the builds to tune for (hatc.runtime.quantization)

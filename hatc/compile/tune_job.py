@@ -14,6 +14,7 @@ from pathlib import Path
 from hatc.compile.tune_config import DEFAULT_VOCAB, TuneConfig
 from hatc.compile.tuning import RemoteDevice, TuneProgress, TuneReport, check_tunable, tune
 from hatc.errors import HatcError
+from hatc.runtime.quantization import PRECISIONS
 from hatc.runtime.signature import BUCKETS
 from hatc.space import SearchSpace, load_space
 from hatc.targets import Target, load_target
@@ -34,6 +35,7 @@ class TuneRequest:
     seed: int = 0
     tracker: str | None = None  # HOST:PORT: tune on a device there
     key: str | None = None  # None: the target's RPC key
+    precision: str = "fp32"  # builds with these weights (hatc compile --quantize)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def plan_tune(request: TuneRequest) -> TunePlan:
         raise HatcError("give --space (a space name or YAML file) or --checkpoint")
     if vocab_size is not None and vocab_size < 2:
         raise HatcError(f"--vocab-size must be at least 2, got {vocab_size}")
+    if request.precision not in PRECISIONS:
+        raise HatcError(f"--quantize {request.precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
     config = TuneConfig(
         buckets=request.buckets,
         beams=request.beams or (target.latency.beam,),
@@ -85,6 +89,7 @@ def plan_tune(request: TuneRequest) -> TunePlan:
         max_positions=max_positions,
         trials=request.trials,
         seed=request.seed,
+        precision=request.precision,
     )
     remote = _remote_device(target, request.tracker, request.key)
     check_tunable(target, remote)

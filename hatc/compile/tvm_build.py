@@ -42,6 +42,8 @@ class RelaxGraph:
     params: list[Any] = field(repr=False)  # tvm.runtime.Tensor, in ``main``'s order after the inputs
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    # quantized builds: parameters stored quantized and dequantized on load, by content_key
+    at_load: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -59,36 +61,52 @@ class BuiltGraphs:
 
 
 def import_onnx(
-    path: Path, name: str, input_names: list[str], output_names: list[str], target: Target | None = None
+    path: Path,
+    name: str,
+    input_names: list[str],
+    output_names: list[str],
+    target: Target | None = None,
+    precision: str = "fp32",
+    vocab_size: int = 0,
 ) -> RelaxGraph:
     """An ONNX graph as a Relax module with its weights detached as parameters.
 
     With a CPU ``target``, beam-sized matmul weights are packed into the layout hatc's
     GEMV kernel streams (``hatc.compile.packing``); the parameters hold them packed.
+    With ``precision`` int8 or int4 (``vocab_size`` then names the token tables), those
+    are quantized and read by hatc's quantized kernels, and every other weight is
+    quantized to be dequantized on load (``hatc.compile.quantize``).
     """
     default_tvm_threads()
     import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from hatc.compile.quantize import hatc_operators, quantize_at_load
+
     model = onnx.load(str(path))
     if target is not None and target.device == "cpu":
         from hatc.compile.packing import pack_onnx
         from hatc.compile.schedules import vector_lanes
 
-        model, _ = pack_onnx(model, vector_lanes(tvm_target_of(target)))
-    module = from_onnx(model, keep_params_in_input=True)
+        model, _ = pack_onnx(model, vector_lanes(tvm_target_of(target)), precision)
+    at_load = quantize_at_load(model, precision, vocab_size) if precision != "fp32" else {}
+    with hatc_operators():
+        module = from_onnx(model, keep_params_in_input=True)
     module, params = relax.frontend.detach_params(module)
-    return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names)
+    return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names, at_load)
 
 
-def import_graphs(graphs: ExportedGraphs, target: Target | None) -> tuple[RelaxGraph, RelaxGraph]:
+def import_graphs(
+    graphs: ExportedGraphs, target: Target | None, precision: str = "fp32"
+) -> tuple[RelaxGraph, RelaxGraph]:
     """Both graphs of an export as Relax, weights packed for the ``target`` they are built for
-    (None: the weights as exported, e.g. to measure what packing buys)."""
+    (None: the weights as exported, e.g. to measure what packing buys), quantized to ``precision``."""
     sig = graphs.signature
+    common = {"target": target, "precision": precision, "vocab_size": sig.vocab_size}
     return (
-        import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), target),
-        import_onnx(graphs.decoder, "decoder_step", list(sig.decoder_inputs()), list(sig.decoder_outputs()), target),
+        import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), **common),
+        import_onnx(graphs.decoder, "decoder_step", list(sig.decoder_inputs()), list(sig.decoder_outputs()), **common),
     )
 
 
@@ -117,14 +135,16 @@ def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any
         return tvm.compile(graph.module, target=tvm_target, relax_pipeline=pipeline)
 
 
-def build_graphs(graphs: ExportedGraphs, target: Target, database: Any = None) -> BuiltGraphs:
-    """Imports and builds both graphs of one export for ``target`` (tuned with ``database``, if given)."""
+def build_graphs(graphs: ExportedGraphs, target: Target, database: Any = None, precision: str = "fp32") -> BuiltGraphs:
+    """Imports and builds both graphs of one export for ``target`` (tuned with ``database``, if
+    given), with ``precision`` weights: the parameters then hold the decoder step's packed quantized
+    weights and, for the rest, their fake-quantized float32 values (an artifact stores those quantized)."""
     start = time.perf_counter()
     if isinstance(database, (str, Path)):
         from hatc.compile.tuning_db import load_database
 
         database = load_database(database)
-    encoder, decoder = import_graphs(graphs, target)
+    encoder, decoder = import_graphs(graphs, target, precision)
     built_enc, built_dec = build_module(encoder, target, database), build_module(decoder, target, database)
     seconds = time.perf_counter() - start
     log.info("built %s for %s in %.1f s", graphs.directory, target.name, seconds)

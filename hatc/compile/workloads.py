@@ -132,6 +132,7 @@ def _plan_key(space: SearchSpace, target: Target, tvm_target: dict[str, Any], co
         "vocab_size": config.vocab_size,
         "pad_idx": config.pad_idx,
         "max_positions": config.max_positions,
+        "precision": config.precision,
         "pipeline": PIPELINE,
         "versions": {
             "hatc": hatc.__version__,
@@ -213,7 +214,7 @@ def plan_workloads(
             torch.manual_seed(config.seed)
             model = SubTransformer(arch, cfg).eval()
             graphs = export_onnx(model, Path(tmp) / f"a{i}-s{bucket}-b{beam}", bucket, batch=beam)
-            for graph in import_graphs(graphs, target):
+            for graph in import_graphs(graphs, target, config.precision):
                 label = f"{graph.name} S={bucket} B={beam}"
                 distinct = ms.database.MemoryDatabase(module_equality=MODULE_EQUALITY)
                 count = 0

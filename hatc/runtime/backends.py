@@ -152,19 +152,41 @@ class TvmLibRunner:
 
 
 class WeightStore:
-    """The artifact's ``weights.npz``, read lazily, each array once."""
+    """The artifact's ``weights.npz``, read lazily, each array once.
 
-    def __init__(self, path: Path):
+    A quantized artifact also names weights that are dequantized on load
+    (``dequantize``: the manifest's table, name -> values, scales, precision,
+    reduce_axis; see ``hatc.compile.quantize``).
+    """
+
+    def __init__(self, path: Path, dequantize: dict[str, dict[str, Any]] | None = None):
         self._npz = np.load(path, allow_pickle=False)
         self._cache: dict[str, np.ndarray] = {}
+        self._dequantize = dequantize or {}
+
+    def _array(self, key: str, source: Path) -> np.ndarray:
+        if key not in self._npz.files:
+            raise ArtifactError(f"{source}: weights.npz has no array '{key}' that the manifest names")
+        return self._npz[key]
+
+    def _load(self, key: str, source: Path) -> np.ndarray:
+        entry = self._dequantize.get(key)
+        if entry is None:
+            return self._array(key, source)
+        from hatc.runtime.quantization import QuantizedWeight, dequantize
+
+        values, scales = self._array(entry["values"], source), self._array(entry["scales"], source)
+        try:
+            weight = dequantize(QuantizedWeight(entry["precision"], values, scales))
+        except ValueError as e:  # shapes that do not fit together
+            raise ArtifactError(f"{source}: weight '{key}' cannot be dequantized: {e}") from None
+        return np.ascontiguousarray(weight if entry["reduce_axis"] == 0 else weight.T)
 
     def get(self, keys: list[str], source: Path) -> list[np.ndarray]:
         out = []
         for key in keys:
             if key not in self._cache:
-                if key not in self._npz.files:
-                    raise ArtifactError(f"{source}: weights.npz has no array '{key}' that the manifest names")
-                self._cache[key] = self._npz[key]
+                self._cache[key] = self._load(key, source)
             out.append(self._cache[key])
         return out
 
@@ -214,7 +236,7 @@ def load_runner(
     encoder_lib, decoder_lib = artifact.path(entry["encoder"]["file"]), artifact.path(entry["decoder_step"]["file"])
     if session is None:
         check_runs_here(artifact, encoder_lib)
-    weights = weights or WeightStore(artifact.path(artifact.manifest["weights"]))
+    weights = weights or WeightStore(artifact.path(artifact.manifest["weights"]), artifact.manifest.get("dequantize"))
     return TvmLibRunner(
         encoder_lib,
         decoder_lib,

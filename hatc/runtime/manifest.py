@@ -17,6 +17,7 @@ from dataclasses import fields
 from typing import Any
 
 from hatc.errors import ArtifactError
+from hatc.runtime.quantization import PRECISIONS, QUANTIZED
 from hatc.runtime.signature import GraphSignature
 from hatc.targets import DEVICES
 
@@ -45,6 +46,8 @@ def check_manifest(manifest: dict[str, Any], where: str) -> None:
     check.decoding(check.mapping(manifest["decoding"], "decoding"), min(rows))
     check.target(check.mapping(manifest["target"], "target"))
     check.path(manifest["weights"], "weights")
+    check.one_of(manifest.get("precision", "fp32"), "precision", PRECISIONS)
+    check.dequantize(manifest.get("dequantize", {}), manifest)
     if "tokenizer" in manifest:
         tokenizer = check.mapping(manifest["tokenizer"], "tokenizer")
         if "file" in tokenizer:
@@ -163,6 +166,26 @@ class _Checker:
                 if key != "ende_layers" and qkv % value:
                     self.fail(f"{name}.{key}[{i}]", value, f"a divisor of qkv_dim {qkv}")
         return rows
+
+    def dequantize(self, table: Any, manifest: dict[str, Any]) -> None:
+        """Weights dequantized on load: each names its stored values and scales; every ``dq...:``
+        parameter of a graph has an entry."""
+        table = self.mapping(table, "dequantize")
+        for key, entry in table.items():
+            name = f"dequantize.{key}"
+            entry = self.mapping(entry, name)
+            for field in ("values", "scales", "precision", "reduce_axis"):
+                if field not in entry:
+                    self.lacks(f"{name}.{field}")
+            self.text(entry["values"], f"{name}.values")
+            self.text(entry["scales"], f"{name}.scales")
+            self.one_of(entry["precision"], f"{name}.precision", QUANTIZED)
+            self.integer(entry["reduce_axis"], f"{name}.reduce_axis", 0, 1)
+        for bucket, graphs in manifest["graphs"].items():
+            for graph in GRAPHS:
+                for param in graphs[graph].get("params") or []:
+                    if param.startswith("dq") and ":" in param and param not in table:
+                        self.fail(f"graphs.{bucket}.{graph}.params", param, "a weight that dequantize describes")
 
     def decoding(self, decoding: dict[str, Any], rows: int) -> None:
         for key in ("beam", "lenpen", "max_len_a", "max_len_b", "max_len"):

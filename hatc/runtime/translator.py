@@ -67,7 +67,7 @@ class Translator:
         self.subword = SubwordModel(self.artifact.path(tokenizer).read_bytes())
         self._device, self._session, self._threads = device, session, threads
         self._weights = (
-            WeightStore(self.artifact.path(self.artifact.manifest["weights"]))
+            WeightStore(self.artifact.path(self.artifact.manifest["weights"]), self.artifact.manifest.get("dequantize"))
             if self.artifact.backend == "tvm"
             else None
         )

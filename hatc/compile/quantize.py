@@ -1,0 +1,219 @@
+"""Quantized graphs: which weights a quantized artifact stores in int8/int4, and how TVM reads them.
+
+A quantized build (``hatc compile --quantize int8|int4``) quantizes every weight
+matrix of the exported graphs (linear layers, the token tables, the tied output
+projection; ``weight_axes``) by ``hatc.runtime.quantization``. Layer norms, biases
+and position tables stay float32. Two kinds of kernels read them:
+
+- the decoder step's matrix-vector products and its token lookup (the weights that
+  ``hatc.compile.packing`` packs) read the narrow weights straight from memory:
+  hatc's operators ``HatcQuantMatMul`` and ``HatcQuantLookup``, defined here in TE,
+  dequantize inside the kernel, and ``hatc.compile.schedules`` streams them like
+  float weights. A decoder step at beam 1-8 is memory-bound, so 4x (8x) fewer bytes
+  is where the speed comes from.
+- every other weight (the encoder's, compute-bound at 32 tokens a sentence) is stored
+  quantized and dequantized once when the runtime loads it (``quantize_at_load``):
+  the artifact is small and the encoder runs the float32 kernels the tuning database
+  already holds.
+
+The model such an artifact computes is the exported graph with every weight replaced
+by ``fake_quantize(weight)``: ``reference_graph`` writes it, and the compiler checks
+the TVM build against ONNX Runtime running it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hatc.runtime import quantization
+
+MIN_ELEMENTS = 1024  # smaller matrices (none in hatc's spaces) stay float32
+
+
+@dataclass
+class AtLoad:
+    """A weight stored quantized and dequantized by the runtime when it loads it."""
+
+    weight: quantization.QuantizedWeight
+    reduce_axis: int  # 0: (K, N) as stored in the graph; 1: (N, K), a token table
+
+
+def weight_axes(model: Any, vocab_size: int) -> dict[str, int]:
+    """The graph's weight matrices and the reduction axis of each.
+
+    A weight is a 2-D float32 initializer whose every use is a MatMul's right input
+    (reduction axis 0) or a token lookup: a Gather over an axis of ``vocab_size``
+    entries (the other axis is the reduction). Position tables, looked up by step,
+    are not token tables.
+    """
+    axes: dict[str, set[int]] = {}
+    uses: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, position))
+    for init in model.graph.initializer:
+        if len(init.dims) != 2 or init.data_type != 1 or init.dims[0] * init.dims[1] < MIN_ELEMENTS:
+            continue
+        found: set[int] = set()
+        for node, position in uses.get(init.name, []):
+            if node.op_type == "MatMul" and position == 1:
+                found.add(0)
+            elif node.op_type == "Gather" and position == 0 and init.dims[_gather_axis(node)] == vocab_size:
+                found.add(1 - _gather_axis(node))
+            else:
+                found = set()
+                break
+        if len(found) == 1:
+            axes[init.name] = found.pop()
+    return axes
+
+
+def _gather_axis(node: Any) -> int:
+    from onnx import helper
+
+    return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"), 0)
+
+
+def _oriented(weight: np.ndarray, reduce_axis: int) -> np.ndarray:
+    return weight if reduce_axis == 0 else weight.T
+
+
+def quantize_weight(weight: np.ndarray, precision: str, reduce_axis: int) -> quantization.QuantizedWeight:
+    """``weight`` quantized along ``reduce_axis`` (the values and scales with that axis first)."""
+    oriented = _oriented(weight, reduce_axis)
+    return quantization.quantize(oriented, quantization.precision_for(precision, oriented.shape[0]))
+
+
+def dequantize_weight(weight: quantization.QuantizedWeight, reduce_axis: int) -> np.ndarray:
+    return np.ascontiguousarray(_oriented(quantization.dequantize(weight), reduce_axis))
+
+
+def reference_graph(src: Path, dst: Path, precision: str, vocab_size: int) -> Path:
+    """Writes the graph at ``src`` with every weight fake-quantized: what a quantized build computes."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    axes = weight_axes(model, vocab_size)
+    for init in model.graph.initializer:
+        if init.name in axes:
+            weight = numpy_helper.to_array(init)
+            fake = dequantize_weight(quantize_weight(weight, precision, axes[init.name]), axes[init.name])
+            init.CopyFrom(numpy_helper.from_array(fake, init.name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def content_key(array: np.ndarray) -> str:
+    """What the compiler matches a TVM parameter to its quantized form by (shape, dtype, bytes)."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def quantize_at_load(model: Any, precision: str, vocab_size: int) -> dict[str, AtLoad]:
+    """Replaces every weight left in ``model`` (an ``onnx.ModelProto``, changed in place;
+    ``hatc.compile.packing`` has taken the decoder step's) by its fake-quantized float32
+    value, and returns how each is stored, keyed by ``content_key`` of that value."""
+    from onnx import numpy_helper
+
+    stored: dict[str, AtLoad] = {}
+    axes = weight_axes(model, vocab_size)
+    for init in model.graph.initializer:
+        if init.name not in axes:
+            continue
+        quantized = quantize_weight(numpy_helper.to_array(init), precision, axes[init.name])
+        fake = dequantize_weight(quantized, axes[init.name])
+        init.CopyFrom(numpy_helper.from_array(fake, init.name))
+        stored[content_key(fake)] = AtLoad(quantized, axes[init.name])
+    return stored
+
+
+# ----- hatc's operators in TVM ----------------------------------------------------
+def _dequantized(values: Any, scales: Any, precision: str, g: Any, k: Any, j: Any) -> Any:
+    """The float32 weight at (block g, reduction index k, column j) of packed quantized arrays.
+
+    values: int8 (G, K, b), or int4 pairs in uint8 (G, K / 2, b); scales: (G, 1, b) for
+    int8, (G, K / INT4_BLOCK, b) for int4 (``hatc.runtime.quantization``, blocked by packing).
+    """
+    from tvm import tirx
+
+    if precision == "int8":
+        return values[g, k, j].astype("float32") * scales[g, 0, j]
+    byte = values[g, k // 2, j].astype("int32")
+    nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), 15) - 8
+    return nibble.astype("float32") * scales[g, k // quantization.INT4_BLOCK, j]
+
+
+def _quant_matmul_te(x: Any, values: Any, scales: Any, precision: str) -> Any:
+    """(1, rows, K) x packed (G, K, b) -> (G, rows, b): what ``packing`` writes for a float weight."""
+    from tvm import te
+
+    _, rows, k_extent = x.shape
+    groups, _, block = values.shape
+    k = te.reduce_axis((0, k_extent), name="k")
+    return te.compute(
+        (groups, rows, block),
+        lambda g, r, j: te.sum(x[0, r, k] * _dequantized(values, scales, precision, g, k, j), axis=k),
+        name="hatc_quant_matmul",
+    )
+
+
+def _quant_lookup_te(values: Any, scales: Any, tokens: Any, precision: str, k_extent: int) -> Any:
+    """Columns ``tokens`` (B,) of the packed (K, V) table -> (K, B)."""
+    from tvm import te
+
+    block = values.shape[2]
+    return te.compute(
+        (k_extent, tokens.shape[0]),
+        lambda k, i: _dequantized(values, scales, precision, tokens[i] // block, k, tokens[i] % block),
+        name="hatc_quant_lookup",
+    )
+
+
+def _converters() -> dict[str, Any]:
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def precision_of(attr: dict[str, Any]) -> str:
+        value = attr["precision"]
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def k_extent(values: Any, precision: str) -> int:
+        rows = int(values.ty.shape[1])
+        return rows * 2 if precision == "int4" else rows
+
+    class HatcQuantMatMul(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
+            x, values, scales = inputs
+            return bb.emit_te(_quant_matmul_te, x, values, scales, precision_of(attr))
+
+    class HatcQuantLookup(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
+            values, scales, tokens = inputs
+            precision = precision_of(attr)
+            return bb.emit_te(_quant_lookup_te, values, scales, tokens, precision, k_extent(values, precision))
+
+    return {"HatcQuantMatMul": HatcQuantMatMul, "HatcQuantLookup": HatcQuantLookup}
+
+
+@contextlib.contextmanager
+def hatc_operators() -> Iterator[None]:
+    """TVM's ONNX importer, knowing hatc's quantized operators for the duration."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    extra = _converters()
+    onnx_frontend._get_convert_map = lambda: {**original(), **extra}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original

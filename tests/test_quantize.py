@@ -1,0 +1,312 @@
+"""Quantized artifacts (``hatc compile --quantize int8|int4``): the schemes' error bounds,
+hatc's GEMV rule on the dequantizing kernels, builds that equal the fake-quantized
+reference, the BLEU check that refuses a broken quantization, and bad input.
+
+The model is test_artifact's hand-made SubTransformer (random weights, sharpened);
+one bucket, beam 2, to keep the builds short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from test_artifact import hatc_without_torch, one_line_error
+
+from hatc.arch import Architecture
+from hatc.checkpoint import save_checkpoint
+from hatc.runtime import quantization
+from hatc.runtime.quantization import INT4_BLOCK, QuantizationError
+from hatc.space import load_space
+from hatc.static.model import ModelConfig, SubTransformer
+
+BUCKET = "16"
+CHECK = 12  # sentences of the BLEU check
+VOCAB = 608  # a multiple of 16: the tied output projection is packed, so quantized in hatc's kernels
+
+
+def refused(result, *fragments: str) -> None:
+    """Exit 2 with one error line naming what is wrong (besides warnings, e.g. an untuned build), no traceback."""
+    assert result.code == 2, (result.code, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+# ----- the schemes ------------------------------------------------------------------
+def _weight(k: int = 128, n: int = 48, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.05, size=(k, n)).astype(np.float32)
+    w[:, 3] *= 40  # channels of very different ranges
+    w[5, 7] = 2.0  # an outlier
+    return w
+
+
+def test_int8_error_is_at_most_half_a_step_per_channel():
+    w = _weight()
+    q = quantization.quantize(w, "int8")
+    assert q.values.dtype == np.int8 and q.values.shape == w.shape and q.scales.shape == (w.shape[1],)
+    assert np.abs(q.values).max(axis=0).tolist() == [127] * w.shape[1]  # each channel's range is used
+    error = np.abs(w - quantization.dequantize(q))
+    assert np.all(error <= q.scales / 2 * (1 + 1e-5))
+    assert np.all(error.max(axis=0) > 0)  # not a copy
+
+
+def test_int4_error_is_at_most_half_a_step_per_block():
+    w = _weight()
+    q = quantization.quantize(w, "int4")
+    k, n = w.shape
+    assert q.values.dtype == np.uint8 and q.values.shape == (k // 2, n)
+    assert q.scales.shape == (k // INT4_BLOCK, n)
+    step = np.repeat(q.scales, INT4_BLOCK, axis=0)  # (K, N): the step of each value's block
+    error = np.abs(w - quantization.dequantize(q))
+    assert np.all(error <= step / 2 * (1 + 1e-5))
+    # per block, finer than one scale per channel: the outlier only coarsens its own block
+    assert error[64:, 7].max() < np.abs(w - quantization.fake_quantize(w, "int8"))[64:, 7].max()
+
+
+def test_int4_packing_round_trip():
+    rng = np.random.default_rng(1)
+    values = rng.integers(-8, 8, size=(64, 5)).astype(np.int8)
+    packed = quantization.pack_int4(values)
+    assert packed.shape == (32, 5) and packed.dtype == np.uint8
+    assert np.array_equal(quantization.unpack_int4(packed), values)
+    assert packed[0, 0] == ((values[0, 0] + 8) | ((values[1, 0] + 8) << 4))  # the even row in the low nibble
+
+
+def test_an_all_zero_channel_stays_zero():
+    w = _weight()
+    w[:, 0] = 0
+    for precision in ("int8", "int4"):
+        assert np.all(quantization.fake_quantize(w, precision)[:, 0] == 0)
+
+
+def test_int4_falls_back_to_int8_off_whole_blocks_and_bad_input_is_refused():
+    assert quantization.precision_for("int4", 48) == "int8"
+    assert quantization.precision_for("int4", 64) == "int4"
+    with pytest.raises(QuantizationError, match="int3"):
+        quantization.check_precision("int3")
+    with pytest.raises(QuantizationError, match="blocks of 32"):
+        quantization.quantize(_weight(k=48), "int4")
+
+
+# ----- hatc's kernels ---------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(precision):
+    """The TE operator the importer emits, scheduled by hatc-gemv (not left to plain loops),
+    computes x @ dequantize(W) on packed weights."""
+    import tvm
+    from tvm import te
+
+    from hatc.compile.packing import _blocked
+    from hatc.compile.quantize import _quant_matmul_te
+    from hatc.compile.schedules import RULE_NAME, column_block, schedule_gemv, vector_lanes
+    from hatc.targets import load_target, tvm_target_of
+
+    target = tvm_target_of(load_target("x86"))
+    rows, k, n = 2, 128, 96
+    w, x = _weight(k, n), np.random.default_rng(2).normal(size=(1, rows, k)).astype(np.float32)
+    q = quantization.quantize(w, precision)
+    block = column_block(n, rows, vector_lanes(target))
+    values, scales = _blocked(q.values, block), _blocked(q.scales, block)
+    xs = te.placeholder(x.shape, "float32", "x")
+    vs = te.placeholder(values.shape, str(values.dtype), "values")
+    ss = te.placeholder(scales.shape, "float32", "scales")
+    func = te.create_prim_func([xs, vs, ss, _quant_matmul_te(xs, vs, ss, precision)])
+    with target:
+        scheduled = schedule_gemv(func, target)
+    assert scheduled is not None and scheduled.attrs["hatc.schedule"] == RULE_NAME
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
+    out = tvm.runtime.tensor(np.zeros((n // block, rows, block), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, values, scales)), out)
+    got = out.numpy().transpose(1, 0, 2).reshape(rows, n)
+    np.testing.assert_allclose(got, x[0] @ quantization.dequantize(q), atol=1e-4, rtol=1e-5)
+
+
+# ----- builds -----------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def no_tuning_databases(tmp_path_factory):
+    """A cache dir of our own: no user's tuning database changes what compile does here."""
+    before = os.environ.get("HATC_CACHE_DIR")
+    os.environ["HATC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("HATC_CACHE_DIR", None)
+    else:
+        os.environ["HATC_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_data) -> Path:
+    from hatc.data.datadir import prepare
+
+    out = tmp_path_factory.mktemp("data") / "m30k"
+    m30k = shared_data / "multi30k"
+    prepare({"train": str(m30k / "train"), "valid": str(m30k / "val")}, "en", "de", out, vocab_size=VOCAB, subset=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_dir) -> Path:
+    space = load_space("tiny")
+    fields = space.smallest().to_dict() | {"decoder_layers": 2, "decoder_ffn_dims": [512, 768],
+                                           "decoder_self_heads": [2, 4], "decoder_cross_heads": [4, 2],
+                                           "decoder_ende_layers": [1, 2]}  # fmt: skip
+    arch = space.validate(Architecture.from_dict(fields))
+    cfg = ModelConfig(VOCAB, space.qkv_dim, space.super_embed_dim)
+    torch.manual_seed(0)
+    model = SubTransformer(arch, cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.embed_tokens.weight.mul_(4)
+    path = tmp_path_factory.mktemp("ckpt") / "subnet.pt"
+    state = {"kind": "subnet", "space": space.to_dict(), "arch": arch.to_dict(), "model_config": asdict(cfg)}
+    subword = (data_dir / "subword.model").read_bytes()
+    save_checkpoint({**state, "model": model.state_dict(), "subword_model": subword}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_references(tmp_path_factory, checkpoint, data_dir) -> tuple[Path, Path]:
+    """Validation sources and, as references, the fp32 model's own beam-2 translations: fp32 scores
+    BLEU 100 on them, so a quantized build's BLEU measures how far it strays (a random model
+    scores ~0 against real German)."""
+    from hatc.data.subword import SubwordModel
+
+    folder = tmp_path_factory.mktemp("check")
+    subword = SubwordModel.load(data_dir / "subword.model")
+    lines = (data_dir / "valid.en").read_text(encoding="utf-8").splitlines()
+    sources = [line for line in lines if len(subword.encode(line)) < int(BUCKET)][:CHECK]  # + EOS fits the bucket
+    assert len(sources) == CHECK
+    src = folder / "valid.en"
+    src.write_text("\n".join(sources) + "\n", encoding="utf-8")
+    ref = folder / "valid.fp32.de"
+    result = run_cli("translate", "--checkpoint", checkpoint, "--input", src, "--beam", "2", "--max-len", "40")
+    assert result.code == 0, result.stderr
+    ref.write_text(result.stdout, encoding="utf-8")
+    return src, ref
+
+
+def _compile(out: Path, checkpoint: Path, *extra: object):
+    return run_cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--buckets", BUCKET,
+                   "--beam", "2", "--json", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, checkpoint, fp32_references) -> dict[str, tuple[Path, dict]]:
+    src, ref = fp32_references
+    folder, built = tmp_path_factory.mktemp("artifacts"), {}
+    for precision in ("fp32", "int8", "int4"):
+        out = folder / precision
+        result = _compile(out, checkpoint, "--quantize", precision, "--src", src, "--ref", ref,
+                          "--max-bleu-loss", "100")  # fmt: skip
+        assert result.code == 0, result.stderr[-3000:]
+        built[precision] = (out, json.loads(result.stdout))
+    return built
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_quantized_build_equals_its_fake_quantized_reference(artifacts, precision):
+    out, summary = artifacts[precision]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["precision"] == manifest["precision"] == precision
+    assert summary["max_abs_diff"]["tvm_host"] <= 1e-4  # against ONNX Runtime on the fake-quantized graphs
+    assert manifest["parity"]["greedy"]["equal"]
+    weights = np.load(out / manifest["weights"])
+    narrow = {"int8": np.int8, "int4": np.uint8}[precision]
+    assert any(weights[key].dtype == narrow for key in weights.files)
+    # the encoder's weights are stored quantized and named in the dequantize table
+    assert manifest["dequantize"] and all(e["precision"] == precision for e in manifest["dequantize"].values())
+    # the decoder step reads the tied table (vocabulary x width) narrow, through hatc's own kernels
+    width = json.loads((out / "manifest.json").read_text())["arch"]["decoder_embed_dim"]
+    table = [
+        weights[k]
+        for k in weights.files
+        if weights[k].dtype == narrow
+        and weights[k].size * (2 if precision == "int4" else 1) == VOCAB * width
+        and weights[k].ndim == 3
+    ]
+    assert len(table) == 1
+
+
+def test_quantized_weights_are_a_fraction_of_fp32(artifacts):
+    fp32 = artifacts["fp32"][1]["weights_bytes"]
+    assert artifacts["int8"][1]["weights_bytes"] <= 0.3 * fp32
+    assert artifacts["int4"][1]["weights_bytes"] <= 0.17 * fp32
+
+
+def test_the_bleu_check_is_recorded(artifacts):
+    fp32, int8 = artifacts["fp32"][1]["quality"], artifacts["int8"][1]["quality"]
+    assert fp32["bleu_fp32"] == 100.0 and fp32["bleu_loss"] == 0.0 and fp32["identical_share"] == 1.0
+    assert int8["sentences"] == CHECK and 0 <= int8["token_agreement"] <= 1
+    assert int8["bleu_loss"] == pytest.approx(int8["bleu_fp32"] - int8["bleu"], abs=2e-3)
+
+
+def test_the_quantized_artifact_translates_without_torch(artifacts, fp32_references):
+    src, _ = fp32_references
+    for precision in ("int8", "int4"):
+        out, _ = artifacts[precision]
+        result = hatc_without_torch("translate", "--artifact", f"{out}.tar.gz", "--input", src, "--beam", "2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.count("\n") == CHECK
+
+
+def test_a_broken_quantization_is_refused_by_the_bleu_check(cli, checkpoint, fp32_references, tmp_path, monkeypatch):
+    """Scales zeroed: the build still equals its (equally broken) reference, so only the BLEU check
+    can catch it; it refuses with one line and writes nothing."""
+    src, ref = fp32_references
+    original = quantization.quantize
+
+    def zero_scales(weight, precision):
+        q = original(weight, precision)
+        return quantization.QuantizedWeight(q.precision, q.values, np.zeros_like(q.scales))
+
+    monkeypatch.setattr(quantization, "quantize", zero_scales)
+    out = tmp_path / "broken"
+    result = cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", out, "--buckets", BUCKET,
+                 "--beam", "2", "--quantize", "int8", "--src", src, "--ref", ref)  # fmt: skip
+    refused(result, "loses", "BLEU", "--max-bleu-loss 0.5", "not written")
+    assert not out.exists() and not Path(f"{out}.tar.gz").exists()
+    assert not list(tmp_path.glob(".broken*"))  # no staging left behind
+
+
+def test_a_tampered_quantized_weight_file_is_refused(cli, artifacts, tmp_path, fp32_references):
+    import shutil
+
+    src, _ = fp32_references
+    copy = tmp_path / "int8"
+    shutil.copytree(artifacts["int8"][0], copy)
+    weights = copy / "weights.npz"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    one_line_error(cli("translate", "--artifact", copy, "--input", src), "weights.npz")
+
+
+def test_a_dequantized_weight_the_table_lacks_is_refused(cli, artifacts, tmp_path, fp32_references):
+    import shutil
+
+    src, _ = fp32_references
+    copy = tmp_path / "int8"
+    shutil.copytree(artifacts["int8"][0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["dequantize"].pop(next(iter(manifest["dequantize"])))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(cli("translate", "--artifact", copy, "--input", src), "dequantize describes")
+
+
+def test_bad_precisions_are_one_line(cli, checkpoint, tmp_path):
+    one_line_error(cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", tmp_path / "a",
+                       "--quantize", "int3"), "int3", "fp32, int8, int4")  # fmt: skip
+    one_line_error(cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", tmp_path / "b",
+                       "--quantize", "int8", "--backend", "onnxruntime"), "int8", "onnxruntime")  # fmt: skip
+    one_line_error(cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", tmp_path / "c",
+                       "--src", tmp_path / "nosuch.en"), "--src", "--ref")  # fmt: skip
