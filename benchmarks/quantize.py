@@ -111,8 +111,8 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
 
 def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One artifact per precision from ``--checkpoint``; test-split BLEU and sizes."""
-    from hatc.data.datadir import DataDir
     from hatc.data.corpus import read_lines
+    from hatc.data.datadir import DataDir
     from hatc.evaluate import paired_bootstrap, score
     from hatc.runtime.translator import Translator
 
