@@ -78,7 +78,8 @@ def test_int4_packing_round_trip():
     packed = quantization.pack_int4(values)
     assert packed.shape == (32, 5) and packed.dtype == np.uint8
     assert np.array_equal(quantization.unpack_int4(packed), values)
-    assert packed[0, 0] == ((values[0, 0] + 8) | ((values[1, 0] + 8) << 4))  # the even row in the low nibble
+    # two's complement nibbles, the even row in the low one
+    assert packed[0, 0] == (int(values[0, 0]) & 0xF) | ((int(values[1, 0]) & 0xF) << 4)
 
 
 def test_an_all_zero_channel_stays_zero():
@@ -116,9 +117,10 @@ def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(pre
     q = quantization.quantize(w, precision)
     block = column_block(n, rows, vector_lanes(target))
     values, scales = _blocked(q.values, block), _blocked(q.scales, block)
-    xs = te.placeholder(x.shape, "float32", "x")
-    vs = te.placeholder(values.shape, str(values.dtype), "values")
-    ss = te.placeholder(scales.shape, "float32", "scales")
+    # int64 shapes, as Relax gives them (the reduction index is int64 then)
+    xs = te.placeholder([tvm.tirx.IntImm("int64", d) for d in x.shape], "float32", "x")
+    vs = te.placeholder([tvm.tirx.IntImm("int64", d) for d in values.shape], str(values.dtype), "values")
+    ss = te.placeholder([tvm.tirx.IntImm("int64", d) for d in scales.shape], "float32", "scales")
     func = te.create_prim_func([xs, vs, ss, _quant_matmul_te(xs, vs, ss, precision)])
     with target:
         scheduled = schedule_gemv(func, target)
@@ -128,6 +130,51 @@ def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(pre
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, values, scales)), out)
     got = out.numpy().transpose(1, 0, 2).reshape(rows, n)
     np.testing.assert_allclose(got, x[0] @ quantization.dequantize(q), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("op", ["HatcQuantMatMul", "HatcQuantLookup"])
+def test_hatc_operators_through_the_import_and_build_pipeline(op, precision):
+    """One node of each operator, imported by TVM's ONNX importer and built as every graph is
+    (Relax widens TE's index arithmetic to int64 on the way: a sign extension by shifts broke there)."""
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from hatc.compile.packing import QUANT_DOMAIN, _blocked
+    from hatc.compile.quantize import hatc_operators
+    from hatc.compile.tvm_build import RelaxGraph, build_module
+    from hatc.targets import load_target
+
+    k, n, block, rows = 96, 128, 32, 2
+    q = quantization.quantize(_weight(k, n), precision)
+    values, scales = _blocked(q.values, block), _blocked(q.scales, block)
+    rng = np.random.default_rng(3)
+    if op == "HatcQuantMatMul":
+        feed = rng.normal(size=(1, rows, k)).astype(np.float32)
+        inputs, io = ["in", "values", "scales"], (TensorProto.FLOAT, feed.shape, [n // block, rows, block])
+        expected = feed[0] @ quantization.dequantize(q)
+    else:
+        feed = np.array([3, 77, n - 1], dtype=np.int64)
+        inputs, io = ["values", "scales", "in"], (TensorProto.INT64, feed.shape, [k, len(feed)])
+        expected = quantization.dequantize(q)[:, feed]
+    node = helper.make_node(op, inputs, ["out"], domain=QUANT_DOMAIN, precision=precision)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("in", io[0], list(io[1]))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, io[2])],
+        [numpy_helper.from_array(values, "values"), numpy_helper.from_array(scales, "scales")],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(QUANT_DOMAIN, 1)]
+    with hatc_operators():
+        module = from_onnx(helper.make_model(graph, opset_imports=opsets), keep_params_in_input=True)
+    module, params = relax.frontend.detach_params(module)
+    executable = build_module(RelaxGraph("g", module, list(params["main"])), load_target("x86"))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(feed), *(tvm.runtime.tensor(p.numpy()) for p in params["main"])).numpy()
+    if op == "HatcQuantMatMul":
+        got = got.transpose(1, 0, 2).reshape(rows, n)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
 # ----- builds -----------------------------------------------------------------------
@@ -310,3 +357,29 @@ def test_bad_precisions_are_one_line(cli, checkpoint, tmp_path):
                        "--quantize", "int8", "--backend", "onnxruntime"), "int8", "onnxruntime")  # fmt: skip
     one_line_error(cli("compile", "--checkpoint", checkpoint, "--target", "x86", "--out", tmp_path / "c",
                        "--src", tmp_path / "nosuch.en"), "--src", "--ref")  # fmt: skip
+
+
+def test_the_rpi4_int8_artifact_translates_on_the_emulated_rpi4_like_the_host_build(
+    cli, checkpoint, artifacts, fp32_references, tmp_path
+):
+    """Cross-compiled for the Pi (NEON: another column block, so other packing), run on `hatc rpc
+    emulate rpi4` through the tracker with torch blocked: the same translations as x86's int8 build."""
+    from rpc_helpers import emulated_rpi4_or_skip, require_cross_compiler, running_emulated_rpi4, running_tracker
+
+    require_cross_compiler()
+    emulated_rpi4_or_skip()
+    src, _ = fp32_references
+    short = tmp_path / "short.en"
+    short.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:3]) + "\n", encoding="utf-8")
+    out = tmp_path / "rpi4-int8"
+    built = cli("compile", "--checkpoint", checkpoint, "--target", "rpi4", "--out", out, "--buckets", BUCKET,
+                "--beam", "2", "--quantize", "int8", "--json")  # fmt: skip
+    assert built.code == 0, built.stderr[-2000:]
+    assert json.loads(built.stdout)["max_abs_diff"]["tvm_host"] <= 1e-4  # its host build against the reference
+    host = hatc_without_torch("translate", "--artifact", artifacts["int8"][0], "--input", short, "--beam", "2")
+    assert host.returncode == 0, host.stderr[-2000:]
+    with running_tracker(tmp_path / "tracker.log") as tracker, running_emulated_rpi4(tracker, tmp_path / "qemu.log"):
+        pi = hatc_without_torch("translate", "--artifact", f"{out}.tar.gz", "--input", short, "--beam", "2",
+                                "--tracker", tracker, "--key", "rpi4-qemu")  # fmt: skip
+    assert pi.returncode == 0, pi.stderr[-2000:]
+    assert pi.stdout == host.stdout and host.stdout.count("\n") == 3

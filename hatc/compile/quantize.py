@@ -137,33 +137,44 @@ def quantize_at_load(model: Any, precision: str, vocab_size: int) -> dict[str, A
 
 
 # ----- hatc's operators in TVM ----------------------------------------------------
-def _dequantized(values: Any, scales: Any, precision: str, g: Any, k: Any, j: Any) -> Any:
-    """The float32 weight at (block g, reduction index k, column j) of packed quantized arrays.
+def _dequantized(values: Any, scales: Any, precision: str, g: Any, k: Any, j: Any, scaled: bool = True) -> Any:
+    """The float32 weight at (block g, reduction index k, column j) of packed quantized arrays
+    (without its int8 per-channel scale unless ``scaled``: a matmul applies it once per output).
 
     values: int8 (G, K, b), or int4 pairs in uint8 (G, K / 2, b); scales: (G, 1, b) for
     int8, (G, K / INT4_BLOCK, b) for int4 (``hatc.runtime.quantization``, blocked by packing).
     """
-    from tvm import tirx
-
     if precision == "int8":
-        return values[g, k, j].astype("float32") * scales[g, 0, j]
-    byte = values[g, k // 2, j].astype("int32")
-    nibble = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), 15) - 8
+        value = values[g, k, j].astype("float32")
+        return value * scales[g, 0, j] if scaled else value
+    # the nibble, then its sign by (n ^ 8) - 8: right in any integer width (TE widens this
+    # arithmetic to the int64 of Relax's indices, where a shift up to bit 31 and back would not be)
+    raw = (values[g, k // 2, j].astype("int32") >> ((k % 2) * 4)) & 15
+    nibble = (raw ^ 8) - 8
     return nibble.astype("float32") * scales[g, k // quantization.INT4_BLOCK, j]
 
 
 def _quant_matmul_te(x: Any, values: Any, scales: Any, precision: str) -> Any:
-    """(1, rows, K) x packed (G, K, b) -> (G, rows, b): what ``packing`` writes for a float weight."""
+    """(1, rows, K) x packed (G, K, b) -> (G, rows, b): what ``packing`` writes for a float weight.
+
+    int8 sums x * q and scales each output once (a per-channel scale is constant along k);
+    int4 scales inside the sum (one scale per block of 32 along k)."""
     from tvm import te
 
     _, rows, k_extent = x.shape
     groups, _, block = values.shape
     k = te.reduce_axis((0, k_extent), name="k")
-    return te.compute(
+    scaled_inside = precision != "int8"
+    product = te.compute(
         (groups, rows, block),
-        lambda g, r, j: te.sum(x[0, r, k] * _dequantized(values, scales, precision, g, k, j), axis=k),
+        lambda g, r, j: te.sum(
+            x[0, r, k] * _dequantized(values, scales, precision, g, k, j, scaled=scaled_inside), axis=k
+        ),
         name="hatc_quant_matmul",
     )
+    if scaled_inside:
+        return product
+    return te.compute((groups, rows, block), lambda g, r, j: product[g, r, j] * scales[g, 0, j], name="hatc_scale")
 
 
 def _quant_lookup_te(values: Any, scales: Any, tokens: Any, precision: str, k_extent: int) -> Any:

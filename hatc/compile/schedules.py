@@ -49,6 +49,7 @@ class GemvShape:
     k: int  # the reduction axis
     row_count: int
     n_extent: int
+    k_unroll: int = 1  # 2 when the weight packs two reduction steps in a byte (int4): one load serves both
 
 
 def _index_vars(indices: Any, iter_vars: list[Any]) -> list[set[int]]:
@@ -144,7 +145,14 @@ def gemv_shape(block: Any) -> GemvShape | None:
     row_count = math.prod(extent[i] for i in rows)
     if row_count > MAX_ROWS:
         return None
-    return GemvShape(batch, rows, n, k, row_count, extent[n])
+    paired = any(
+        k in used and _plain(index, iter_vars) is None
+        for load, indices in weights
+        for index, used in zip(load.indices, indices)
+        if str(load.source.dtype) in ("int8", "uint8")  # a packed pair, not a block scale (k // 32)
+    )
+    k_unroll = 2 if paired and extent[k] % 2 == 0 else 1
+    return GemvShape(batch, rows, n, k, row_count, extent[n], k_unroll)
 
 
 def vector_lanes(target: Any) -> int:
@@ -224,10 +232,13 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
             sch.reverse_compute_inline(block)
         n_outer, n_inner = sch.split(loops[shape.n], [None, n_block])
         n_unrolled, n_lanes = sch.split(n_inner, [None, lanes])
+        k_loops = [loops[shape.k]]
+        if shape.k_unroll > 1:  # both halves of a packed byte in one iteration
+            k_loops = list(sch.split(loops[shape.k], [None, shape.k_unroll]))
         sch.reorder(
             *(loops[i] for i in shape.batch),
             n_outer,
-            loops[shape.k],
+            *k_loops,
             *(loops[i] for i in shape.rows),
             n_unrolled,
             n_lanes,
@@ -237,9 +248,11 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
             sch.parallel(loops[shape.batch[0]] if shape.batch else n_outer)
         for i in shape.rows:
             sch.unroll(loops[i])
+        if shape.k_unroll > 1:
+            sch.unroll(k_loops[1])
         sch.unroll(n_unrolled)
         sch.vectorize(n_lanes)
-        sch.decompose_reduction(anchor, loops[shape.k])
+        sch.decompose_reduction(anchor, k_loops[0])
         write_lanes = sch.split(sch.get_loops(output)[-1], [None, lanes])[1]
         sch.vectorize(write_lanes)
     except Exception as e:  # noqa: BLE001 - TVM raises ScheduleError; the function then goes to MetaSchedule

@@ -7,7 +7,7 @@ output feature, a token), symmetrically (no zero point):
 - ``int8``: one scale per channel, ``max |w| / 127``; values in [-127, 127], int8.
 - ``int4``: one scale per channel and block of ``INT4_BLOCK`` values along the
   reduction axis, ``max |w| / 7``; values in [-8, 7], stored two to a byte along the
-  reduction axis (``pack_int4``: offset by 8, the even index in the low nibble).
+  reduction axis (``pack_int4``: two's complement, the even index in the low nibble).
 
 ``dequantize(quantize(w))`` is the model a quantized artifact computes: the
 compiler's reference and the runtime's weights for kernels that read fp32
@@ -103,17 +103,19 @@ def fake_quantize(weight: np.ndarray, precision: str) -> np.ndarray:
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
-    """int8 values in [-8, 7], shape (K, ...), K even -> uint8 (K / 2, ...): rows 2i, 2i+1 in one byte."""
+    """int8 values in [-8, 7], shape (K, ...), K even -> uint8 (K / 2, ...): rows 2i, 2i+1 in one
+    byte, as 4-bit two's complement, row 2i in the low nibble (a kernel sign-extends either with
+    two shifts)."""
     if q.shape[0] % 2:
         raise QuantizationError(f"int4 packing needs an even reduction axis, got {q.shape[0]}")
-    nibbles = (q.astype(np.int16) + 8).astype(np.uint8)
+    nibbles = q.astype(np.uint8) & 0x0F
     return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
 
 
 def unpack_int4(packed: np.ndarray) -> np.ndarray:
     """The inverse of ``pack_int4``: int8 values (2 * rows, ...)."""
-    low = (packed & 0x0F).astype(np.int16) - 8
-    high = (packed >> 4).astype(np.int16) - 8
+    low = (packed << 4).astype(np.uint8).view(np.int8) >> 4  # arithmetic shifts sign-extend
+    high = packed.view(np.int8) >> 4
     out = np.empty((packed.shape[0] * 2, *packed.shape[1:]), dtype=np.int8)
     out[0::2], out[1::2] = low, high
     return out
