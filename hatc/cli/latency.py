@@ -39,6 +39,10 @@ RepeatsOption = Annotated[int | None, typer.Option("--repeats", help="Measured r
 WarmupOption = Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")]
 DbOption = Annotated[Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")]
 VocabOption = Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")]
+QuantizeOption = Annotated[
+    str,
+    typer.Option("--quantize", help="Weights of the measured builds: fp32, int8 or int4 (hatc compile --quantize)."),
+]
 
 
 @app.command()
@@ -154,14 +158,16 @@ def predict(
     predictor: Annotated[Path | None, typer.Option("--predictor", help="Predictor file (from --out).")] = None,
     target: TargetOption = None,
     space: SpaceOption = None,
+    quantize: QuantizeOption = "fp32",
     as_json: JsonOption = False,
 ) -> None:
-    """Predict an architecture's latency (ms) with a predictor file or the registered default."""
+    """Predict an architecture's latency (ms) with a predictor file or the registered default
+    (the one for --quantize's precision)."""
     space_name = load_space(space).name if space is not None else None  # a space file names its space
     if predictor is not None:
         pred = load_predictor(predictor, target=target, space=space_name)
     elif target is not None and space_name is not None:
-        pred = registered_predictor(target, space_name)
+        pred = registered_predictor(target, space_name, quantize)
     else:
         raise HatcError("give --predictor FILE, or --target T and --space S to use the registered predictor")
     architecture, _ = resolve_arch(arch, pred.space)
@@ -207,6 +213,7 @@ def measure(
     warmup: WarmupOption = None,
     db: DbOption = None,
     vocab_size: VocabOption = 8000,
+    quantize: QuantizeOption = "fp32",
     as_json: JsonOption = False,
 ) -> None:
     """Measure an architecture's latency under HAT's protocol, tuned, here or on an RPC device.
@@ -224,7 +231,7 @@ def measure(
 
         parse_tracker(tracker)
     architecture, space_obj = resolve_arch(arch, load_space(space) if space is not None else None)
-    protocol = protocol_for(space_obj, tgt, beam=beam, repeats=repeats, warmup=warmup)
+    protocol = protocol_for(space_obj, tgt, beam=beam, repeats=repeats, warmup=warmup, precision=quantize)
 
     def say(line: str) -> None:
         stderr.print(f"[dim]{line}[/]")
@@ -294,6 +301,7 @@ def collect(
     minutes: Annotated[
         float | None, typer.Option("--minutes", min=0.0, help="Stop taking new architectures after this long.")
     ] = None,
+    quantize: QuantizeOption = "fp32",
     as_json: JsonOption = False,
 ) -> None:
     """Measure N architectures of a space on every device of the target's key; append each row as it comes.
@@ -308,7 +316,7 @@ def collect(
         target=target, space=space, out=out, n=n, seed=seed, tracker=tracker, key=key, beam=beam, repeats=repeats,
         warmup=warmup, db=db, vocab_size=vocab_size, reference_every=reference_every, drift_tolerance=drift_tolerance,
         paired=paired, remeasure_outliers=remeasure_outliers, wait_devices_s=wait_devices,
-        request_timeout_s=request_timeout, minutes=minutes,
+        request_timeout_s=request_timeout, minutes=minutes, precision=quantize,
     )  # fmt: skip
     progress = Progress(
         TextColumn("measured"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[last]}"),

@@ -68,6 +68,14 @@ def search(
     ] = None,
     key: Annotated[str | None, typer.Option("--key", help="Device key for --verify (default: the target's).")] = None,
     db: Annotated[Path | None, typer.Option("--db", help="Tuning database for --verify.")] = None,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            "--quantize",
+            help="Search with the latency of int8 or int4 builds (hatc compile --quantize): the target's "
+            "predictor for that precision (hatc latency collect --quantize, then fit).",
+        ),
+    ] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Find the SubTransformer with the lowest validation loss under a latency budget."""
@@ -95,6 +103,7 @@ def search(
         tracker=tracker,
         key=key,
         db=db,
+        precision=quantize,
     )
     try:
         outcome = _run_with_progress(request, target, iterations)

@@ -150,6 +150,16 @@ def check_pairing(path: Path, paired: bool) -> None:
         )
 
 
+def check_precision(path: Path, precision: str) -> None:
+    """Refuses to append rows of one precision to a file of another: a predictor fits one."""
+    held = {row.get("protocol", {}).get("precision", "fp32") for row in _measured_rows(path)}
+    if held and held != {precision}:
+        raise HatcError(
+            f"{path} holds {', '.join(sorted(held))} rows; collect {precision} rows (--quantize {precision}) "
+            "into another --out file"
+        )
+
+
 def flag_drift(path: Path, device: str, keys: set[str]) -> int:
     """Rewrites the dataset (temp file, then rename) with ``drift: true`` on the rows of
     ``keys`` that ``device`` measured. Returns how many rows were flagged."""

@@ -43,6 +43,7 @@ class CollectRequest:
     wait_devices_s: float = 60.0
     request_timeout_s: float = 120.0
     minutes: float | None = None
+    precision: str = "fp32"  # builds with quantized weights (hatc compile --quantize)
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,18 @@ def collect_dataset(
         HatcError: bad input (target, space, an emulated key, a file of the
             other pairing) before any device is asked for; or every device gave up.
     """
+    from hatc.latency.collect import check_precision
     from hatc.latency.measure import PairedReference, measure_latency, measurement_key, protocol_for
     from hatc.targets import load_target
 
     target = load_target(request.target)
     key = measurement_key(target, request.tracker, request.key)  # refuse emulated keys before anything connects
     space = load_space(request.space)
-    protocol = protocol_for(space, target, beam=request.beam, repeats=request.repeats, warmup=request.warmup)
-    check_pairing(request.out, request.paired)  # before any device is asked for
+    protocol = protocol_for(
+        space, target, beam=request.beam, repeats=request.repeats, warmup=request.warmup, precision=request.precision
+    )
+    check_pairing(request.out, request.paired)
+    check_precision(request.out, protocol.precision)  # before any device is asked for
     plan = plan_architectures(space, request.n, request.seed)
     workers, local = _devices(request, key)
     build_lock = threading.Lock()  # one build at a time (TVM's compiler is not shared across threads)

@@ -287,6 +287,12 @@ class _HatcRows:
                     f"{where}: field 'protocol.{key}' is {row['protocol'][key]!r} but earlier rows have "
                     f"{self.protocol[key]!r}; fit one predictor per protocol"
                 )
+        precision, earlier = (p.get("precision", "fp32") for p in (row["protocol"], self.protocol))
+        if precision != earlier:
+            raise DatasetError(
+                f"{where}: field 'protocol.precision' is {precision!r} but earlier rows have {earlier!r}; "
+                "fit one predictor per precision"
+            )
 
     def check_origin(self, row: dict[str, Any], where: str) -> None:
         """The row's device, target and drift flag are well-formed."""

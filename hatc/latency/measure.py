@@ -76,6 +76,7 @@ class Protocol:
     # placement would fix a row on either mode.
     placements: int = 1  # protocol_for gives PLACEMENTS; 1 is what rows older than placements had
     threads: int | None = 1  # TVM_NUM_THREADS when measured here; None on an RPC device (its server's own)
+    precision: str = "fp32"  # the build's weights (hatc compile --quantize): int8 and int4 have their own latency
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,14 +94,18 @@ def protocol_for(
     beam: int | None = None,
     repeats: int | None = None,
     warmup: int | None = None,
+    precision: str = "fp32",
 ) -> Protocol:
     """The protocol for ``space`` on ``target``: lengths from the space, the rest from the
-    target's latency defaults unless given."""
+    target's latency defaults unless given; builds with ``precision`` weights."""
+    from hatc.runtime.quantization import PRECISIONS
     from hatc.runtime.signature import bucket_for, target_capacity
 
     beam = target.latency.beam if beam is None else beam
     repeats = target.latency.repeats if repeats is None else repeats
     warmup = target.latency.warmup if warmup is None else warmup
+    if precision not in PRECISIONS:
+        raise LatencyError(f"--quantize {precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
     if beam < 1 or repeats < 1 or warmup < 0:
         raise LatencyError(f"need beam >= 1, repeats >= 1, warmup >= 0; got {beam}, {repeats}, {warmup}")
     bucket = bucket_for(space.source_tokens)
@@ -118,6 +123,7 @@ def protocol_for(
         repeats=repeats,
         placements=min(PLACEMENTS, repeats),
         threads=int(os.environ.get("TVM_NUM_THREADS", "1")),
+        precision=precision,
     )
 
 
@@ -332,7 +338,7 @@ def measure_latency(
         model = SubTransformer(arch, ModelConfig(vocab_size, space.qkv_dim, space.super_embed_dim)).eval()
         say(f"exporting (bucket {protocol.bucket}, beam {protocol.beam})")
         graphs = export_onnx(model, directory, protocol.bucket, batch=protocol.beam)
-        encoder, decoder = import_graphs(graphs, target)
+        encoder, decoder = import_graphs(graphs, target, protocol.precision)
         missing = tuning_db.missing_workloads(encoder, target, database) + tuning_db.missing_workloads(
             decoder, target, database
         )

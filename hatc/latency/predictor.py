@@ -198,29 +198,37 @@ def load_predictor(
 
 
 # ----- registry ---------------------------------------------------------------------------
-def registry_path(target: str, space: str) -> Path:
-    """Where the default predictor for (target, space) lives."""
-    for what, name in (("target", target), ("space", space)):
+def registry_path(target: str, space: str, precision: str = "fp32") -> Path:
+    """Where the default predictor for (target, space, precision) lives (fp32: ``TARGET--SPACE.json``)."""
+    for what, name in (("target", target), ("space", space), ("precision", precision)):
         if not _NAME.match(name):
             raise PredictorError(f"{what} name '{name}' must be letters, digits, '_', '.', '+' or '-'")
-    return cache_dir() / "predictors" / f"{target}--{space}.json"
+    suffix = "" if precision == "fp32" else f"--{precision}"
+    return cache_dir() / "predictors" / f"{target}--{space}{suffix}.json"
+
+
+def predictor_precision(pred: Predictor) -> str:
+    """The precision of the builds whose latency ``pred`` predicts (rows before precisions: fp32)."""
+    return str((pred.protocol or {}).get("precision", "fp32"))
 
 
 def register_predictor(pred: Predictor) -> Path:
-    """Makes ``pred`` the default predictor for its (target, space); atomic."""
+    """Makes ``pred`` the default predictor for its (target, space, precision); atomic."""
     if pred.target is None:
         raise PredictorError("a predictor needs a target to be registered; give --target")
-    return pred.save(registry_path(pred.target, pred.space.name))
+    return pred.save(registry_path(pred.target, pred.space.name, predictor_precision(pred)))
 
 
-def registered_predictor(target: str, space: str | SearchSpace) -> Predictor:
-    """The default predictor for (target, space), as ``hatc latency fit`` registered it."""
+def registered_predictor(target: str, space: str | SearchSpace, precision: str = "fp32") -> Predictor:
+    """The default predictor for (target, space, precision), as ``hatc latency fit`` registered it."""
     name = space.name if isinstance(space, SearchSpace) else space
-    path = registry_path(target, name)
+    path = registry_path(target, name, precision)
     if not path.is_file():
+        quantize = "" if precision == "fp32" else f" --quantize {precision}"
         raise PredictorError(
-            f"no latency predictor registered for target '{target}' and space '{name}'; "
-            f"run: hatc latency fit --dataset FILE --target {target} --space {name}"
+            f"no {precision} latency predictor registered for target '{target}' and space '{name}'; "
+            f"collect a dataset (hatc latency collect --target {target} --space {name}{quantize} --out FILE) "
+            f"and run: hatc latency fit --dataset FILE --target {target} --space {name}"
         )
     return load_predictor(path, target=target, space=name)
 

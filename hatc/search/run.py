@@ -28,11 +28,12 @@ from typing import Any
 import hatc
 from hatc import atomic
 from hatc.arch import Architecture, arch_key, write_arch_file
-from hatc.checkpoint import model_config_of, read_checkpoint, space_of
+from hatc.checkpoint import load_weights, model_config_of, read_checkpoint, space_of
 from hatc.data.datadir import DataDir
 from hatc.elastic.supernet import SuperTransformer
 from hatc.errors import HatcError, Interrupted
-from hatc.latency.predictor import Predictor, load_predictor, registered_predictor
+from hatc.latency.predictor import Predictor, load_predictor, predictor_precision, registered_predictor
+from hatc.runtime.quantization import PRECISIONS
 from hatc.search.evolution import CachedLatency, SearchConfig, SearchProgress, SearchResult, SearchState, evolve
 from hatc.search.fitness import LossEngine, SupernetValidLoss
 from hatc.search.report import plot_pareto
@@ -77,6 +78,7 @@ class SearchRequest:
     tracker: str | None = None  # where the target's devices are (None: here, host targets only)
     key: str | None = None  # device key (default: the target's)
     db: Path | None = None  # tuning database (default: the target's under the cache dir)
+    precision: str = "fp32"  # search with the latency of builds with these weights (hatc compile --quantize)
 
 
 def newest_supernet(workdir: Path) -> Path:
@@ -123,10 +125,15 @@ def resolve_inputs(req: SearchRequest) -> Inputs:
     valid = DataDir(data).split("valid").subset(req.valid_subset)
     if req.predictor is not None:
         predictor = load_predictor(req.predictor, target=req.target, space=space.name)
+        if predictor_precision(predictor) != req.precision:
+            raise HatcError(
+                f"{req.predictor}: predicts {predictor_precision(predictor)} builds, not {req.precision} "
+                f"(--quantize {req.precision}); fit one on a dataset collected with --quantize {req.precision}"
+            )
     else:
-        predictor = registered_predictor(req.target, space)
+        predictor = registered_predictor(req.target, space, req.precision)
     supernet = SuperTransformer.from_config(space, model_config_of(state))
-    supernet.load_state_dict(state["model"])
+    load_weights(supernet, state["model"], checkpoint)
     screen = screen_size(req)
     engine = LossEngine(supernet, valid, [screen, req.valid_subset], workers=req.workers)
     scorer = SupernetValidLoss(engine, screen)
@@ -189,6 +196,8 @@ def run_search(
     """
     req.cfg.validate()
     load_target(req.target)  # an unknown target is named with the known ones, before anything else
+    if req.precision not in PRECISIONS:
+        raise HatcError(f"--quantize {req.precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
     if req.tracker is not None:
         from hatc.rpc import parse_tracker
 

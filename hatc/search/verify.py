@@ -45,7 +45,12 @@ def verify_candidates(
     from hatc.targets import load_target
 
     target = load_target(predictor.target)
-    protocol = protocol_for(space, target, beam=int(predictor.protocol.get("beam", target.latency.beam)))
+    protocol = protocol_for(
+        space,
+        target,
+        beam=int(predictor.protocol.get("beam", target.latency.beam)),
+        precision=str(predictor.protocol.get("precision", "fp32")),
+    )
     nominal = paired_nominal(predictor)
     paired = PairedReference(space.largest()) if nominal else None
     measured: dict[str, Any] = {}  # arch JSON -> Measurement
