@@ -445,11 +445,15 @@ class Quickstart:
         """Fine-tuning minutes and test sentences, the same for every model (they are compared)."""
         p, test = self.plan, min(self.test_pairs(), self.plan.test_sentences)
         allocation = self.allocate("models")
-        share = min(1.0, allocation.factor)
+        share = min(1.0, allocation.factor)  # test sentences stop at the test set
         least = min(test, MIN_TEST_SENTENCES)
         nominal_s = max(MIN_FINETUNE_S, 60 * p.finetune_minutes)
+        # fine-tuning also takes the time left past the nominal budgets (the stage's Cost.grow):
+        # what the sentences beyond the test set would have taken included
+        sentences_left = max(0.0, allocation.factor - 1) * (test - least) * self.budget.rate("evaluate_sentence")
+        finetune_s = MIN_FINETUNE_S + allocation.factor * (nominal_s - MIN_FINETUNE_S) + sentences_left
         settings = {
-            "finetune_minutes": round((MIN_FINETUNE_S + share * (nominal_s - MIN_FINETUNE_S)) / 60, 3),
+            "finetune_minutes": round(finetune_s / 60, 3),
             "test_sentences": int(least + share * (test - least)),
         }
         self.cut("fine-tuning", "minutes per model", p.finetune_minutes, settings["finetune_minutes"], allocation)

@@ -376,3 +376,14 @@ def test_a_resumed_run_keeps_its_deadline_and_redoes_nothing(tmp_path, cache):
     assert result["wall_minutes"] <= 1.15 * 15
     again, _ = run_fake(tmp_path, machine)  # finished: the same result, nothing run
     assert again == result
+
+
+def test_fewer_distinct_winners_than_planned_leave_their_time_to_fine_tuning(tmp_path, cache):
+    """Planned: a model per budget and the largest (4); every budget picking one winner leaves 2.
+    The time the other two would have taken goes to fine-tuning, not to an early end."""
+    machine = FakeMachine(same_winner=True)
+    result, _ = run_fake(tmp_path, machine, minutes=30)
+    assert 0.85 * 30 <= machine.t / 60 <= 1.15 * 30, machine.t / 60
+    finetunes = calls(machine, "train", "subnet")
+    assert len(finetunes) == 2
+    assert float(option(finetunes[0], "--minutes")) > Plan.for_minutes(30).finetune_minutes
