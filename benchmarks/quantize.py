@@ -6,6 +6,8 @@ tokens padded to the 32 bucket, the encoder once, 30 decoder steps at batch = be
 argmax fed back). Backends on the same exported graphs:
 
 - ``onnxruntime``: fp32, as exported (the peer the goals are set against);
+- ``onnxruntime-int8``, ``onnxruntime-int4``: the same graphs with ORT's own weight-only
+  operators (``MatMulNBits``, ``GatherBlockQuantized``; ``hatc.compile.ort_quantize``);
 - ``tvm-fp32``, ``tvm-int8``, ``tvm-int4``: hatc's builds with the target's tuning database
   (``hatc tune``; ``--db``); the quantized decoder steps read int8/int4 weights through
   hatc's dequantizing GEMV kernels, the encoder runs the float32 kernels on weights
@@ -54,11 +56,33 @@ def _run(runner: Any, src: Any, beam: int) -> tuple[float, float]:
     return (encoded - start) * 1e3, (time.perf_counter() - encoded) * 1e3
 
 
+def stored_weight_bytes(built: Any) -> int:
+    """Bytes of the weights an artifact of ``built`` stores (``hatc compile``'s weights.npz, less
+    the file's few headers): distinct parameter arrays of both graphs, those dequantized on load
+    counted as their quantized values and scales."""
+    from hatc.compile.quantize import content_key
+
+    stored: dict[str, int] = {}
+    for graph in (built.encoder_graph, built.decoder_graph):
+        for param in graph.params:
+            array = param.numpy()
+            key = content_key(array)
+            at_load = graph.at_load.get(key)
+            if at_load is not None:
+                for part in (at_load.weight.values, at_load.weight.scales):
+                    stored[content_key(part)] = part.nbytes
+            else:
+                stored[key] = array.nbytes
+    return sum(stored.values())
+
+
 def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
+    import onnx
     import torch
 
     from hatc.compile.export import export_onnx
+    from hatc.compile.ort_quantize import quantize_for_ort
     from hatc.compile.tuning_db import load_database
     from hatc.compile.tvm_build import TvmRunner, build_graphs
     from hatc.runtime.runners import OrtRunner
@@ -76,9 +100,18 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
         runners: dict[str, Any] = {
             "onnxruntime": OrtRunner(graphs.encoder, graphs.decoder, graphs.signature, threads=1)
         }
+        for precision in PRECISIONS[1:]:  # ORT's own quantized operators (MatMulNBits, GatherBlockQuantized)
+            paths = []
+            for name, path in (("encoder", graphs.encoder), ("decoder", graphs.decoder)):
+                quantized, _ = quantize_for_ort(onnx.load(str(path)), precision, vocab)
+                paths.append(Path(tmp) / f"{name}.ort-{precision}.onnx")
+                onnx.save(quantized, str(paths[-1]))
+            runners[f"onnxruntime-{precision}"] = OrtRunner(*paths, graphs.signature, threads=1)
+        weight_bytes = {}
         for precision in PRECISIONS:
             built = build_graphs(graphs, target, database=database, precision=precision)
             runners[f"tvm-{precision}"] = TvmRunner(built)
+            weight_bytes[precision] = stored_weight_bytes(built)
     src = np.random.default_rng(0).integers(4, vocab, (1, SOURCE_TOKENS))
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for i in range(args.warmup + args.repeats):
@@ -105,8 +138,9 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
         for name, runs in times.items()
         if name != "onnxruntime"
     }
+    sizes = {p: {"weights_bytes": b, "fraction_of_fp32": b / weight_bytes["fp32"]} for p, b in weight_bytes.items()}
     return {"space": space_name, "arch": arch_name, "beam": beam, "vocab": vocab, "backends": backends,
-            "paired": paired, "arch_config": arch.to_dict()}  # fmt: skip
+            "paired": paired, "weights": sizes, "arch_config": arch.to_dict()}  # fmt: skip
 
 
 def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -180,6 +214,9 @@ def main() -> None:
     for r in rows:
         cells = " ".join(f"{b['encoder_ms']:>11.2f} / {b['step_ms']:>9.3f}  " for b in r["backends"].values())
         print(f"{r['space'] + ' ' + r['arch']:16} {r['beam']:>4} {cells}")
+    print("weights stored, fraction of fp32: " + "; ".join(
+        f"{r['arch']} " + ", ".join(f"{p} {w['fraction_of_fp32']:.3f}" for p, w in r["weights"].items())
+        for r in rows if r["beam"] == rows[0]["beam"]))  # fmt: skip
     print("decoder step speed-up over fp32 ONNX Runtime (median of paired rounds):")
     for r in rows:
         ratios = ", ".join(f"{n} {p['decoder_speedup_vs_onnxruntime']:.2f}x" for n, p in r["paired"].items())

@@ -356,13 +356,19 @@ class Quickstart:
         if not minutes:
             return first
         more, seconds = self.timed(lambda: self.hatc(*common, "--n", "2000", "--minutes", f"{minutes:.3f}"))
-        self._observe_collect(more, seconds)
+        self._observe_collect(more, seconds, first)
         return {**more, "measured": first["measured"] + more["measured"], "skipped": first["skipped"]}
 
-    def _observe_collect(self, result: dict[str, Any], seconds: float) -> None:
+    def _observe_collect(self, result: dict[str, Any], seconds: float, before: dict[str, Any] | None = None) -> None:
+        """Collection's rates; a second call's rows are pooled with the first's: its few rows
+        each carry a share of building the paired reference again, which alone would make a
+        row look twice as slow (and so every later build and measurement estimate)."""
         self.budget.observe("collect_start", max(0.0, seconds - result.get("seconds", 0.0)))
-        if result.get("measured"):
-            self.budget.observe("collect_arch", result["seconds"], result["measured"])
+        rows, busy = result.get("measured", 0), result.get("seconds", 0.0)
+        if before is not None:
+            rows, busy = rows + before.get("measured", 0), busy + before.get("seconds", 0.0)
+        if rows:
+            self.budget.observe("collect_arch", busy, rows)
 
     def _fit(self, latency: Path, predictor: Path) -> Any:
         result, seconds = self.timed(lambda: self.hatc(

@@ -348,3 +348,12 @@ def test_ctrl_c_prints_the_resume_command_and_it_continues_to_the_same_result(cl
     assert resumed.code == 0, resumed.stderr
     assert json.loads(resumed.stdout)["arch"] == json.loads(straight.stdout)["arch"]
     assert json.loads(resumed.stdout)["valid_loss"] == json.loads(straight.stdout)["valid_loss"]
+
+
+def test_a_budget_above_the_largest_is_searched_with_a_warning(cli, workspace):
+    largest = max(_latencies(load_space("tiny")))
+    result = cli("search", "--target", "x86", "--budget", f"{largest * 2:.0f}ms", "--workdir", workspace / "runs",
+                 *SMALL, "--out", workspace / "unbounded")  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "constrains nothing" in warning[0] and "largest" in warning[0]

@@ -34,6 +34,7 @@ from hatc.checkpoint import LoadedModel, load_subtransformer
 from hatc.compile import checks
 from hatc.compile.checks import CompileEvent
 from hatc.compile.export import export_onnx
+from hatc.compile.ort_quantize import ORT_BLOCK
 from hatc.compile.quality import QualityRequest, check_quality
 from hatc.compile.tuning_db import graph_schedules, load_database, tuning_db_path
 from hatc.compile.weights import WeightTable, externalize_onnx
@@ -203,11 +204,7 @@ def _check_request(request: CompileRequest) -> Target:
         raise HatcError(f"--beam must be >= 1, got {request.beam}")
     if request.quantize not in PRECISIONS:
         raise HatcError(f"--quantize {request.quantize}: unknown precision; accepted: {', '.join(PRECISIONS)}")
-    if request.quantize != "fp32" and request.backend != "tvm":
-        raise HatcError(
-            f"--quantize {request.quantize} with --backend {request.backend}: this backend builds fp32 only; "
-            "accepted: --backend tvm for int8 and int4"
-        )
+
     out = Path(request.out)
     archive = out.with_name(out.name + ".tar.gz")
     for path in (out, archive):
@@ -285,6 +282,8 @@ def compile_artifact(
             }
             manifest = _manifest(request, target, loaded, graphs, parity, tuning, options)
             manifest["precision"] = request.quantize
+            if request.quantize != "fp32":
+                manifest["quantization"] = _quantization_entry(request)
             if build.dequantize:
                 manifest["dequantize"] = build.dequantize
             manifest["quality"] = quality
@@ -377,15 +376,15 @@ def _build_tvm(
     return Build(graphs, runners, parity, scheduling, references or None, dequantize)
 
 
-def _quantized_reference(exported: Any, precision: str, work: Path) -> Any:
+def _quantized_reference(exported: Any, precision: str, work: Path, block: int | None = None) -> Any:
     """ONNX Runtime on the exported graphs with every weight fake-quantized: the model a
-    quantized build must compute (``hatc.compile.quantize``)."""
+    quantized build must compute (``hatc.compile.quantize``; ``block``: ORT's blocks)."""
     from hatc.compile.quantize import reference_graph
     from hatc.runtime.runners import OrtRunner
 
     vocab = exported.signature.vocab_size
-    encoder = reference_graph(exported.encoder, work / f"reference.{precision}.encoder.onnx", precision, vocab)
-    decoder = reference_graph(exported.decoder, work / f"reference.{precision}.decoder.onnx", precision, vocab)
+    encoder = reference_graph(exported.encoder, work / f"reference.{precision}.encoder.onnx", precision, vocab, block)
+    decoder = reference_graph(exported.decoder, work / f"reference.{precision}.decoder.onnx", precision, vocab, block)
     runner = OrtRunner(encoder, decoder, exported.signature)
     runner.name = f"the {precision} reference (ONNX Runtime, fake-quantized weights)"
     return runner
@@ -424,10 +423,15 @@ def _build_onnxruntime(
 ) -> Build:
     from hatc.runtime.runners import OrtRunner
 
-    exported_all = []
+    quantized = request.quantize != "fp32"
+    exported_all, references = [], {}
     for bucket in request.buckets:
-        stages.next(f"bucket {bucket}: ONNX export")
-        exported_all.append(export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam))
+        stages.next(f"bucket {bucket}: ONNX export" + (f" and {request.quantize} graphs" if quantized else ""))
+        exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
+        if quantized:  # ORT's own quantized operators; checked against the graphs fake-quantized alike
+            references[bucket] = _quantized_reference(exported, request.quantize, work / f"s{bucket}", ORT_BLOCK)
+            exported = _ort_quantized_graphs(exported, request.quantize, work / f"s{bucket}")
+        exported_all.append(exported)
     stages.next("moving the weights out of the graphs")
     (staging / "graphs").mkdir()
     pairs, graphs = [], {}
@@ -448,9 +452,41 @@ def _build_onnxruntime(
         runner = OrtRunner(
             staging / files["encoder"]["file"], staging / files["decoder_step"]["file"], exported.signature
         )
-        parity["onnxruntime"][str(bucket)] = checks.runner_parity(runner, loaded.model, bucket, "ONNX Runtime")
+        parity["onnxruntime"][str(bucket)] = checks.runner_parity(
+            runner, loaded.model, bucket, "ONNX Runtime", references.get(bucket)
+        )
         runners[bucket] = runner
-    return Build(graphs, runners, parity, Scheduling())
+    return Build(graphs, runners, parity, Scheduling(), references or None)
+
+
+def _quantization_entry(request: CompileRequest) -> dict[str, Any]:
+    """How the weights were quantized and which operators read them, for the manifest."""
+    from hatc.compile.ort_quantize import OPERATORS
+    from hatc.runtime.quantization import INT4_BLOCK
+
+    if request.backend == "onnxruntime":
+        return {"scales": f"per output channel and block of {ORT_BLOCK}", "operators": OPERATORS[request.quantize]}
+    per = "per output channel" if request.quantize == "int8" else f"per output channel and block of {INT4_BLOCK}"
+    return {
+        "scales": per,
+        "operators": "decoder step: hatc's dequantizing GEMV and lookup kernels; the rest dequantized on load",
+    }
+
+
+def _ort_quantized_graphs(exported: Any, precision: str, work: Path) -> Any:
+    """The export with both graphs rewritten for ORT's quantized operators (``hatc.compile.ort_quantize``)."""
+    import onnx
+
+    from hatc.compile.export import ExportedGraphs
+    from hatc.compile.ort_quantize import quantize_for_ort
+
+    out = work / f"ort-{precision}"
+    out.mkdir(parents=True, exist_ok=True)
+    quantized = ExportedGraphs(out, exported.signature)
+    for src, dst in ((exported.encoder, quantized.encoder), (exported.decoder, quantized.decoder)):
+        model, _ = quantize_for_ort(onnx.load(str(src)), precision, exported.signature.vocab_size)
+        onnx.save(model, str(dst))
+    return quantized
 
 
 def _manifest(

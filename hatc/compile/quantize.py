@@ -65,8 +65,8 @@ def weight_axes(model: Any, vocab_size: int) -> dict[str, int]:
         for node, position in uses.get(init.name, []):
             if node.op_type == "MatMul" and position == 1:
                 found.add(0)
-            elif node.op_type == "Gather" and position == 0 and init.dims[_gather_axis(node)] == vocab_size:
-                found.add(1 - _gather_axis(node))
+            elif node.op_type == "Gather" and position == 0 and init.dims[gather_axis(node)] == vocab_size:
+                found.add(1 - gather_axis(node))
             else:
                 found = set()
                 break
@@ -75,7 +75,8 @@ def weight_axes(model: Any, vocab_size: int) -> dict[str, int]:
     return axes
 
 
-def _gather_axis(node: Any) -> int:
+def gather_axis(node: Any) -> int:
+    """A Gather node's axis attribute (0 when absent)."""
     from onnx import helper
 
     return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"), 0)
@@ -95,18 +96,29 @@ def dequantize_weight(weight: quantization.QuantizedWeight, reduce_axis: int) ->
     return np.ascontiguousarray(_oriented(quantization.dequantize(weight), reduce_axis))
 
 
-def reference_graph(src: Path, dst: Path, precision: str, vocab_size: int) -> Path:
-    """Writes the graph at ``src`` with every weight fake-quantized: what a quantized build computes."""
+def reference_graph(src: Path, dst: Path, precision: str, vocab_size: int, block: int | None = None) -> Path:
+    """Writes the graph at ``src`` with every weight fake-quantized: what a quantized build computes.
+
+    ``block``: the scales' block along the reduction axis (None: hatc's schemes); a weight
+    whose axis is not whole blocks then stays float32, as ONNX Runtime's build leaves it.
+    """
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(src))
     axes = weight_axes(model, vocab_size)
     for init in model.graph.initializer:
-        if init.name in axes:
-            weight = numpy_helper.to_array(init)
-            fake = dequantize_weight(quantize_weight(weight, precision, axes[init.name]), axes[init.name])
-            init.CopyFrom(numpy_helper.from_array(fake, init.name))
+        if init.name not in axes:
+            continue
+        weight, axis = numpy_helper.to_array(init), axes[init.name]
+        if block is None:
+            fake = dequantize_weight(quantize_weight(weight, precision, axis), axis)
+        elif weight.shape[axis] % block == 0:
+            oriented = _oriented(weight, axis)
+            fake = np.ascontiguousarray(_oriented(quantization.fake_quantize(oriented, precision, block), axis))
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(fake, init.name))
     onnx.save(model, str(dst))
     return dst
 

@@ -227,10 +227,22 @@ def registered_predictor(target: str, space: str | SearchSpace, precision: str =
         quantize = "" if precision == "fp32" else f" --quantize {precision}"
         raise PredictorError(
             f"no {precision} latency predictor registered for target '{target}' and space '{name}'; "
-            f"collect a dataset (hatc latency collect --target {target} --space {name}{quantize} --out FILE) "
-            f"and run: hatc latency fit --dataset FILE --target {target} --space {name}"
+            f"collect a dataset (hatc latency collect --target {target} --space {name}{_where(target)}{quantize} "
+            f"--out FILE) and run: hatc latency fit --dataset FILE --target {target} --space {name}"
         )
     return load_predictor(path, target=target, space=name)
+
+
+def _where(target: str) -> str:
+    """`` --tracker HOST:PORT`` for a target measured on devices of a tracker (a board, a GPU)."""
+    from hatc.errors import HatcError
+    from hatc.targets import load_target
+
+    try:
+        tgt = load_target(target)
+    except HatcError:
+        return ""
+    return " --tracker HOST:PORT" if tgt.is_cross or tgt.device != "cpu" else ""
 
 
 # ----- fitting ---------------------------------------------------------------------------

@@ -66,40 +66,49 @@ def _scales(amax: np.ndarray, levels: int) -> np.ndarray:
     return np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)  # an all-zero channel stays zero
 
 
-def quantize(weight: np.ndarray, precision: str) -> QuantizedWeight:
-    """``weight`` (K, N) float32, reduction axis first, quantized by ``precision`` (int8 or int4)."""
+def quantize(weight: np.ndarray, precision: str, block: int | None = None) -> QuantizedWeight:
+    """``weight`` (K, N) float32, reduction axis first, quantized by ``precision`` (int8 or int4).
+
+    ``block``: values per scale along the reduction axis (default: the whole axis for
+    int8, ``INT4_BLOCK`` for int4; ONNX Runtime's MatMulNBits takes int8 in blocks too).
+    """
     if precision not in QUANTIZED:
         raise QuantizationError(f"cannot quantize to {precision!r}; accepted: {', '.join(QUANTIZED)}")
     w = np.asarray(weight, dtype=np.float32)
     if w.ndim != 2:
         raise QuantizationError(f"expected a 2-D weight, got shape {w.shape}")
     k, n = w.shape
-    levels = _LEVELS[precision]
-    if precision == "int8":
+    levels, low = _LEVELS[precision], (-8 if precision == "int4" else -_LEVELS[precision])
+    block = block or (INT4_BLOCK if precision == "int4" else None)
+    if block is None:
         scales = _scales(np.abs(w).max(axis=0), levels)  # (N,)
-        q = np.clip(np.rint(w / scales), -levels, levels).astype(np.int8)
-        return QuantizedWeight(precision, q, scales)
-    if not supports(precision, k):
-        raise QuantizationError(f"int4 needs a reduction axis in blocks of {INT4_BLOCK}; got {k}")
-    blocks = w.reshape(k // INT4_BLOCK, INT4_BLOCK, n)
-    scales = _scales(np.abs(blocks).max(axis=1), levels)  # (K / block, N)
-    q = np.clip(np.rint(blocks / scales[:, None, :]), -8, levels).astype(np.int8).reshape(k, n)
-    return QuantizedWeight(precision, pack_int4(q), scales)
+        q = np.clip(np.rint(w / scales), low, levels).astype(np.int8)
+    else:
+        if k % block:
+            raise QuantizationError(
+                f"{precision} in blocks of {block} needs whole blocks along the reduction axis; got {k}"
+            )
+        blocks = w.reshape(k // block, block, n)
+        scales = _scales(np.abs(blocks).max(axis=1), levels)  # (K / block, N)
+        q = np.clip(np.rint(blocks / scales[:, None, :]), low, levels).astype(np.int8).reshape(k, n)
+    return QuantizedWeight(precision, pack_int4(q) if precision == "int4" else q, scales)
 
 
 def dequantize(weight: QuantizedWeight) -> np.ndarray:
-    """The float32 (K, N) weight that ``weight`` stands for."""
-    if weight.precision == "int8":
-        return (weight.values.astype(np.float32) * weight.scales).astype(np.float32)
-    q = unpack_int4(weight.values).astype(np.float32)  # (K, N)
+    """The float32 (K, N) weight that ``weight`` stands for (per channel: 1-D scales; else blocks)."""
+    values = weight.values if weight.precision == "int8" else unpack_int4(weight.values)
+    if weight.scales.ndim == 1:
+        return (values.astype(np.float32) * weight.scales).astype(np.float32)
+    q = values.astype(np.float32)  # (K, N)
     k, n = q.shape
-    blocks = q.reshape(k // INT4_BLOCK, INT4_BLOCK, n) * weight.scales[:, None, :]
+    block = k // weight.scales.shape[0]
+    blocks = q.reshape(k // block, block, n) * weight.scales[:, None, :]
     return blocks.reshape(k, n).astype(np.float32)
 
 
-def fake_quantize(weight: np.ndarray, precision: str) -> np.ndarray:
+def fake_quantize(weight: np.ndarray, precision: str, block: int | None = None) -> np.ndarray:
     """``dequantize(quantize(weight))``: the weight a quantized artifact computes with."""
-    return dequantize(quantize(weight, precision))
+    return dequantize(quantize(weight, precision, block))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

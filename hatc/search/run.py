@@ -212,9 +212,25 @@ def run_search(
         raise HatcError(f"{req.out} holds a search already; pass --resume to continue it, or choose another --out")
     inputs = resolve_inputs(req)
     try:
+        check_budgets(req, inputs, on_log)
         return _search(req, inputs, on_generation, on_progress, on_log)
     finally:
         inputs.engine.close()
+
+
+def check_budgets(req: SearchRequest, inputs: Inputs, on_log: Callable[[str], None]) -> None:
+    """A budget at or over the largest SubTransformer's predicted latency constrains nothing: a
+    warning says so. (One under every architecture's is refused when the first population is
+    drawn, naming the smallest's prediction: ``hatc.search.evolution``.)"""
+    space = inputs.supernet.space
+    slowest = inputs.predictor.predict(space.largest())
+    where = f"on {req.target}" + ("" if req.precision == "fp32" else f" ({req.precision})")
+    for budget in sorted(b for b in req.budgets_ms if b >= slowest):
+        on_log(
+            f"warning: --budget {budget:g}ms is above the predicted latency of space '{space.name}''s largest "
+            f"SubTransformer {where} ({slowest:.1f} ms): every architecture fits, so the budget constrains "
+            "nothing and the largest, lowest-loss ones win"
+        )
 
 
 def _search(
