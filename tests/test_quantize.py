@@ -125,6 +125,13 @@ def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(pre
     with target:
         scheduled = schedule_gemv(func, target)
     assert scheduled is not None and scheduled.attrs["hatc.schedule"] == RULE_NAME
+    from tvm.s_tir import Schedule
+
+    from hatc.compile.schedules import gemv_shape
+
+    sch = Schedule(func)
+    reduction = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).init is not None)
+    assert gemv_shape(sch.get(reduction)).k_unroll == (2 if precision == "int4" else 1)  # a byte holds two steps
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
     out = tvm.runtime.tensor(np.zeros((n // block, rows, block), np.float32))
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, values, scales)), out)
@@ -386,6 +393,24 @@ def test_a_dequantized_weight_the_table_lacks_is_refused(cli, artifacts, tmp_pat
     manifest["dequantize"].pop(next(iter(manifest["dequantize"])))
     (copy / "manifest.json").write_text(json.dumps(manifest))
     one_line_error(cli("translate", "--artifact", copy, "--input", src), "dequantize describes")
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_manifest_pointing_a_weight_at_the_wrong_arrays_is_one_line(cli, artifacts, tmp_path, fp32_references,
+                                                                       precision):  # fmt: skip
+    """Only manifest.json edited (an unsigned artifact's files all still match): a dequantized weight's
+    scales pointed at its values, and its values at a float array, each refused by name."""
+    import shutil
+
+    src, _ = fp32_references
+    for case in ("scales", "values"):
+        copy = tmp_path / f"{precision}-{case}"
+        shutil.copytree(artifacts[precision][0], copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        name, entry = next(iter(manifest["dequantize"].items()))
+        entry[case] = entry["values"] if case == "scales" else entry["scales"]
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        one_line_error(cli("translate", "--artifact", copy, "--input", src), name, "cannot be dequantized")
 
 
 def test_bad_precisions_are_one_line(cli, checkpoint, tmp_path):

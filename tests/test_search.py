@@ -357,3 +357,17 @@ def test_a_budget_above_the_largest_is_searched_with_a_warning(cli, workspace):
     assert result.code == 0, result.stderr[-2000:]
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "constrains nothing" in warning[0] and "largest" in warning[0]
+
+
+def test_a_predictor_of_another_precision_is_refused_and_a_missing_one_named(cli, workspace, tmp_path):
+    from hatc.latency.predictor import registry_path
+
+    predictor = json.loads(registry_path("x86", "tiny").read_text())
+    predictor["protocol"]["precision"] = "int8"
+    int8 = tmp_path / "int8.json"
+    int8.write_text(json.dumps(predictor))
+    args = ("search", "--target", "x86", "--budget", "100ms", "--workdir", workspace / "runs", *SMALL)
+    refused = cli(*args, "--predictor", int8, "--out", tmp_path / "a")
+    assert refused.code == 2 and "predicts int8 builds, not fp32" in refused.stderr
+    missing = cli(*args, "--quantize", "int4", "--out", tmp_path / "b")
+    assert missing.code == 2 and "no int4 latency predictor" in missing.stderr and "--quantize int4" in missing.stderr

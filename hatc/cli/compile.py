@@ -47,7 +47,7 @@ def compile_command(
         typer.Option(help="Sign the manifest with this Ed25519 private key ('hatc keys generate' makes one)."),
     ] = None,
     quantize: Annotated[
-        str, typer.Option(help="Weights: fp32, int8 (per output channel) or int4 (blocks of 32); tvm backend.")
+        str, typer.Option(help="Weights: fp32, int8 or int4 (docs/quantization.md); both backends.")
     ] = "fp32",
     data: Annotated[
         Path | None,
@@ -146,7 +146,8 @@ def compile_command(
         f"{','.join(map(str, manifest['buckets']))}, beam {manifest['decoding']['beam']}, {_tuned_label(manifest)}"
     )
     for name, diff in worst.items():
-        against = "PyTorch" if name != "tvm_host" or manifest["precision"] == "fp32" else "its reference"
+        quantized_check = name == "tvm_host" or manifest["backend"] == "onnxruntime"
+        against = "its fake-quantized reference" if manifest["precision"] != "fp32" and quantized_check else "PyTorch"
         stdout.print(f"parity   {name} vs {against}: max abs diff {diff:.2e}")
     greedy = manifest["parity"]["greedy"]
     stdout.print(

@@ -163,9 +163,15 @@ def predict(
 ) -> None:
     """Predict an architecture's latency (ms) with a predictor file or the registered default
     (the one for --quantize's precision)."""
+    from hatc.latency.predictor import predictor_precision
+    from hatc.runtime.quantization import check_precision
+
+    check_precision(quantize)
     space_name = load_space(space).name if space is not None else None  # a space file names its space
     if predictor is not None:
         pred = load_predictor(predictor, target=target, space=space_name)
+        if predictor_precision(pred) != quantize:
+            raise HatcError(f"{predictor}: predicts {predictor_precision(pred)} builds, not {quantize} (--quantize)")
     elif target is not None and space_name is not None:
         pred = registered_predictor(target, space_name, quantize)
     else:

@@ -42,7 +42,7 @@ from hatc.data.subword import BOS, EOS, PAD, UNK
 from hatc.decoding import DEFAULT_BEAM, DEFAULT_LENPEN, DecodeOptions
 from hatc.errors import HatcError
 from hatc.runtime.artifact import FORMAT, MANIFEST, SUBWORD, WEIGHTS, sha256_file, write_archive
-from hatc.runtime.quantization import PRECISIONS
+from hatc.runtime.quantization import check_precision
 from hatc.runtime.signature import BUCKETS, target_capacity
 from hatc.runtime.signing import SIGNATURE, key_id, load_private_key, signature_for
 from hatc.targets import Target, load_target
@@ -202,8 +202,7 @@ def _check_request(request: CompileRequest) -> Target:
         raise HatcError(f"the onnxruntime backend runs on CPUs; target '{target.name}' is a {target.device} target")
     if request.beam < 1:
         raise HatcError(f"--beam must be >= 1, got {request.beam}")
-    if request.quantize not in PRECISIONS:
-        raise HatcError(f"--quantize {request.quantize}: unknown precision; accepted: {', '.join(PRECISIONS)}")
+    check_precision(request.quantize)
 
     out = Path(request.out)
     archive = out.with_name(out.name + ".tar.gz")
@@ -394,7 +393,7 @@ def _store_param(
     array: np.ndarray, at_load: dict[str, Any], weights: WeightTable, dequantize: dict[str, dict[str, Any]]
 ) -> str:
     """The weight's name in the artifact; a weight to dequantize on load is stored as its
-    quantized values and scales, and named ``dqAXIS:VALUES`` in the manifest's dequantize table."""
+    quantized values and scales, and named ``dqAXIS:VALUES:SCALES`` in the manifest's dequantize table."""
     from hatc.compile.quantize import content_key
 
     stored = at_load.get(content_key(array)) if at_load else None
@@ -402,7 +401,7 @@ def _store_param(
         return weights.add(array)
     values, scales = weights.add(stored.weight.values), weights.add(stored.weight.scales)
     # the axis too: a tied table's values serve the encoder's (V, D) lookup and the decoder's (D, V) projection
-    name = f"dq{stored.reduce_axis}:{values}"
+    name = f"dq{stored.reduce_axis}:{values}:{scales}"
     dequantize[name] = {
         "values": values,
         "scales": scales,
@@ -467,6 +466,8 @@ def _quantization_entry(request: CompileRequest) -> dict[str, Any]:
     if request.backend == "onnxruntime":
         return {"scales": f"per output channel and block of {ORT_BLOCK}", "operators": OPERATORS[request.quantize]}
     per = "per output channel" if request.quantize == "int8" else f"per output channel and block of {INT4_BLOCK}"
+    if load_target(request.target).device != "cpu":  # hatc's quantized kernels are CPU kernels
+        return {"scales": per, "operators": "every weight dequantized on load (float32 kernels)"}
     return {
         "scales": per,
         "operators": "decoder step: hatc's dequantizing GEMV and lookup kernels; the rest dequantized on load",

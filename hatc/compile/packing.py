@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from hatc.compile.quantize import gather_axis
 from hatc.compile.schedules import MAX_ROWS, column_block
 from hatc.runtime import quantization
 
@@ -59,9 +60,12 @@ def _int64(name: str, values: Any) -> Any:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def pack_onnx(model: Any, lanes: int, precision: str = "fp32") -> tuple[Any, list[str]]:
+def pack_onnx(
+    model: Any, lanes: int, precision: str = "fp32", quantizable: set[str] | None = None
+) -> tuple[Any, list[str]]:
     """``model`` (an ``onnx.ModelProto``, changed in place) with beam-sized matmul weights packed
-    (and quantized, with ``precision`` int8 or int4).
+    (and quantized, with ``precision`` int8 or int4: those in ``quantizable``, None: all; the
+    others stay float32, as the reference leaves them, ``hatc.compile.quantize.weight_axes``).
 
     Returns:
         (the model, names of the packed initializers' originals)
@@ -88,7 +92,10 @@ def pack_onnx(model: Any, lanes: int, precision: str = "fp32") -> tuple[Any, lis
         lookups = [
             u
             for u in uses
-            if u.op_type == "Gather" and u.input[0] == name and _axis(u) == 1 and len(shapes.get(u.input[1], [])) == 1
+            if u.op_type == "Gather"
+            and u.input[0] == name
+            and gather_axis(u) == 1
+            and len(shapes.get(u.input[1], [])) == 1
         ]
         if not matmuls or len(matmuls) + len(lookups) != len(uses):
             continue
@@ -101,7 +108,7 @@ def pack_onnx(model: Any, lanes: int, precision: str = "fp32") -> tuple[Any, lis
             continue
         weight = numpy_helper.to_array(init)
         packed_name = name + SUFFIX
-        scheme = quantization.precision_for(precision, k)
+        scheme = quantization.precision_for(precision, k) if quantizable is None or name in quantizable else "fp32"
         if scheme == "fp32":
             graph.initializer.append(numpy_helper.from_array(_blocked(weight, block), packed_name))
             weights = [packed_name]
@@ -133,12 +140,6 @@ def _blocked(array: np.ndarray, block: int) -> np.ndarray:
     """(R, N) -> (N / block, R, block): each block of columns one contiguous run."""
     rows, n = array.reshape(-1, array.shape[-1]).shape
     return np.ascontiguousarray(array.reshape(rows, n // block, block).transpose(1, 0, 2))
-
-
-def _axis(node: Any) -> int:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
 
 
 def _packed_matmul(

@@ -76,10 +76,11 @@ def weight_axes(model: Any, vocab_size: int) -> dict[str, int]:
 
 
 def gather_axis(node: Any) -> int:
-    """A Gather node's axis attribute (0 when absent)."""
+    """A Gather node's axis on a 2-D table (0 when absent; -1 is 1)."""
     from onnx import helper
 
-    return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"), 0)
+    axis = next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"), 0)
+    return axis % 2  # of a 2-D table: -1 is 1
 
 
 def _oriented(weight: np.ndarray, reduce_axis: int) -> np.ndarray:

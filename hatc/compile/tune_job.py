@@ -14,7 +14,7 @@ from pathlib import Path
 from hatc.compile.tune_config import DEFAULT_VOCAB, TuneConfig
 from hatc.compile.tuning import RemoteDevice, TuneProgress, TuneReport, check_tunable, tune
 from hatc.errors import HatcError
-from hatc.runtime.quantization import PRECISIONS
+from hatc.runtime.quantization import check_precision
 from hatc.runtime.signature import BUCKETS
 from hatc.space import SearchSpace, load_space
 from hatc.targets import Target, load_target
@@ -79,8 +79,7 @@ def plan_tune(request: TuneRequest) -> TunePlan:
         raise HatcError("give --space (a space name or YAML file) or --checkpoint")
     if vocab_size is not None and vocab_size < 2:
         raise HatcError(f"--vocab-size must be at least 2, got {vocab_size}")
-    if request.precision not in PRECISIONS:
-        raise HatcError(f"--quantize {request.precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
+    check_precision(request.precision)
     config = TuneConfig(
         buckets=request.buckets,
         beams=request.beams or (target.latency.beam,),

@@ -82,14 +82,16 @@ def import_onnx(
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from hatc.compile.quantize import hatc_operators, quantize_at_load
+    from hatc.compile.quantize import hatc_operators, quantize_at_load, weight_axes
 
     model = onnx.load(str(path))
     if target is not None and target.device == "cpu":
         from hatc.compile.packing import pack_onnx
         from hatc.compile.schedules import vector_lanes
 
-        model, _ = pack_onnx(model, vector_lanes(tvm_target_of(target)), precision)
+        # the weights the reference quantizes too, each along its input (axis 0, as packing streams it)
+        quantizable = {name for name, axis in weight_axes(model, vocab_size).items() if axis == 0}
+        model, _ = pack_onnx(model, vector_lanes(tvm_target_of(target)), precision, quantizable)
     at_load = quantize_at_load(model, precision, vocab_size) if precision != "fp32" else {}
     with hatc_operators():
         module = from_onnx(model, keep_params_in_input=True)

@@ -152,7 +152,8 @@ def check_pairing(path: Path, paired: bool) -> None:
 
 def check_precision(path: Path, precision: str) -> None:
     """Refuses to append rows of one precision to a file of another: a predictor fits one."""
-    held = {row.get("protocol", {}).get("precision", "fp32") for row in _measured_rows(path)}
+    protocols = [row.get("protocol") for row in _measured_rows(path)]
+    held = {str(p.get("precision", "fp32")) if isinstance(p, dict) else "fp32" for p in protocols}
     if held and held != {precision}:
         raise HatcError(
             f"{path} holds {', '.join(sorted(held))} rows; collect {precision} rows (--quantize {precision}) "

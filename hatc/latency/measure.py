@@ -98,14 +98,13 @@ def protocol_for(
 ) -> Protocol:
     """The protocol for ``space`` on ``target``: lengths from the space, the rest from the
     target's latency defaults unless given; builds with ``precision`` weights."""
-    from hatc.runtime.quantization import PRECISIONS
+    from hatc.runtime.quantization import check_precision
     from hatc.runtime.signature import bucket_for, target_capacity
 
     beam = target.latency.beam if beam is None else beam
     repeats = target.latency.repeats if repeats is None else repeats
     warmup = target.latency.warmup if warmup is None else warmup
-    if precision not in PRECISIONS:
-        raise LatencyError(f"--quantize {precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if beam < 1 or repeats < 1 or warmup < 0:
         raise LatencyError(f"need beam >= 1, repeats >= 1, warmup >= 0; got {beam}, {repeats}, {warmup}")
     bucket = bucket_for(space.source_tokens)

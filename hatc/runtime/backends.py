@@ -178,7 +178,7 @@ class WeightStore:
         values, scales = self._array(entry["values"], source), self._array(entry["scales"], source)
         try:
             weight = dequantize(QuantizedWeight(entry["precision"], values, scales))
-        except ValueError as e:  # shapes that do not fit together
+        except ValueError as e:  # dtypes or shapes that do not fit together (QuantizationError)
             raise ArtifactError(f"{source}: weight '{key}' cannot be dequantized: {e}") from None
         return np.ascontiguousarray(weight if entry["reduce_axis"] == 0 else weight.T)
 

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hatc.errors import HatcError
+
 PRECISIONS = ("fp32", "int8", "int4")
 QUANTIZED = ("int8", "int4")
 INT4_BLOCK = 32
 _LEVELS = {"int8": 127, "int4": 7}
 
 
-class QuantizationError(ValueError):
+class QuantizationError(HatcError, ValueError):
     """A precision, shape or array that a scheme cannot take."""
 
 
@@ -44,10 +46,27 @@ class QuantizedWeight:
     scales: np.ndarray
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str, option: str = "--quantize") -> str:
+    """``precision`` if hatc knows it; else a one-line error naming ``option``, the value and the accepted ones."""
     if precision not in PRECISIONS:
-        raise QuantizationError(f"unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+        raise QuantizationError(f"{option} {precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
     return precision
+
+
+def _check_stored(weight: QuantizedWeight) -> tuple[int, int]:
+    """(K, N) of a stored weight whose arrays fit its scheme; QuantizationError otherwise."""
+    values, scales = weight.values, weight.scales
+    expected = {"int8": np.int8, "int4": np.uint8}.get(weight.precision)
+    if expected is None:
+        raise QuantizationError(f"unknown stored precision {weight.precision!r}; accepted: {', '.join(QUANTIZED)}")
+    if values.dtype != expected or values.ndim != 2:
+        raise QuantizationError(f"{weight.precision} values must be 2-D {np.dtype(expected).name}, "
+                                f"got {values.dtype} {values.shape}")  # fmt: skip
+    k, n = values.shape[0] * (2 if weight.precision == "int4" else 1), values.shape[1]
+    blocks_fit = scales.ndim == 2 and scales.shape[1] == n and 0 < scales.shape[0] <= k and k % scales.shape[0] == 0
+    if scales.dtype != np.float32 or not (scales.shape == (n,) or blocks_fit):
+        raise QuantizationError(f"scales of {scales.dtype} {scales.shape} do not fit values of {values.shape}")
+    return k, n
 
 
 def supports(precision: str, reduce_extent: int) -> bool:
@@ -95,7 +114,12 @@ def quantize(weight: np.ndarray, precision: str, block: int | None = None) -> Qu
 
 
 def dequantize(weight: QuantizedWeight) -> np.ndarray:
-    """The float32 (K, N) weight that ``weight`` stands for (per channel: 1-D scales; else blocks)."""
+    """The float32 (K, N) weight that ``weight`` stands for (per channel: 1-D scales; else blocks).
+
+    Raises:
+        QuantizationError: arrays that do not fit the scheme (dtypes, shapes).
+    """
+    _check_stored(weight)
     values = weight.values if weight.precision == "int8" else unpack_int4(weight.values)
     if weight.scales.ndim == 1:
         return (values.astype(np.float32) * weight.scales).astype(np.float32)

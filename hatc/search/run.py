@@ -33,7 +33,7 @@ from hatc.data.datadir import DataDir
 from hatc.elastic.supernet import SuperTransformer
 from hatc.errors import HatcError, Interrupted
 from hatc.latency.predictor import Predictor, load_predictor, predictor_precision, registered_predictor
-from hatc.runtime.quantization import PRECISIONS
+from hatc.runtime.quantization import check_precision
 from hatc.search.evolution import CachedLatency, SearchConfig, SearchProgress, SearchResult, SearchState, evolve
 from hatc.search.fitness import LossEngine, SupernetValidLoss
 from hatc.search.report import plot_pareto
@@ -196,8 +196,7 @@ def run_search(
     """
     req.cfg.validate()
     load_target(req.target)  # an unknown target is named with the known ones, before anything else
-    if req.precision not in PRECISIONS:
-        raise HatcError(f"--quantize {req.precision}: unknown precision; accepted: {', '.join(PRECISIONS)}")
+    check_precision(req.precision)
     if req.tracker is not None:
         from hatc.rpc import parse_tracker
 
