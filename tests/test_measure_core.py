@@ -212,8 +212,11 @@ def no_build(monkeypatch, tmp_path) -> Path:
         return types.SimpleNamespace(signature=SIG, owner=Path(directory).name)
 
     monkeypatch.setattr(export, "export_onnx", export_onnx)
-    monkeypatch.setattr(tvm_build, "import_graphs", lambda g, target: (FakeGraph("encoder", g.owner),
-                                                               FakeGraph("decoder_step", g.owner)))  # fmt: skip
+    def import_graphs(graphs, target, precision):
+        assert precision == PROTOCOL.precision
+        return FakeGraph("encoder", graphs.owner), FakeGraph("decoder_step", graphs.owner)
+
+    monkeypatch.setattr(tvm_build, "import_graphs", import_graphs)
     monkeypatch.setattr(tvm_build, "build_module", lambda graph, target, database: owner.setdefault(
         (graph.owner, graph.name), graph))  # fmt: skip
     return db
