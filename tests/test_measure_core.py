@@ -212,6 +212,7 @@ def no_build(monkeypatch, tmp_path) -> Path:
         return types.SimpleNamespace(signature=SIG, owner=Path(directory).name)
 
     monkeypatch.setattr(export, "export_onnx", export_onnx)
+
     def import_graphs(graphs, target, precision):
         assert precision == PROTOCOL.precision
         return FakeGraph("encoder", graphs.owner), FakeGraph("decoder_step", graphs.owner)
