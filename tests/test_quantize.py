@@ -9,7 +9,6 @@ one bucket, beam 2, to keep the builds short.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from test_artifact import hatc_without_torch, one_line_error
+from test_artifact import hatc_without_torch, no_tuning_databases, one_line_error  # noqa: F401 (an autouse fixture)
 
 from hatc.arch import Architecture
 from hatc.checkpoint import save_checkpoint
@@ -185,18 +184,6 @@ def test_hatc_operators_through_the_import_and_build_pipeline(op, precision):
 
 
 # ----- builds -----------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def no_tuning_databases(tmp_path_factory):
-    """A cache dir of our own: no user's tuning database changes what compile does here."""
-    before = os.environ.get("HATC_CACHE_DIR")
-    os.environ["HATC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if before is None:
-        os.environ.pop("HATC_CACHE_DIR", None)
-    else:
-        os.environ["HATC_CACHE_DIR"] = before
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shared_data) -> Path:
     from hatc.data.datadir import prepare
@@ -254,17 +241,22 @@ def _compile(out: Path, checkpoint: Path, *extra: object):
                    "--beam", "2", "--json", *extra)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, checkpoint, fp32_references) -> dict[str, tuple[Path, dict]]:
-    src, ref = fp32_references
-    folder, built = tmp_path_factory.mktemp("artifacts"), {}
+def _compile_each_precision(folder: Path, checkpoint: Path, *extra: object) -> dict[str, tuple[Path, dict]]:
+    """precision -> (artifact, compile's JSON), for fp32, int8 and int4."""
+    built = {}
     for precision in ("fp32", "int8", "int4"):
         out = folder / precision
-        result = _compile(out, checkpoint, "--quantize", precision, "--src", src, "--ref", ref,
-                          "--max-bleu-loss", "100")  # fmt: skip
+        result = _compile(out, checkpoint, "--quantize", precision, *extra)
         assert result.code == 0, result.stderr[-3000:]
         built[precision] = (out, json.loads(result.stdout))
     return built
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, checkpoint, fp32_references) -> dict[str, tuple[Path, dict]]:
+    src, ref = fp32_references
+    check = ("--src", src, "--ref", ref, "--max-bleu-loss", "100")
+    return _compile_each_precision(tmp_path_factory.mktemp("artifacts"), checkpoint, *check)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -315,13 +307,7 @@ def test_the_quantized_artifact_translates_without_torch(artifacts, fp32_referen
 
 @pytest.fixture(scope="module")
 def ort_artifacts(tmp_path_factory, checkpoint) -> dict[str, tuple[Path, dict]]:
-    folder, built = tmp_path_factory.mktemp("ort"), {}
-    for precision in ("fp32", "int8", "int4"):
-        out = folder / precision
-        result = _compile(out, checkpoint, "--backend", "onnxruntime", "--quantize", precision)
-        assert result.code == 0, result.stderr[-3000:]
-        built[precision] = (out, json.loads(result.stdout))
-    return built
+    return _compile_each_precision(tmp_path_factory.mktemp("ort"), checkpoint, "--backend", "onnxruntime")
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
