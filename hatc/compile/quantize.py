@@ -157,13 +157,17 @@ def _dequantized(values: Any, scales: Any, precision: str, g: Any, k: Any, j: An
     values: int8 (G, K, b), or int4 pairs in uint8 (G, K / 2, b); scales: (G, 1, b) for
     int8, (G, K / INT4_BLOCK, b) for int4 (``hatc.runtime.quantization``, blocked by packing).
     """
+    from tvm import tirx
+
     if precision == "int8":
         value = values[g, k, j].astype("float32")
         return value * scales[g, 0, j] if scaled else value
-    # the nibble, then its sign by (n ^ 8) - 8: right in any integer width (TE widens this
-    # arithmetic to the int64 of Relax's indices, where a shift up to bit 31 and back would not be)
-    raw = (values[g, k // 2, j].astype("int32") >> ((k % 2) * 4)) & 15
-    nibble = (raw ^ 8) - 8
+    # the low or the high nibble, its sign by (n ^ 8) - 8. A select on k, not a shift by 4 * (k % 2):
+    # TE would widen that arithmetic to the int64 of Relax's indices (half the vector lanes), and
+    # once the rule unrolls k by 2 the select is a constant.
+    byte = values[g, k // 2, j].astype("int32")
+    low, high = ((byte & 15) ^ 8) - 8, (((byte >> 4) & 15) ^ 8) - 8
+    nibble = tirx.Select(k % 2 == 0, low, high)
     return nibble.astype("float32") * scales[g, k // quantization.INT4_BLOCK, j]
 
 

@@ -74,7 +74,8 @@ def _loads(expr: Any) -> list[Any]:
 
     if isinstance(expr, tvm.ir.expr.TensorLoad):  # tirx.BufferLoad builds one
         return [expr]
-    children = [getattr(expr, name) for name in ("a", "b", "value") if hasattr(expr, name)]
+    fields = ("a", "b", "value", "condition", "true_value", "false_value")  # arithmetic, casts, selects
+    children = [getattr(expr, name) for name in fields if hasattr(expr, name)]
     if isinstance(expr, tvm.ir.Call):  # intrinsics
         children = list(expr.args)
     return [load for child in children for load in _loads(child)]
