@@ -68,7 +68,7 @@ def quantize_for_ort(model: Any, precision: str, vocab_size: int) -> tuple[Any, 
         names = {"blob": f"{name}__nbits", "scales": f"{name}__nscales", "flat": f"{name}__nscales_flat"}
         graph.initializer.extend([numpy_helper.from_array(blob, names["blob"]),
                                   numpy_helper.from_array(scales, names["scales"])])  # fmt: skip
-        for use, node in enumerate(n for n in nodes if name in n.input):
+        for use, node in enumerate(user for user in nodes if name in user.input):
             flat = f"{names['flat']}_{use}"  # one reshape per use: ONNX names each output once
             if node.op_type == "MatMul":
                 replaced[id(node)] = [
