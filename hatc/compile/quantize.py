@@ -87,9 +87,14 @@ def _oriented(weight: np.ndarray, reduce_axis: int) -> np.ndarray:
     return weight if reduce_axis == 0 else weight.T
 
 
-def quantize_weight(weight: np.ndarray, precision: str, reduce_axis: int) -> quantization.QuantizedWeight:
-    """``weight`` quantized along ``reduce_axis`` (the values and scales with that axis first)."""
+def quantize_weight(
+    weight: np.ndarray, precision: str, reduce_axis: int, block: int | None = None
+) -> quantization.QuantizedWeight:
+    """``weight`` quantized along ``reduce_axis`` (the values and scales with that axis first);
+    ``block``: scales per block of that many (None: hatc's schemes, int4 falling back to int8)."""
     oriented = _oriented(weight, reduce_axis)
+    if block is not None:
+        return quantization.quantize(oriented, precision, block)
     return quantization.quantize(oriented, quantization.precision_for(precision, oriented.shape[0]))
 
 
@@ -112,13 +117,9 @@ def reference_graph(src: Path, dst: Path, precision: str, vocab_size: int, block
         if init.name not in axes:
             continue
         weight, axis = numpy_helper.to_array(init), axes[init.name]
-        if block is None:
-            fake = dequantize_weight(quantize_weight(weight, precision, axis), axis)
-        elif weight.shape[axis] % block == 0:
-            oriented = _oriented(weight, axis)
-            fake = np.ascontiguousarray(_oriented(quantization.fake_quantize(oriented, precision, block), axis))
-        else:
+        if block is not None and weight.shape[axis] % block:
             continue
+        fake = dequantize_weight(quantize_weight(weight, precision, axis, block), axis)
         init.CopyFrom(numpy_helper.from_array(fake, init.name))
     onnx.save(model, str(dst))
     return dst
