@@ -32,12 +32,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from hatc import atomic
 from hatc.errors import DataError, HatcError, Interrupted
+from hatc.quickstart_devices import Devices, check_devices
 from hatc.quickstart_plan import (
     MIN_FINETUNE_S,
     MIN_FIT_ROWS,
@@ -53,12 +54,26 @@ from hatc.quickstart_plan import (
     TimeBudget,
     stage_cost,
 )
-from hatc.quickstart_report import SAMPLE, TARGET
+from hatc.quickstart_report import SAMPLE
 
-SPACE = "tiny"
 MULTI30K_SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 LAYOUT = 2  # of OUT/quickstart.json; 1 trained the supernet before the latency stages
 BUDGET_QUANTILES = (0.25, 0.5, 0.75)  # of the measured latencies: SEARCH_BUDGETS budgets
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the quickstart runs on besides the time plan; a resumed run must keep them."""
+
+    devices: Devices = Devices()
+    space: str = "tiny"  # a built-in space or a space YAML file
+    checkpoint: str | None = None  # an existing supernet: no training (with ``data``, its prepared data)
+    data: str | None = None  # a prepared data directory (hatc data prepare) instead of a corpus
+    budgets: tuple[float, ...] | None = None  # ms; None: the quartiles of the measured latencies
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "budgets": list(self.budgets) if self.budgets else None}
+
 
 # Runs ``hatc ARGV`` (its stderr passed through); returns (exit code, stdout).
 Runner = Callable[[list[str], "str | None"], "tuple[int, str]"]
@@ -85,11 +100,18 @@ class Quickstart:
         say: Callable[[str], None],
         now: Callable[[], float] = time.monotonic,
         runner: Runner = run_hatc,
+        settings: Settings | None = None,
     ):
         self.out, self.plan, self.corpus, self.download, self.say = out, plan, corpus, download, say
         self.now, self.runner = now, runner
+        self.settings = settings or Settings()
+        self.devices = self.settings.devices
+        self.target = self.devices.target
         self.state_path = out / "quickstart.json"
-        self.state: dict[str, Any] = {"layout": LAYOUT, "plan": asdict(plan), "stages": {}, "rates": {}, "cuts": {}}
+        self.state: dict[str, Any] = {
+            "layout": LAYOUT, "plan": asdict(plan), "settings": self.settings.to_dict(), "stages": {}, "rates": {},
+            "cuts": {},
+        }  # fmt: skip
         self.tracker: Any = None  # (tracker child, server child, "HOST:PORT") while running
         self.budget = TimeBudget(plan.minutes, now, reference=plan.reference_s())
         self.warned_overrun = False
@@ -105,7 +127,12 @@ class Quickstart:
                     f"{self.out} holds a quickstart with other settings ({saved.get('plan')}); "
                     "use the same --minutes/--subset to resume it, or another --out"
                 )
-            self.state = saved
+            if saved.get("settings", Settings().to_dict()) != self.settings.to_dict():
+                raise HatcError(
+                    f"{self.out} holds a quickstart of other settings ({saved.get('settings')}); use the same "
+                    "--target/--tracker/--key/--space/--checkpoint/--data/--budgets to resume it, or another --out"
+                )
+            self.state = saved | {"settings": self.settings.to_dict()}
         spent = sum(s["seconds"] for s in self.state["stages"].values())
         self.budget = TimeBudget(self.plan.minutes, self.now, spent, self.state["rates"], self.plan.reference_s())
 
@@ -195,37 +222,45 @@ class Quickstart:
 
     # ----- the stages ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        devices = check_devices(self.devices)  # before anything slow: a tracker or key that is not there
         self.out.mkdir(parents=True, exist_ok=True)
         self.load()
         self.say(f"quickstart into {self.out}, {self.plan.minutes:g} min: {self.plan.describe()}")
+        if self.devices.board:
+            self.say(f"{self.devices.describe()}: {devices} registered")
         try:
             return self._run()
         finally:
             self._stop_devices()
 
     def _run(self) -> dict[str, Any]:
-        out = self.out
-        data = out / "data"
+        out, settings = self.out, self.settings
+        data = Path(settings.data) if settings.data else out / "data"
         supernet = out / "runs" / "supernet"
-        db = out / "tuning" / TARGET
-        latency = out / "latency" / f"{TARGET}-{SPACE}.jsonl"
+        db = out / "tuning" / self.target
+        latency = out / "latency" / f"{self.target}-{self.space.name}.jsonl"
         predictor = out / "predictor.json"
-        corpus = self.stage("corpus", self._corpus)
-        prepared = self.stage("data", lambda: self._prepare(Path(corpus), data))
+        if settings.data:
+            prepared = self.stage("data", lambda: prepared_data(data, settings.checkpoint))
+        else:
+            corpus = self.stage("corpus", self._corpus)
+            prepared = self.stage("data", lambda: self._prepare(Path(corpus), data))
         vocab = prepared["vocab_size"]
+        if settings.checkpoint:  # nothing to train: its time goes to the other stages
+            self.stage("supernet", lambda: reused_supernet(Path(settings.checkpoint or "")))
         if not self.done("tune"):
             self.allocate("tune")  # says so now if the floors alone overrun --minutes
         tuned = self.stage("tune", lambda: self._tune(db, vocab))
         self.state["workloads"] = tuned["workloads"]
-        tuning_db = self.stage("tuning db", lambda: register_tuning_db(db, TARGET))
+        tuning_db = self.stage("tuning db", lambda: self._register_tuning_db(db))
         self.say(tuning_db["note"])
         self.stage("collect", lambda: self._collect(db, latency, vocab))
         fit = self.stage("fit", lambda: self._fit(latency, predictor))
-        budgets = self.stage("budgets", lambda: measured_budgets(latency, predictor))
+        budgets = self.stage("budgets", lambda: list(settings.budgets or measured_budgets(latency, predictor)))
         trained = self.stage("supernet", lambda: self._supernet(data, supernet))
-        ckpt = supernet / "checkpoints" / "best.pt"
+        ckpt = Path(settings.checkpoint) if settings.checkpoint else supernet / "checkpoints" / "best.pt"
         search_dir = out / "search"
-        search = self.stage("search", lambda: self._search(ckpt, predictor, search_dir, budgets))
+        search = self.stage("search", lambda: self._search(ckpt, data, predictor, search_dir, budgets))
         models = self._models(search, search_dir, ckpt, data, db, vocab)
         return self.stage("report", lambda: self._report(models, search, search_dir, trained, fit, tuning_db))
 
@@ -256,7 +291,8 @@ class Quickstart:
         """One trial per workload (the floor, which also measures a trial's time), then as many
         more of the plan's as the time left allows, in a second run that tops the first up."""
         p = self.plan
-        base = ["tune", "--target", TARGET, "--space", SPACE, "--vocab-size", vocab, "--db", db, "--buckets", p.buckets]
+        base = ["tune", "--target", self.target, "--space", self.settings.space, "--vocab-size", vocab, "--db", db,
+                "--buckets", p.buckets, *self._on_board()]  # fmt: skip
         first, seconds = self.timed(lambda: self.hatc(*base, "--trials", 1))
         self._observe_tune(first, seconds)
         workloads = first["workloads"]
@@ -283,8 +319,21 @@ class Quickstart:
         if result.get("trials"):
             self.budget.observe("tune_trial", tune_s, result["trials"])
 
+    @property
+    def space(self) -> Any:
+        from hatc.space import load_space
+
+        return load_space(self.settings.space)
+
+    def _on_board(self) -> list[Any]:
+        """``--tracker --key`` of the user's devices, for tuning on them and running an artifact there."""
+        return ["--tracker", self.devices.tracker, "--key", self.devices.rpc_key] if self.devices.board else []
+
     def _start_devices(self) -> str:
-        """A loopback TVM tracker and one server with key x86 (started once per run)."""
+        """The user's tracker, else a loopback TVM tracker and one server of this CPU's target
+        (started once per run)."""
+        if self.devices.board:
+            return str(self.devices.tracker)
         if self.tracker is not None:
             return self.tracker[2]
         from hatc.rpc.processes import (
@@ -308,12 +357,12 @@ class Quickstart:
         wait_tracker_ready(tracker, addr)
         server_port = pick_port(host)
         server = spawn(
-            server_command(addr, TARGET, host, server_port), f"the RPC server '{TARGET}'",
+            server_command(addr, self.target, host, server_port), f"the RPC server '{self.target}'",
             env=server_env(host_cores()), log=log.fileno(),
         )  # fmt: skip
         self.tracker = (tracker, server, str(addr))
-        wait_server_registered(server, addr, TARGET, server_port)
-        self.say(f"loopback device: tracker {addr}, server '{TARGET}' on {host}:{server_port} (log: {log.name})")
+        wait_server_registered(server, addr, self.target, server_port)
+        self.say(f"loopback device: tracker {addr}, server '{self.target}' on {host}:{server_port} (log: {log.name})")
         return str(addr)
 
     def _stop_devices(self) -> None:
@@ -326,12 +375,16 @@ class Quickstart:
     def _protocol(self) -> list[Any]:
         return ["--warmup", self.plan.latency_warmup, "--repeats", self.plan.latency_repeats]
 
+    def _rpc_key(self) -> list[Any]:
+        """``--key [--allow-emulated]`` of the user's devices (the loopback server has the target's key)."""
+        return self.devices.rpc_args() if self.devices.board else []
+
     def _collect(self, db: Path, latency: Path, vocab: int) -> Any:
         """The rows a fit needs first (which also times a row), then more for the time the plan allows."""
         tracker = self._start_devices()
         # Paired rows (collect's default): the reference runs with every row, fit divides out drift.
-        common = ["latency", "collect", "--target", TARGET, "--space", SPACE, "--out", latency,
-                  "--tracker", tracker, "--db", db, "--vocab-size", vocab, "--seed", "0",
+        common = ["latency", "collect", "--target", self.target, "--space", self.settings.space, "--out", latency,
+                  "--tracker", tracker, *self._rpc_key(), "--db", db, "--vocab-size", vocab, "--seed", "0",
                   *self._protocol()]  # fmt: skip
         if self.plan.latency_repeats < 20:
             # Few runs per row spread widely on a busy machine: re-measuring them would double
@@ -372,7 +425,8 @@ class Quickstart:
 
     def _fit(self, latency: Path, predictor: Path) -> Any:
         result, seconds = self.timed(lambda: self.hatc(
-            "latency", "fit", "--dataset", latency, "--target", TARGET, "--space", SPACE, "--out", predictor,
+            "latency", "fit", "--dataset", latency, "--target", self.target, "--space", self.settings.space,
+            "--out", predictor,
         ))  # fmt: skip
         self.budget.observe("fit", seconds)
         return result
@@ -382,21 +436,22 @@ class Quickstart:
         minutes = max(MIN_TRAIN_S, allocation.seconds - self.budget.rate("train_start")) / 60
         self.cut("supernet training", "minutes", self.plan.train_minutes, minutes, allocation)
         result, seconds = self.timed(lambda: self.hatc(
-            "train", "supernet", "--data", data, "--space", SPACE, "--out", supernet, "--minutes", f"{minutes:.3f}",
+            "train", "supernet", "--data", data, "--space", self.settings.space, "--out", supernet, "--minutes",
+            f"{minutes:.3f}",
             "--lr", "1.5e-3", "--warmup", max(10, round(12.5 * minutes)), "--resume",
         ))  # fmt: skip
         self.budget.observe("train_start", max(0.0, seconds - 60 * minutes))
         return result | {"minutes": round(minutes, 3)}
 
-    def _search(self, ckpt: Path, predictor: Path, search_dir: Path, budgets: list[float]) -> Any:
+    def _search(self, ckpt: Path, data: Path, predictor: Path, search_dir: Path, budgets: list[float]) -> Any:
         """One generation (which times an evaluation), then as many more as the time left allows."""
         p = self.plan
 
         def search(iterations: int) -> Any:
             resume = ["--resume"] if any(search_dir.glob("state-*.json")) else []
             return self.hatc(
-                "search", "--target", TARGET, "--budgets", ",".join(f"{b:g}ms" for b in budgets), "--checkpoint",
-                ckpt, "--predictor", predictor, "--out", search_dir, "--iterations", iterations,
+                "search", "--target", self.target, "--budgets", ",".join(f"{b:g}ms" for b in budgets), "--checkpoint",
+                ckpt, "--data", data, "--predictor", predictor, "--out", search_dir, "--iterations", iterations,
                 "--population", p.search_population, "--parents", p.search_parents, "--mutations",
                 p.search_children, "--crossovers", p.search_children, "--valid-subset", p.valid_subset, *resume,
             )  # fmt: skip
@@ -419,13 +474,12 @@ class Quickstart:
     ) -> list[dict[str, Any]]:
         """Every table row; each distinct architecture fine-tuned, scored, built and measured once."""
         from hatc.arch import arch_key
-        from hatc.space import load_space
 
         results = search["results"]
         labels = sorted(results, key=lambda k: results[k]["budget_ms"])
         archs: dict[str, Any] = {label: search_dir / f"best-{label}.json" for label in labels}
         keys = {label: arch_key(results[label]["arch"]) for label in labels}
-        archs["largest"], keys["largest"] = "largest", arch_key(load_space(SPACE).largest())
+        archs["largest"], keys["largest"] = "largest", arch_key(self.space.largest())
         first: dict[str, str] = {}  # arch key -> the first label with it
         for label in archs:
             first.setdefault(keys[label], label)
@@ -494,7 +548,7 @@ class Quickstart:
 
         def compile_() -> Any:
             result, seconds = self.timed(lambda: self.hatc(
-                "compile", "--checkpoint", best, "--target", TARGET, "--out", artifact, "--db", db,
+                "compile", "--checkpoint", best, "--target", self.target, "--out", artifact, "--db", db,
                 "--buckets", self.plan.buckets, "--force",
             ))  # fmt: skip
             observe("compile", seconds)
@@ -502,8 +556,9 @@ class Quickstart:
 
         def measure() -> Any:
             result, seconds = self.timed(lambda: self.hatc(
-                "latency", "measure", "--arch", arch, "--space", SPACE, "--target", TARGET, "--tracker",
-                self._start_devices(), "--db", db, "--vocab-size", vocab, *self._protocol(),
+                "latency", "measure", "--arch", arch, "--space", self.settings.space, "--target", self.target,
+                "--tracker", self._start_devices(), *self._rpc_key(), "--db", db, "--vocab-size", vocab,
+                *self._protocol(),
             ))  # fmt: skip
             observe("measure", seconds)
             return result
@@ -513,12 +568,12 @@ class Quickstart:
         compiled = self.stage(f"compile {label}", compile_)
         measured = self.stage(f"measure {label}", measure)
         sample = self.stage(f"translate {label}", lambda: self.hatc(
-            "translate", "--artifact", artifact, stdin=SAMPLE + "\n", json_out=False,
+            "translate", "--artifact", artifact, *self._on_board(), stdin=SAMPLE + "\n", json_out=False,
         ).strip())  # fmt: skip
         from hatc.cost import count_params
-        from hatc.space import load_space, resolve_arch
+        from hatc.space import resolve_arch
 
-        architecture, space = resolve_arch(str(arch), load_space(SPACE))
+        architecture, space = resolve_arch(str(arch), self.space)
         return {
             "measured_latency_ms": measured["latency_ms"],
             "bleu": bleu["bleu"],
@@ -542,6 +597,15 @@ class Quickstart:
             files.append(path)
         return ["--src", files[0], "--ref", files[1]]
 
+    def _register_tuning_db(self, db: Path) -> dict[str, Any]:
+        if self.devices.emulated:  # schedules picked by emulated timings: never a board's default
+            return {
+                "path": str(db), "registered": False,
+                "note": f"tuning database {db} was tuned on an emulated device, so it is not made "
+                f"{self.target}'s default; compile with --db {db}",
+            }  # fmt: skip
+        return register_tuning_db(db, self.target)
+
     # ----- the report ----------------------------------------------------------------------
     def _report(
         self, rows: list[dict[str, Any]], search: dict, search_dir: Path, trained: dict, fit: dict, tuning_db: dict
@@ -553,7 +617,7 @@ class Quickstart:
         losses = json.loads(evaluations.read_text())["losses"] if evaluations.exists() else {}
         return build_report(
             self.out, self.plan, rows, search["results"], losses, trained, fit, tuning_db, self.state,
-            self.budget.measured,
+            self.budget.measured, self.devices, self.space.name,
         )  # fmt: skip
 
 
@@ -593,6 +657,36 @@ def register_tuning_db(db: Path, target: str) -> dict[str, Any]:
         "note": f"tuning database {db} copied to {default}, {target}'s default: hatc compile and "
         "hatc latency measure use it without --db",
     }
+
+
+def prepared_data(data: Path, checkpoint: str | None) -> dict[str, Any]:
+    """A prepared data directory's metadata (what ``hatc data prepare`` reports), checked to
+    hold the checkpoint's vocabulary: fine-tuning and BLEU read it with that model."""
+    from hatc.checkpoint import read_checkpoint
+    from hatc.data.datadir import DataDir
+
+    prepared = DataDir(data)
+    if checkpoint is not None:
+        state = read_checkpoint(checkpoint)
+        if state["subword_model"] != (data / "subword.model").read_bytes():
+            raise DataError(
+                f"{checkpoint} was trained with another vocabulary than {data}: give --data the directory "
+                "'hatc data prepare' made for its training"
+            )
+    return dict(prepared.meta)
+
+
+def reused_supernet(checkpoint: Path) -> dict[str, Any]:
+    """``train supernet``'s result fields for a supernet given with ``--checkpoint``."""
+    from hatc.checkpoint import read_checkpoint
+
+    state = read_checkpoint(checkpoint)
+    if state["kind"] != "supernet":
+        raise HatcError(f"--checkpoint {checkpoint} is a {state['kind']}; the quickstart searches a supernet")
+    return {
+        "checkpoint": str(checkpoint), "reused": True, "minutes": 0.0, "updates": int(state.get("updates", 0)),
+        "best_valid": state.get("best_valid"),
+    }  # fmt: skip
 
 
 def measured_budgets(latency: Path, predictor: Path) -> list[float]:

@@ -9,9 +9,9 @@ from typing import Any
 
 from hatc import atomic
 from hatc import quickstart_trust as trust
+from hatc.quickstart_devices import Devices
 from hatc.quickstart_plan import Plan
 
-TARGET = "x86"
 SAMPLE = "A man in a blue shirt is riding a bicycle down the street."
 
 
@@ -26,6 +26,8 @@ def build_report(
     tuning_db: dict[str, Any],
     state: Mapping[str, Any],
     rates: Mapping[str, float],
+    devices: Devices | None = None,
+    space: str = "tiny",
 ) -> dict[str, Any]:
     """The quickstart's result (what ``--json`` prints); writes ``out/report.md``.
 
@@ -36,7 +38,9 @@ def build_report(
         tuning_db: ``register_tuning_db``'s result.
         state: the quickstart's state (stage times, cuts, the models' settings).
         rates: the seconds per unit measured in the run.
+        devices, space: the target and where it was measured (default: this CPU), the space's name.
     """
+    devices = devices or Devices()
     largest = next(r for r in rows if r["model"] == "largest")
     for r in rows:
         r["speedup_vs_largest"] = largest["measured_latency_ms"] / r["measured_latency_ms"]
@@ -49,12 +53,17 @@ def build_report(
         *trust.search_warnings(results, losses),
         *trust.row_warnings(rows),
         *trust.time_warnings(plan.minutes, wall_s),
+        *trust.device_warnings(devices.emulated, [r["model"] for r in rows]),
     ]
     for r in rows:
         r["warnings"] = [w.code for w in warnings if r["model"] in w.models]
     report = out / "report.md"
     result = {
         "rows": rows,
+        "target": devices.target,
+        "space": space,
+        "devices": devices.describe(),
+        "emulated": devices.emulated,
         "warnings": [w.to_dict() for w in warnings],
         "trusted": not warnings,
         "cuts": list(state["cuts"].values()),
@@ -74,17 +83,20 @@ def build_report(
     return result
 
 
-def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def fmt_ms(value: float | None, emulated: bool = False) -> str:
+    """A latency cell; an emulated device's figures say so beside each one."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (" (emulated)" if emulated else "")
 
 
 def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
-    rows = result["rows"]
+    rows, emulated, target = result["rows"], result["emulated"], result["target"]
     lines = [
         "# hatc quickstart report",
         "",
-        f"`tiny` space on Multi30k En-De, target `{TARGET}` (this CPU, tuned TVM, measured through a loopback TVM "
-        f"RPC tracker). Budget: {plan.minutes:g} min; took {result['wall_minutes']:.1f} min.",
+        f"`{result['space']}` space on Multi30k En-De, {result['devices']}. "
+        f"Budget: {plan.minutes:g} min; took {result['wall_minutes']:.1f} min.",
         "",
         "| model | budget ms | predicted ms | measured ms | speed-up vs largest | BLEU (test) | BLEU vs largest "
         "| params | warnings |",
@@ -93,8 +105,8 @@ def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
     for r in rows:
         notes = ", ".join(r["warnings"] + ([f"same model as {r['same_as']}"] if r["same_as"] else []))
         lines.append(
-            f"| {r['model']} | {fmt_ms(r['budget_ms'])} | {fmt_ms(r['predicted_latency_ms'])} | "
-            f"{r['measured_latency_ms']:.1f} | {r['speedup_vs_largest']:.2f}x | {r['bleu']:.2f} | "
+            f"| {r['model']} | {fmt_ms(r['budget_ms'], emulated)} | {fmt_ms(r['predicted_latency_ms'], emulated)} | "
+            f"{fmt_ms(r['measured_latency_ms'], emulated)} | {r['speedup_vs_largest']:.2f}x | {r['bleu']:.2f} | "
             f"{r['bleu_vs_largest']:+.2f} | {r['params'] / 1e6:.2f}M | {notes or '-'} |"
         )
     settings = result.get("model_settings") or {}
@@ -113,7 +125,7 @@ def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
         "## Use a model",
         "",
         f"Tuning: {db['note']}. Compile a model again with "
-        f"`hatc compile --checkpoint {rows[0]['checkpoint']} --target {TARGET} --buckets {plan.buckets}{compile_db}`.",
+        f"`hatc compile --checkpoint {rows[0]['checkpoint']} --target {target} --buckets {plan.buckets}{compile_db}`.",
         "",
         "![Pareto front: predicted latency vs validation loss; a star per budget's winner](pareto.png)",
         "",

@@ -17,6 +17,7 @@ budget_not_binding          a budget constrained nothing: the best architecture 
 measured_over_budget        a winner measures above its budget on the device
 bleu_near_zero              a model translates nothing useful (BLEU below 1)
 over_time                   the run took much longer than --minutes
+emulated_device             the latencies come from an emulated device (--allow-emulated)
 ==========================  ================================================================
 """
 
@@ -175,5 +176,20 @@ def time_warnings(minutes: float, wall_s: float) -> list[TrustWarning]:
             "over_time",
             f"the run took {wall_s / 60:.1f} min for --minutes {minutes:g}: this machine's floors (tuning, "
             "the latency rows a predictor needs, builds and measurements) did not fit; see the cuts",
+        )
+    ]
+
+
+def device_warnings(emulated: bool, models: list[str]) -> list[TrustWarning]:
+    """An emulated device (``--allow-emulated``) ran the path: no latency here is a timing."""
+    if not emulated:
+        return []
+    return [
+        TrustWarning(
+            "emulated_device",
+            "every latency (tuning, the predictor, the budgets, the measurements) comes from an emulated "
+            "device: it checks that the pipeline runs on the board's code, and stands for no real device's "
+            "timing; run it with a real board's key for numbers",
+            tuple(models),
         )
     ]

@@ -170,8 +170,10 @@ def emulated_rpi4_or_skip():
 
 @contextlib.contextmanager
 def running_emulated_rpi4(tracker: str, log: Path) -> Iterator[subprocess.Popen]:
-    """``hatc rpc emulate rpi4`` (one thread) registered at ``tracker`` as ``rpi4-qemu``."""
+    """``hatc rpc emulate rpi4`` (one thread) registered at ``tracker`` as ``rpi4-qemu`` (one more
+    device of that key: nest two for two devices)."""
     args = ["rpc", "emulate", "rpi4", "--tracker", tracker, "--threads", "1", "--port", str(free_port())]
+    before = key_count(tracker, "rpi4-qemu")
     with hatc_process(args, log) as proc:
-        wait_until(lambda: key_count(tracker, "rpi4-qemu") == 1, proc, log, EMULATED_START_S, "rpi4-qemu")
+        wait_until(lambda: key_count(tracker, "rpi4-qemu") > before, proc, log, EMULATED_START_S, "rpi4-qemu")
         yield proc

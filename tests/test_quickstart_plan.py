@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hatc.errors import HatcError
 from hatc.quickstart import Plan, Quickstart, measured_budgets, register_tuning_db
 from hatc.quickstart_plan import (
     LONG_PROTOCOL,
@@ -201,7 +202,7 @@ class FakeMachine:
 
 class FakeQuickstart(Quickstart):
     def _start_devices(self) -> str:
-        return "127.0.0.1:9190"
+        return self.devices.tracker or "127.0.0.1:9190"  # the user's, else (instead of a loopback one) a name
 
 
 def run_fake(tmp_path, machine, minutes=15.0, out="qs", runner=None):
@@ -387,3 +388,67 @@ def test_fewer_distinct_winners_than_planned_leave_their_time_to_fine_tuning(tmp
     finetunes = calls(machine, "train", "subnet")
     assert len(finetunes) == 2
     assert float(option(finetunes[0], "--minutes")) > Plan.for_minutes(30).finetune_minutes
+
+
+# ----- on a board --------------------------------------------------------------------------------
+def test_on_a_board_every_device_stage_goes_through_the_tracker_with_the_given_budgets(tmp_path, cache, monkeypatch):
+    from hatc.quickstart import Settings
+    from hatc.quickstart_devices import Devices
+
+    monkeypatch.setattr("hatc.quickstart.check_devices", lambda devices: 2)  # no tracker: a fake machine
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        (corpus / f"{split}.en").touch()
+    board = FakeMachine()
+    settings = Settings(devices=Devices("rpi4", "10.0.0.2:9190", "rpi4"), budgets=(40.0, 60.0))
+    lines: list[str] = []
+    qs = FakeQuickstart(tmp_path / "qs", Plan.for_minutes(15), corpus, False, lines.append, now=board.now,
+                        runner=board, settings=settings)  # fmt: skip
+    result = qs.run()
+    assert result["target"] == "rpi4" and result["emulated"] is False
+    assert "devices 'rpi4' at the RPC tracker 10.0.0.2:9190: 2 registered" in "\n".join(lines)
+    for stage in (("tune",), ("latency", "collect"), ("latency", "measure"), ("translate",)):
+        for call in calls(board, *stage):
+            assert option(call, "--tracker") == "10.0.0.2:9190" and option(call, "--key") == "rpi4", call
+            assert "--allow-emulated" not in call
+    for stage in (("tune",), ("latency", "collect"), ("latency", "fit"), ("search",), ("compile",)):
+        assert all(option(call, "--target") == "rpi4" for call in calls(board, *stage)), stage
+    assert option(calls(board, "search")[0], "--budgets") == "40ms,60ms"
+    assert [r["budget_ms"] for r in result["rows"][:2]] == [40.0, 60.0]
+    assert (tmp_path / "qs" / "latency" / "rpi4-tiny.jsonl").is_file()
+
+    # The same workspace with other devices is another run: refused, not mixed.
+    other = Settings(devices=Devices("rpi4", "10.0.0.3:9190", "rpi4"), budgets=(40.0, 60.0))
+    again = FakeQuickstart(tmp_path / "qs", Plan.for_minutes(15), corpus, False, lines.append, now=board.now,
+                           runner=board, settings=other)  # fmt: skip
+    with pytest.raises(HatcError, match="other settings"):
+        again.run()
+
+
+def test_an_emulated_board_marks_every_figure_and_registers_nothing(tmp_path, cache, monkeypatch):
+    from hatc.quickstart import Settings
+    from hatc.quickstart_devices import Devices
+
+    monkeypatch.setattr("hatc.quickstart.check_devices", lambda devices: 1)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        (corpus / f"{split}.en").touch()
+    board = FakeMachine()
+    settings = Settings(devices=Devices("rpi4", "127.0.0.1:9190", "rpi4-qemu", allow_emulated=True))
+    qs = FakeQuickstart(tmp_path / "qs", Plan.for_minutes(15), corpus, False, lambda _: None, now=board.now,
+                        runner=board, settings=settings)  # fmt: skip
+    result = qs.run()
+    assert result["emulated"] is True and result["tuning_db"]["registered"] is False
+    assert not (cache / "tuning" / "rpi4").exists()
+    assert all("--allow-emulated" in call for call in calls(board, "latency", "collect"))
+    assert all("--allow-emulated" in call for call in calls(board, "latency", "measure"))
+    warning = next(w for w in result["warnings"] if w["code"] == "emulated_device")
+    assert set(warning["models"]) == {r["model"] for r in result["rows"]}
+    report = (tmp_path / "qs" / "report.md").read_text()
+    assert "EMULATED" in report and report.count("(emulated)") >= 2 * len(result["rows"])
+
+    from hatc.cli.quickstart import table_row
+
+    assert all(cell.endswith("ms (emulated)") for cell in table_row(result["rows"][0], emulated=True)[1:4])

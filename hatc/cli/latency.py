@@ -39,6 +39,13 @@ RepeatsOption = Annotated[int | None, typer.Option("--repeats", help="Measured r
 WarmupOption = Annotated[int | None, typer.Option("--warmup", help="Discarded runs (default: the target's).")]
 DbOption = Annotated[Path | None, typer.Option("--db", help="Tuning database (default: <cache>/tuning/<target>/).")]
 VocabOption = Annotated[int, typer.Option("--vocab-size", help="Vocabulary size (output projection).")]
+AllowEmulatedOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-emulated",
+        help="Measure on an emulated device (a *-qemu key) to check the path; every figure is marked emulated.",
+    ),
+]
 QuantizeOption = Annotated[
     str,
     typer.Option("--quantize", help="Weights of the measured builds: fp32, int8 or int4 (hatc compile --quantize)."),
@@ -67,6 +74,11 @@ def fit(
     With --target (and --space) it becomes the default predictor for that pair,
     the one `hatc latency predict --target T --space S` and search use."""
     table = read_dataset(dataset, fmt or ("hat" if dataset.suffix.lower() == ".csv" else "hatc"))
+    if table.emulated and out is None:  # it would be saved nowhere: say so before fitting
+        raise HatcError(
+            f"{dataset} holds an emulated device's rows: its predictor is never registered as a default; "
+            "give --out FILE and search with --predictor FILE"
+        )
     config = FitConfig(seed=seed, mlp_steps=mlp_steps)
     if stderr.is_terminal:
         with Progress(
@@ -85,7 +97,9 @@ def fit(
             pred = fit_predictor(table, target, space, config, show)
     else:
         pred = fit_predictor(table, target, space, config)
-    registered = register_predictor(pred) if target is not None else None
+    registered = register_predictor(pred) if target is not None and not pred.emulated else None
+    if pred.emulated:
+        stderr.print(f"emulated device's timings: saved to {out} only, never registered as a default")
     if out is not None:
         pred.save(out)
     if registered is None and out is None and not as_json:
@@ -107,6 +121,7 @@ def _fit_summary(pred: Predictor, registered: Path | None, out: Path | None) -> 
         "n_train": split["train"],
         "n_valid": split["valid"],
         "provenance": pred.provenance,
+        "emulated": pred.emulated,
         "candidates": {k: {"valid_mape": v["valid"]["mape"]} for k, v in pred.info["candidates"].items()},
         "registered": str(registered) if registered else None,
         "out": str(out) if out else None,
@@ -220,18 +235,20 @@ def measure(
     db: DbOption = None,
     vocab_size: VocabOption = 8000,
     quantize: QuantizeOption = "fp32",
+    allow_emulated: AllowEmulatedOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Measure an architecture's latency under HAT's protocol, tuned, here or on an RPC device.
 
     Random weights; source of the space's length (30 tokens; 23 for iwslt), the
     encoder once, then as many incremental decoder steps at batch = beam;
-    trimmed mean of the repeats. Refuses untuned builds and emulated (*-qemu) keys."""
+    trimmed mean of the repeats. Refuses untuned builds, and emulated (*-qemu) keys
+    without --allow-emulated."""
     from hatc.latency.measure import measure_latency, measurement_key, protocol_for
     from hatc.targets import load_target
 
     tgt = load_target(target)
-    measurement_key(tgt, tracker, key)  # refuse before parsing or building anything
+    measurement_key(tgt, tracker, key, allow_emulated)  # refuse before parsing or building anything
     if tracker is not None:
         from hatc.rpc import parse_tracker
 
@@ -243,17 +260,27 @@ def measure(
         stderr.print(f"[dim]{line}[/]")
 
     result = measure_latency(
-        architecture, space_obj, tgt, protocol, db=db, tracker=tracker, key=key, vocab_size=vocab_size, progress=say
+        architecture,
+        space_obj,
+        tgt,
+        protocol,
+        db=db,
+        tracker=tracker,
+        key=key,
+        vocab_size=vocab_size,
+        progress=say,
+        allow_emulated=allow_emulated,
     )
     if as_json:
         emit_json({**result.to_dict(), "target": tgt.name, "space": space_obj.name})
         return
     table = Table("encoder ms", "decoder ms", "latency ms", "device", "protocol")
     p = protocol
+    mark = " (emulated)" if result.emulated else ""  # an emulated device's figure is no device timing
     table.add_row(
-        f"{result.encoder_ms:.2f} ± {result.encoder_std_ms:.2f}",
-        f"{result.decoder_ms:.2f} ± {result.decoder_std_ms:.2f}",
-        f"{result.latency_ms:.2f}",
+        f"{result.encoder_ms:.2f} ± {result.encoder_std_ms:.2f}{mark}",
+        f"{result.decoder_ms:.2f} ± {result.decoder_std_ms:.2f}{mark}",
+        f"{result.latency_ms:.2f}{mark}",
         result.device,
         f"src {p.src_len} (bucket {p.bucket}), {p.steps} steps, beam {p.beam}, "
         f"{p.warmup}+{p.repeats} runs, trimmed {p.trim:.0%}, tuned",
@@ -308,6 +335,7 @@ def collect(
         float | None, typer.Option("--minutes", min=0.0, help="Stop taking new architectures after this long.")
     ] = None,
     quantize: QuantizeOption = "fp32",
+    allow_emulated: AllowEmulatedOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Measure N architectures of a space on every device of the target's key; append each row as it comes.
@@ -315,14 +343,15 @@ def collect(
     One worker per device registered at the tracker (or this machine alone without
     --tracker). Re-running the same command skips what the file holds; a device
     that fails gives its work back to the queue. When the devices are this machine,
-    builds and measurements take turns (never overlap). Refuses *-qemu keys."""
+    builds and measurements take turns (never overlap). Refuses *-qemu keys without
+    --allow-emulated (whose rows say "emulated": true)."""
     from hatc.latency.collect_job import CollectRequest, CollectStart, collect_dataset
 
     request = CollectRequest(
         target=target, space=space, out=out, n=n, seed=seed, tracker=tracker, key=key, beam=beam, repeats=repeats,
         warmup=warmup, db=db, vocab_size=vocab_size, reference_every=reference_every, drift_tolerance=drift_tolerance,
         paired=paired, remeasure_outliers=remeasure_outliers, wait_devices_s=wait_devices,
-        request_timeout_s=request_timeout, minutes=minutes, precision=quantize,
+        request_timeout_s=request_timeout, minutes=minutes, precision=quantize, allow_emulated=allow_emulated,
     )  # fmt: skip
     progress = Progress(
         TextColumn("measured"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[last]}"),
@@ -335,7 +364,12 @@ def collect(
 
     def on_row(row: dict[str, Any], summary: Any, total: int) -> None:
         done = summary.measured + summary.remeasured
-        progress.update(task, completed=done, total=total, last=f"{row['latency_ms']:.2f} ms on {row['device']}")
+        progress.update(
+            task,
+            completed=done,
+            total=total,
+            last=f"{row['latency_ms']:.2f} ms{' (emulated)' if row.get('emulated') else ''} on {row['device']}",
+        )
         if not stderr.is_terminal and (done % 10 == 0 or done == total):
             stderr.print(f"measured {done}/{total}")
 

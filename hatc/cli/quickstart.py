@@ -11,7 +11,7 @@ from rich.table import Table
 from hatc.cli.common import emit_json, stderr, stdout
 from hatc.errors import HatcError
 
-TITLE = "hatc quickstart: tiny on Multi30k, x86 (tuned TVM, loopback RPC device)"
+TITLE = "hatc quickstart: {space} on Multi30k, {target} ({where})"
 COLUMNS = ("model", "budget", "predicted", "measured", "speed-up", "BLEU", "vs largest", "params", "warnings")
 
 
@@ -28,10 +28,43 @@ def quickstart(
         int | None, typer.Option("--subset", min=50, help="Keep the first N pairs of each split (quick runs).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Workspace (re-running resumes it).")] = Path("runs/quickstart"),
+    target: Annotated[
+        str, typer.Option("--target", help="x86 (this CPU, the default) or a board's target (rpi4) with --tracker.")
+    ] = "x86",
+    tracker: Annotated[
+        str | None,
+        typer.Option("--tracker", help="HOST:PORT of the TVM RPC tracker the target's devices registered with."),
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Device key at --tracker (default: the target's).")] = None,
+    allow_emulated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-emulated",
+            help="Run on an emulated device (a *-qemu key from 'hatc rpc emulate'): checks the path; "
+            "every latency is marked emulated and nothing is registered as a default.",
+        ),
+    ] = False,
+    space: Annotated[str, typer.Option("--space", help="Design space name or YAML file.")] = "tiny",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="Reuse this supernet instead of training one (with --data)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="A prepared data directory (hatc data prepare) instead of --corpus."),
+    ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option("--budgets", help="Search budgets, e.g. 150ms,200ms (default: quartiles of the measured)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run the whole pipeline on Multi30k and this CPU: data, tuning, latency on a loopback
     device, predictor, supernet, search at three budgets, fine-tuning, BLEU, artifacts.
+
+    On a board: --target rpi4 --tracker HOST:PORT [--key K] tunes, collects latency on
+    every device of the key at once, measures each winner and translates a sample on
+    them (docs/devices.md). --checkpoint CKPT --data DIR reuse a trained supernet.
 
     --minutes bounds the whole run. At --minutes 60 on a quiet 2-core machine: tuning
     600 trials, latency collection 8 min, search 10 generations of 30, fine-tuning
@@ -41,18 +74,33 @@ def quickstart(
     re-planned from the rates measured so far; what was cut, and what in the results
     cannot be trusted, is said on stderr and in the report (docs/quickstart.md).
     Each stage prints the hatc command it runs; interrupted, the same command resumes."""
-    from hatc.quickstart import Plan, Quickstart
+    from hatc.quickstart import Plan, Quickstart, Settings
+    from hatc.quickstart_devices import Devices
+    from hatc.search.run import parse_budget
 
-    if corpus is not None and download:
-        raise HatcError("give --corpus DIR or --download, not both")
+    given = [flag for flag, value in (("--corpus", corpus), ("--download", download), ("--data", data)) if value]
+    if len(given) > 1:
+        raise HatcError(f"give one of --corpus DIR, --download or --data DIR, not {' and '.join(given)}")
     if corpus is not None and not corpus.is_dir():
         raise HatcError(f"--corpus {corpus}: no such directory")
+    if checkpoint is not None and data is None:
+        raise HatcError("--checkpoint needs --data DIR: the data directory its supernet was trained on")
+    for path, flag in ((data, "--data"), (checkpoint, "--checkpoint")):
+        if path is not None and not path.exists():
+            raise HatcError(f"{flag} {path}: no such file or directory")
+    settings = Settings(
+        devices=Devices(target, tracker, key, allow_emulated),
+        space=space,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        data=str(data) if data else None,
+        budgets=tuple(parse_budget(b) for b in budgets.split(",")) if budgets else None,
+    )
     plan = Plan.for_minutes(minutes, subset)
 
     def say(line: str) -> None:
         stderr.print(line, soft_wrap=True, markup=False, highlight=False)
 
-    result = Quickstart(out, plan, corpus, download, say).run()
+    result = Quickstart(out, plan, corpus, download, say, settings=settings).run()
     for warning in result["warnings"]:
         say(f"warning [{warning['code']}]: {warning['message']}")
     if result["cuts"]:
@@ -60,25 +108,32 @@ def quickstart(
     if as_json:
         emit_json({"out": str(out), **result})
         return
-    cells = [table_row(r) for r in result["rows"]]
+    cells = [table_row(r, result["emulated"]) for r in result["rows"]]
     caption = trust_caption(result)
+    where = "EMULATED device: no timing is real" if result["emulated"] else "tuned TVM"
+    title = TITLE.format(space=result["space"], target=result["target"], where=where)
     if stdout.is_terminal:
-        table = Table(*COLUMNS, title=TITLE, caption=caption)
+        table = Table(*COLUMNS, title=title, caption=caption)
         for row in cells:
             table.add_row(*row)
         stdout.print(table)
     else:  # a file or a pipe: every cell whole, whatever the width
-        stdout.print(plain_table(COLUMNS, cells, TITLE, caption), soft_wrap=True, markup=False, highlight=False)
+        stdout.print(plain_table(COLUMNS, cells, title, caption), soft_wrap=True, markup=False, highlight=False)
     stdout.print(f"report: {result['report']}; Pareto plot: {result['pareto']}", soft_wrap=True)
 
 
-def table_row(r: dict[str, Any]) -> list[str]:
+def table_row(r: dict[str, Any], emulated: bool = False) -> list[str]:
     notes = r["warnings"] + ([f"same model as {r['same_as']}"] if r["same_as"] else [])
+    mark = " (emulated)" if emulated else ""  # beside each figure: none is a device's timing
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} ms{mark}"
+
     return [
         r["model"],
-        "-" if r["budget_ms"] is None else f"{r['budget_ms']:.1f} ms",
-        "-" if r["predicted_latency_ms"] is None else f"{r['predicted_latency_ms']:.1f} ms",
-        f"{r['measured_latency_ms']:.1f} ms",
+        ms(r["budget_ms"]),
+        ms(r["predicted_latency_ms"]),
+        ms(r["measured_latency_ms"]),
         f"{r['speedup_vs_largest']:.2f}x",
         f"{r['bleu']:.2f}",
         f"{r['bleu_vs_largest']:+.2f}",

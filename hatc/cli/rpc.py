@@ -143,7 +143,8 @@ def emulate(
     The first run builds an aarch64 sysroot from Debian's arm64 packages plus
     TVM's aarch64 wheels (minutes; cached). It runs the same cross-compiled
     libraries as the board, but its timings mean nothing: latency commands
-    refuse *-qemu keys.
+    refuse *-qemu keys unless given --allow-emulated (a path check; every figure
+    is then marked emulated).
     """
     if tracker is None and not build_only:
         raise HatcError("hatc rpc emulate needs --tracker HOST:PORT (or --build-only)")

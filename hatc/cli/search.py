@@ -64,10 +64,28 @@ def search(
         int, typer.Option("--verify", min=0, help="Measure the top K of each budget on the target (needs a tuned DB).")
     ] = 0,
     tracker: Annotated[
-        str | None, typer.Option("--tracker", help="HOST:PORT of the RPC tracker for --verify (default: here).")
+        str | None,
+        typer.Option("--tracker", help="HOST:PORT of the RPC tracker for --collect and --verify (default: here)."),
     ] = None,
-    key: Annotated[str | None, typer.Option("--key", help="Device key for --verify (default: the target's).")] = None,
-    db: Annotated[Path | None, typer.Option("--db", help="Tuning database for --verify.")] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Device key for --collect and --verify (default: the target's).")
+    ] = None,
+    db: Annotated[Path | None, typer.Option("--db", help="Tuning database for --collect and --verify.")] = None,
+    collect: Annotated[
+        int,
+        typer.Option(
+            "--collect",
+            min=0,
+            help="With --tracker: first measure N architectures on every device of the key, fit the "
+            "predictor (registered for target and space) and search with it. Resumable.",
+        ),
+    ] = 0,
+    allow_emulated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-emulated", help="--collect on an emulated device (*-qemu): a path check, marked emulated."
+        ),
+    ] = False,
     quantize: Annotated[
         str,
         typer.Option(
@@ -85,10 +103,15 @@ def search(
         raise HatcError("give --budget B or --budgets B1,B2,... (forms: 200ms, 6s, 0.2s)")
     budget_list = [parse_budget(b) for b in (budgets.split(",") if budgets else [budget])]
     cfg = SearchConfig(iterations, population, parents, mutations, mutation_prob, crossovers, seed)
+    out = out or workdir / f"search-{target}"
+    if collect:
+        predictor = _collect_first(
+            target, checkpoint, workdir, predictor, out, tracker, key, db, collect, allow_emulated, quantize
+        )
     request = SearchRequest(
         target=target,
         budgets_ms=budget_list,
-        out=out or workdir / f"search-{target}",
+        out=out,
         checkpoint=checkpoint,
         data=data,
         predictor=predictor,
@@ -117,12 +140,39 @@ def search(
         emit_json(outcome.to_dict())
         return
     table = Table("budget", "predicted latency", "valid loss", "architecture file")
+    mark = " (emulated)" if outcome.emulated else ""  # an emulated device's figures are no device's timings
     for label, r in results.items():
-        table.add_row(label, f"{r['predicted_latency_ms']:.1f} ms", f"{r['valid_loss']:.4f}", r["arch_file"])
+        table.add_row(
+            f"{label}{mark}", f"{r['predicted_latency_ms']:.1f} ms{mark}", f"{r['valid_loss']:.4f}", r["arch_file"]
+        )
     stdout.print(table)
     if outcome.verify:
         _print_verified(summary)
     stdout.print(f"{summary['evaluated']} architectures evaluated; Pareto plot: {request.out / 'pareto.png'}")
+
+
+def _collect_first(
+    target: str, checkpoint: Path | None, workdir: Path, predictor: Path | None, out: Path, tracker: str | None,
+    key: str | None, db: Path | None, rows: int, allow_emulated: bool, precision: str,
+) -> Path:  # fmt: skip
+    """``--collect N``: the predictor file, measured on the tracker's devices and fitted first."""
+    from hatc.checkpoint import model_config_of, read_checkpoint, space_of
+    from hatc.latency.measure import measurement_key
+    from hatc.search.collect_first import CollectFirst, check_collect_first, collect_and_fit
+    from hatc.search.run import newest_supernet
+    from hatc.targets import load_target
+
+    if tracker is None:
+        raise HatcError("--collect N measures on the devices of an RPC tracker: give --tracker HOST:PORT")
+    first = CollectFirst(rows, tracker, key, db, allow_emulated, precision)
+    check_collect_first(first, predictor)
+    measurement_key(load_target(target), tracker, key, allow_emulated)  # an emulated key not allowed: now
+    state = read_checkpoint(checkpoint or newest_supernet(workdir))
+
+    def say(line: str) -> None:
+        stderr.print(line, soft_wrap=True, markup=False, highlight=False)
+
+    return collect_and_fit(target, space_of(state), model_config_of(state).vocab_size, out, first, say)
 
 
 def _print_verified(summary: dict) -> None:

@@ -80,7 +80,8 @@ def tune_command(
 ) -> None:
     """Tune every distinct operator workload of a space's SubTransformers for a target (MetaSchedule).
 
-    Host targets (x86) tune here; others (rpi4) on a device through --tracker.
+    Host targets (x86) tune here; others (rpi4) through --tracker, on every device of
+    the key at once (two boards measure a batch of candidates about twice as fast).
     Resumable: workloads already in the database with this run's trials are skipped.
     'hatc compile' and 'hatc latency measure' use the database."""
     request = TuneRequest(
@@ -148,6 +149,10 @@ def _tune_with_progress(request: TuneRequest) -> TuneReport:
 TOP_WORKLOADS = 5  # the report lists the workloads with the largest share of the tuned latency
 
 
+def _devices(r: TuneReport) -> str:
+    return r.device if r.devices == 1 else f"{r.devices} devices of {r.device} (each batch spread over them)"
+
+
 def _print_report(r: TuneReport) -> None:
     shapes = f"buckets {','.join(map(str, r.config['buckets']))}, beam {','.join(map(str, r.config['beams']))}"
     stdout.print(
@@ -157,7 +162,7 @@ def _print_report(r: TuneReport) -> None:
     )
     stdout.print(
         f"tuned {r.tuned} ({r.trials} measured trials, {r.trials_per_task[0]}-{r.trials_per_task[1]} per workload) in "
-        f"{r.tune_seconds:.0f} s on {'this machine' if r.device == 'local' else r.device}; "
+        f"{r.tune_seconds:.0f} s on {'this machine' if r.device == 'local' else _devices(r)}; "
         f"{r.skipped} already in the database"
     )
     if r.fallbacks:

@@ -32,6 +32,7 @@ class RemoteDevice:
 
     tracker: Any  # hatc.rpc.TrackerAddress
     key: str
+    devices: int = 1  # registered under the key: candidates of a batch are measured on all at once
 
     def __str__(self) -> str:
         return f"{self.tracker}/{self.key}"
@@ -153,7 +154,9 @@ def make_runner(remote: RemoteDevice | None) -> Any:
         tracker_key=remote.key,
         session_timeout_sec=REMOTE_SESSION_TIMEOUT_S,
     )
-    return ms.runner.RPCRunner(config, evaluator, max_workers=1)  # one device measures one candidate at a time
+    # One worker per device: each asks the tracker for a free device of the key, so a batch
+    # of candidates is spread over every board (one candidate at a time on each).
+    return ms.runner.RPCRunner(config, evaluator, max_workers=max(1, remote.devices))
 
 
 def first_line(error: Exception) -> str:

@@ -8,7 +8,7 @@ calls ``hatc.compile.tuning.tune``. The CLI only parses, calls and prints.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hatc.compile.tune_config import DEFAULT_VOCAB, TuneConfig
@@ -95,17 +95,19 @@ def plan_tune(request: TuneRequest) -> TunePlan:
     return TunePlan(target, space, config, remote)
 
 
-def check_remote(remote: RemoteDevice) -> str | None:
-    """Fails now if no device of the key is registered; a warning when the device is emulated."""
+def check_remote(remote: RemoteDevice) -> tuple[RemoteDevice, str | None]:
+    """Fails now if no device of the key is registered; the remote with every registered
+    device of its key to measure on, and a warning when the devices are emulated."""
     from hatc.rpc import is_emulated_key, wait_for_devices
 
-    wait_for_devices(remote.tracker, remote.key, timeout_s=10.0)
+    status = wait_for_devices(remote.tracker, remote.key, timeout_s=10.0)
+    remote = replace(remote, devices=status.keys[remote.key].total)
     if is_emulated_key(remote.key):
-        return (
+        return remote, (
             f"'{remote.key}' is an emulated device: schedules get picked by emulated timings. "
             "Good for checking the path; tune on the real device for a database you deploy with."
         )
-    return None
+    return remote, None
 
 
 def run_tune(
@@ -115,8 +117,9 @@ def run_tune(
 ) -> TuneReport:
     """Tunes every distinct workload of the request's space on its target; returns the report."""
     plan = plan_tune(request)
-    if plan.remote is not None:
-        warning = check_remote(plan.remote)
+    remote = plan.remote
+    if remote is not None:
+        remote, warning = check_remote(remote)
         if warning:
             on_warning(warning)
-    return tune(plan.space, plan.target, plan.config, request.db, on_progress, plan.remote)
+    return tune(plan.space, plan.target, plan.config, request.db, on_progress, remote)

@@ -151,6 +151,7 @@ class TuneReport:
     per_graph: dict[str, int]  # "encoder S=32 B=4" -> distinct workloads in that graph
     config: dict[str, Any]
     device: str = "local"  # or TRACKER/KEY: where the candidates ran
+    devices: int = 1  # of that key, measuring a batch's candidates at once
     per_workload: list[dict[str, Any]] = field(default_factory=list)  # trials, baseline, best, share, roofline
     # Workloads MetaSchedule failed on in this run, kept on their plain loops:
     # {"workload": Workload.describe(), "reason": the error's first line}.
@@ -349,6 +350,7 @@ def _tune_locked(
         per_graph=per_graph,
         config={**asdict(config), "tvm_target": target.resolved_tvm_target()},
         device=str(remote) if remote else "local",
+        devices=remote.devices if remote else 1,
         per_workload=_per_workload(
             database, workloads, budgets, baseline_s, flops, remote is None and state["trials"] > 0, cores
         ),

@@ -161,6 +161,15 @@ def check_precision(path: Path, precision: str) -> None:
         )
 
 
+def check_emulated(path: Path, emulated: bool) -> None:
+    """Refuses to mix an emulated device's rows with a real one's in a file: they describe
+    different machines (and an emulated one's timings describe none)."""
+    held = {bool(row.get("emulated", False)) for row in _measured_rows(path)}
+    if held and held != {emulated}:
+        have, asked = ("emulated", "a real device") if emulated is False else ("real-device", "an emulated device")
+        raise HatcError(f"{path} holds {have} rows; collect the rows of {asked} into another --out file")
+
+
 def flag_drift(path: Path, device: str, keys: set[str]) -> int:
     """Rewrites the dataset (temp file, then rename) with ``drift: true`` on the rows of
     ``keys`` that ``device`` measured. Returns how many rows were flagged."""

@@ -44,6 +44,7 @@ class CollectRequest:
     request_timeout_s: float = 120.0
     minutes: float | None = None
     precision: str = "fp32"  # builds with quantized weights (hatc compile --quantize)
+    allow_emulated: bool = False  # measure on a *-qemu key (rows stamped "emulated")
 
 
 @dataclass(frozen=True)
@@ -94,25 +95,32 @@ def collect_dataset(
     """Measures ``request.n`` architectures into ``request.out`` (appending; re-runs resume).
 
     Raises:
-        HatcError: bad input (target, space, an emulated key, a file of the
-            other pairing) before any device is asked for; or every device gave up.
+        HatcError: bad input (target, space, an emulated key not allowed, a file of
+            the other pairing or of the other kind of device) before any device is asked
+            for; or every device gave up.
     """
-    from hatc.latency.collect import check_precision
+    from hatc.latency.collect import check_emulated, check_precision
     from hatc.latency.measure import PairedReference, measure_latency, measurement_key, protocol_for
+    from hatc.rpc.tracker import is_emulated_key
     from hatc.targets import load_target
 
     target = load_target(request.target)
-    key = measurement_key(target, request.tracker, request.key)  # refuse emulated keys before anything connects
+    # refuse emulated keys (unless allowed) before anything connects
+    key = measurement_key(target, request.tracker, request.key, request.allow_emulated)
     space = load_space(request.space)
     protocol = protocol_for(
         space, target, beam=request.beam, repeats=request.repeats, warmup=request.warmup, precision=request.precision
     )
     check_pairing(request.out, request.paired)
     check_precision(request.out, protocol.precision)  # before any device is asked for
+    emulated = key is not None and is_emulated_key(key)
+    check_emulated(request.out, emulated)  # before any device is asked for
     plan = plan_architectures(space, request.n, request.seed)
     workers, local = _devices(request, key)
     build_lock = threading.Lock()  # one build at a time (TVM's compiler is not shared across threads)
-    run_guard = build_lock if local else None  # local devices: a measurement never overlaps a build
+    # Local devices: a measurement never overlaps a build (it would time the build's load), except
+    # on emulated devices, whose timings mean nothing anyway: there the devices run while builds go on.
+    run_guard = build_lock if local and not emulated else None
     reference = space.largest()  # the slowest: its noise is the smallest share of its latency
     pair = PairedReference(reference) if request.paired else None
 
@@ -120,7 +128,7 @@ def collect_dataset(
         result = measure_latency(
             arch, space, target, protocol, db=request.db, tracker=request.tracker, key=key,
             vocab_size=request.vocab_size, request_timeout_s=request.request_timeout_s, build_guard=build_lock,
-            run_guard=run_guard, paired=pair,
+            run_guard=run_guard, paired=pair, allow_emulated=request.allow_emulated,
         )  # fmt: skip
         return result.to_row(arch, space, target)
 

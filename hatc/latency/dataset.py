@@ -29,6 +29,9 @@ row schema (``ROW_FIELDS``)::
      "paired_reference_ms": 80.2,               # optional: the reference architecture measured
                                                 # with this row, runs alternating (collect --paired)
      "paired_ratio_cv": 0.02,                   # optional: std / mean of the runs' ratio to it
+     "emulated": false,                         # optional: an emulated device (--allow-emulated);
+                                                # a file holds only emulated or only real rows
+     "space_definition": {...},                 # optional: the space itself (a user's space file)
      "host_cpu": "...", "hat_features": {...}, "layer_features": [...]}  # optional, informative
 
 Features are always recomputed from ``arch``; stored feature copies are only
@@ -60,7 +63,7 @@ import numpy as np
 from hatc.arch import Architecture
 from hatc.errors import ArchError, HatcError, SpaceError
 from hatc.features import HAT_FEATURE_NAMES, hat_features
-from hatc.space import SearchSpace, load_space
+from hatc.space import BUILTIN_SPACES, SearchSpace, load_space
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ class LatencyTable:
     provenance: str = ""
     skipped_drift: int = 0  # drift-flagged rows left out
     paired_nominal_ms: dict[str, float] | None = None  # device -> median paired reference (rows scaled to it)
+    emulated: bool = False  # measured on emulated devices (``--allow-emulated``): no real device's timings
 
     def __len__(self) -> int:
         return len(self.encoder_ms)
@@ -251,6 +255,7 @@ class _HatcRows:
         self.protocol: dict[str, Any] | None = None
         self.targets: set[str] = set()
         self.devices: dict[str, None] = {}  # in order of appearance
+        self.emulated: bool | None = None  # the rows' devices are emulated (all or none)
         self.skipped = 0  # drift checks and drifted rows
         self.archs: list[Architecture] = []
         self.values: list[tuple[float, ...]] = []  # encoder, decoder ms and their stds
@@ -266,8 +271,14 @@ class _HatcRows:
         elif row["space"] != self.space_name:
             raise DatasetError(f"{where}: field 'space' is '{row['space']}' but earlier rows are '{self.space_name}'")
         if self.space_name not in self.spaces:
+            definition = row.get("space_definition")  # a space from a user's file: its rows carry it
             try:
-                self.spaces[self.space_name] = load_space(self.space_name)
+                if isinstance(definition, dict):
+                    self.spaces[self.space_name] = SearchSpace.from_dict(
+                        definition, f"{where}: field 'space_definition'"
+                    )
+                else:
+                    self.spaces[self.space_name] = load_space(self.space_name)
             except SpaceError as e:
                 raise DatasetError(f"{where}: field 'space': {e}") from None
         return self.spaces[self.space_name]
@@ -302,8 +313,16 @@ class _HatcRows:
             if not isinstance(row["target"], str):
                 raise DatasetError(f"{where}: field 'target' must be a string")
             self.targets.add(row["target"])
-        if row.get("drift", False) not in (True, False):
-            raise DatasetError(f"{where}: field 'drift' must be true or false")
+        for flag in ("drift", "emulated"):
+            if row.get(flag, False) not in (True, False):
+                raise DatasetError(f"{where}: field '{flag}' must be true or false")
+        emulated = bool(row.get("emulated", False))
+        if self.emulated is not None and emulated != self.emulated:
+            raise DatasetError(
+                f"{where}: an {'emulated' if emulated else 'real'} device's row after "
+                f"{'emulated' if self.emulated else 'real'} ones; keep each kind of device in its own file"
+            )
+        self.emulated = emulated
 
     def add(self, row: dict[str, Any], where: str) -> None:
         missing = [k for k in ROW_FIELDS if k not in row]
@@ -361,6 +380,8 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
     nominal = _scale_by_paired_reference(data, rows.row_devices, rows.references, path)
     if nominal is not None:
         provenance += ", paired reference (scaled to its median)"
+    if rows.emulated:
+        provenance += ", EMULATED (timings of no real device)"
     return LatencyTable(
         source=str(path),
         format="hatc",
@@ -377,6 +398,7 @@ def read_hatc_jsonl(path: str | Path) -> LatencyTable:
         provenance=provenance,
         skipped_drift=rows.skipped,
         paired_nominal_ms=nominal,
+        emulated=bool(rows.emulated),
     )
 
 
@@ -458,6 +480,8 @@ def make_row(
         "drift": bool(drift),
         "hat_features": dict(zip(HAT_FEATURE_NAMES, hat_features(arch).tolist())),
     }
+    if space.name not in BUILTIN_SPACES or load_space(space.name) != space:
+        row["space_definition"] = space.to_dict()  # a user's space file: readers need not find it
     row.update(extra)
     return row
 

@@ -19,7 +19,9 @@ machine's changes of speed.
 Only tuned builds are measured: the architecture (random weights; latency does
 not depend on them) is built with the target's tuning database, and a database
 that lacks any of its workloads is refused with the ``hatc tune`` command to
-run. Keys of emulated devices (``*-qemu``) are refused before anything connects.
+run. Keys of emulated devices (``*-qemu``) are refused before anything connects, unless
+the caller allows them (``--allow-emulated``: checking the path on ``hatc rpc emulate``);
+then every measurement says ``emulated`` and its timings stand for nothing real.
 
 TVM is imported inside functions only.
 """
@@ -46,6 +48,7 @@ import numpy as np
 from hatc import atomic
 from hatc.arch import Architecture
 from hatc.errors import HatcError
+from hatc.rpc.tracker import is_emulated_key
 from hatc.space import SearchSpace
 from hatc.targets import Target
 
@@ -142,6 +145,7 @@ class Measurement:
     runs: tuple[tuple[float, float], ...]  # every kept run's (encoder, decoder) ms, in order
     paired_reference_ms: float | None = None  # the paired reference's trimmed mean (encoder + decoder)
     reference_runs: tuple[tuple[float, float], ...] = ()  # the reference's kept runs, alternating with ``runs``
+    emulated: bool = False  # measured on an emulated device (``*-qemu``): not a timing of the real one
 
     @property
     def latency_ms(self) -> float:
@@ -164,6 +168,7 @@ class Measurement:
             "database": self.database,
             "build_seconds": self.build_seconds,
             **self._paired_fields(),
+            **self._emulated_field(),
         }
 
     @property
@@ -174,6 +179,9 @@ class Measurement:
             return None
         ratios = np.array([sum(own) / sum(ref) for own, ref in zip(self.runs, self.reference_runs, strict=True)])
         return float(ratios.std() / ratios.mean())
+
+    def _emulated_field(self) -> dict[str, bool]:
+        return {"emulated": True} if self.emulated else {}
 
     def _paired_fields(self) -> dict[str, float]:
         if self.paired_reference_ms is None:
@@ -201,6 +209,7 @@ class Measurement:
             tuned=self.tuned,
             host_cpu=host_cpu(),
             **self._paired_fields(),
+            **self._emulated_field(),
             **extra,
         )
 
@@ -229,15 +238,14 @@ def tune_command(target: Target, space: SearchSpace, protocol: Protocol, db: Pat
     return command + (f" --db {db}" if db is not None else "")
 
 
-def measurement_key(target: Target, tracker: str | None, key: str | None) -> str | None:
-    """The RPC key to measure on (None: locally), refusing what hatc never records."""
-    from hatc.rpc import is_emulated_key
-
+def measurement_key(target: Target, tracker: str | None, key: str | None, allow_emulated: bool = False) -> str | None:
+    """The RPC key to measure on (None: locally), refusing what hatc never records: an
+    emulated device's key unless ``allow_emulated`` (whose rows are then stamped ``emulated``)."""
     key = key or (target.rpc_key if tracker else None)
-    if key is not None and is_emulated_key(key):
+    if key is not None and is_emulated_key(key) and not allow_emulated:
         raise LatencyError(
-            f"key '{key}' is an emulated device: its timings mean nothing for the real one, "
-            "so hatc does not measure latency on it (use a real device's key)"
+            f"key '{key}' is an emulated device: its timings mean nothing for the real one, so hatc "
+            "measures on it only with --allow-emulated (to check the path; every figure is marked emulated)"
         )
     if tracker is None and (target.is_cross or target.device != "cpu"):
         raise LatencyError(
@@ -291,6 +299,7 @@ def measure_latency(
     build_guard: AbstractContextManager | None = None,
     run_guard: AbstractContextManager | None = None,
     paired: PairedReference | None = None,
+    allow_emulated: bool = False,
 ) -> Measurement:
     """Builds ``arch`` (random weights) with the target's tuning database and measures it.
 
@@ -308,13 +317,14 @@ def measure_latency(
             when the devices are this machine, never overlap a measurement either).
         paired: a reference measured in the same session, its runs alternating with
             the architecture's (``Measurement.paired_reference_ms``).
+        allow_emulated: measure on an emulated key too (the result says ``emulated``).
 
     Raises:
-        LatencyError: an emulated key, a device target without a tracker, no
+        LatencyError: an emulated key (not allowed), a device target without a tracker, no
             database, or a database that lacks workloads of this architecture
             (the messages give the ``hatc tune`` command to run).
     """
-    key = measurement_key(target, tracker, key)  # before anything slow or remote
+    key = measurement_key(target, tracker, key, allow_emulated)  # before anything slow or remote
     from hatc.compile import tuning_db
 
     db_path = Path(db) if db is not None else tuning_db.tuning_db_path(target)
@@ -396,7 +406,7 @@ def measure_latency(
     paired_ms = trimmed([e + d for e, d in reference_runs], protocol.trim)[0] if reference_runs else None
     return Measurement(
         enc_mean, dec_mean, enc_std, dec_std, device_name, protocol, True, str(db_path), build_seconds, tuple(runs),
-        paired_ms, tuple(reference_runs),
+        paired_ms, tuple(reference_runs), emulated=key is not None and is_emulated_key(key),
     )  # fmt: skip
 
 

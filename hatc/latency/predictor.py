@@ -105,6 +105,11 @@ class Predictor:
     def model_kind(self) -> str:
         return self.model.kind
 
+    @property
+    def emulated(self) -> bool:
+        """Fitted on an emulated device's rows: it predicts no real device's latency."""
+        return bool((self.info.get("dataset") or {}).get("emulated", False))
+
     def predict_many(self, archs: list[Architecture]) -> np.ndarray:
         """Predicted latency (ms) of each architecture, in one batch."""
         return self.model.predict(arch_inputs(list(archs), self.space, self.features))
@@ -213,9 +218,15 @@ def predictor_precision(pred: Predictor) -> str:
 
 
 def register_predictor(pred: Predictor) -> Path:
-    """Makes ``pred`` the default predictor for its (target, space, precision); atomic."""
+    """Makes ``pred`` the default predictor for its (target, space, precision); atomic.
+    An emulated device's predictor is never a default (give it as ``--predictor FILE``)."""
     if pred.target is None:
         raise PredictorError("a predictor needs a target to be registered; give --target")
+    if pred.emulated:
+        raise PredictorError(
+            "a predictor fitted on an emulated device's timings is never registered as a default; "
+            "save it with --out FILE and give it as --predictor FILE"
+        )
     return pred.save(registry_path(pred.target, pred.space.name, predictor_precision(pred)))
 
 
@@ -389,6 +400,7 @@ def fit_predictor(
                 "devices": list(table.devices),
                 # Paired rows were scaled to each device's median reference: predictions are at that speed.
                 "paired_nominal_ms": table.paired_nominal_ms,
+                "emulated": table.emulated,
             },
             "split": {"rule": SPLIT_RULE, "train": len(train), "valid": len(valid), "test": len(test)},
             "candidates": candidates,

@@ -206,6 +206,21 @@ def _why_no_device(addr: TrackerAddress, key: str) -> str:
     return f"none registered under that key; keys there: {known}"
 
 
+def start_hint(status: TrackerStatus, key: str) -> str:
+    """What to do when no device of ``key`` is registered: use the tracker's emulated device of
+    that key if it has one (``rpi4`` -> ``rpi4-qemu``), else start a server for the key."""
+    emulated = key + EMULATED_SUFFIX
+    if not is_emulated_key(key) and emulated in status.keys and status.keys[emulated].total:
+        return (
+            f"the tracker has an emulated one: --key {emulated} --allow-emulated checks the path on it "
+            "(its timings stand for no real device)"
+        )
+    if is_emulated_key(key):
+        device = key.removesuffix(EMULATED_SUFFIX)
+        return f"start one with `hatc rpc emulate {device} --tracker {status.tracker}`"
+    return f"start `hatc rpc server --tracker {status.tracker} --key {key}` on the device (docs/devices.md)"
+
+
 def request_session(
     tracker: str | TrackerAddress,
     key: str,
@@ -275,7 +290,7 @@ def wait_for_devices(tracker: str | TrackerAddress, key: str, timeout_s: float, 
         if time.monotonic() >= deadline:
             raise RpcError(
                 f"no device with key '{key}' registered at the RPC tracker {addr} within {timeout_s:g} s "
-                f"({_why_no_device(addr, key)}); start one with `hatc rpc server --tracker {addr} --key {key}`"
+                f"({_why_no_device(addr, key)}); {start_hint(status, key)}"
             )
         time.sleep(poll_s)
 

@@ -32,7 +32,13 @@ from hatc.checkpoint import load_weights, model_config_of, read_checkpoint, spac
 from hatc.data.datadir import DataDir
 from hatc.elastic.supernet import SuperTransformer
 from hatc.errors import HatcError, Interrupted
-from hatc.latency.predictor import Predictor, load_predictor, predictor_precision, registered_predictor
+from hatc.latency.predictor import (
+    Predictor,
+    PredictorError,
+    load_predictor,
+    predictor_precision,
+    registered_predictor,
+)
 from hatc.runtime.quantization import check_precision
 from hatc.search.evolution import CachedLatency, SearchConfig, SearchProgress, SearchResult, SearchState, evolve
 from hatc.search.fitness import LossEngine, SupernetValidLoss
@@ -131,7 +137,12 @@ def resolve_inputs(req: SearchRequest) -> Inputs:
                 f"(--quantize {req.precision}); fit one on a dataset collected with --quantize {req.precision}"
             )
     else:
-        predictor = registered_predictor(req.target, space, req.precision)
+        try:
+            predictor = registered_predictor(req.target, space, req.precision)
+        except PredictorError as e:  # the headline command: say how a search makes its own
+            raise PredictorError(
+                f"{e}; or let this search collect and fit one first: --tracker HOST:PORT --collect 300"
+            ) from None
     supernet = SuperTransformer.from_config(space, model_config_of(state))
     load_weights(supernet, state["model"], checkpoint)
     screen = screen_size(req)
@@ -163,6 +174,11 @@ class SearchOutcome:
     def verify(self) -> dict[str, Any] | None:
         return self.summary.get("verify")
 
+    @property
+    def emulated(self) -> bool:
+        """The latencies come from an emulated device's predictor (``--allow-emulated`` rows)."""
+        return bool(self.summary["predictor"].get("emulated", False))
+
     def to_dict(self) -> dict[str, Any]:
         """The command's JSON: the smallest budget's winner first, every budget without its top 10."""
         first = self.results[min(self.results, key=lambda k: self.results[k]["budget_ms"])]
@@ -173,6 +189,7 @@ class SearchOutcome:
             "results": {k: {x: v[x] for x in v if x != "top"} for k, v in self.results.items()},
             "evaluated": self.summary["evaluated"],
             "out": str(self.out),
+            "emulated": self.emulated,
             **({"verify": self.verify} if self.verify else {}),
         }
 
@@ -222,6 +239,11 @@ def check_budgets(req: SearchRequest, inputs: Inputs, on_log: Callable[[str], No
     warning says so. (One under every architecture's is refused when the first population is
     drawn, naming the smallest's prediction: ``hatc.search.evolution``.)"""
     space = inputs.supernet.space
+    if inputs.predictor.emulated:
+        on_log(
+            "warning: the predictor was fitted on an emulated device's timings: its latencies and these "
+            "budgets stand for no real device (a path check; measure on the real device for a search to deploy)"
+        )
     slowest = inputs.predictor.predict(space.largest())
     where = f"on {req.target}" + ("" if req.precision == "fp32" else f" ({req.precision})")
     for budget in sorted(b for b in req.budgets_ms if b >= slowest):
@@ -319,6 +341,8 @@ def _search(
     screen = inputs.scorer.cache
     chosen = [(label, r.budget_ms, r.predicted_latency_ms, screen[arch_key(r.arch)]) for label, r in results.items()]
     title = f"{space.name} on {req.target}: {len(points)} evaluated, loss on {inputs.scorer.n} validation pairs"
+    if inputs.predictor.emulated:
+        title += " (latency: emulated device)"
     plot_pareto(points, chosen, req.out / "pareto.png", title)
     summary = {
         "target": req.target,
@@ -329,6 +353,7 @@ def _search(
             "model": inputs.predictor.model_kind,
             "provenance": inputs.predictor.provenance,
             "metrics": inputs.predictor.metrics,
+            "emulated": inputs.predictor.emulated,
         },  # fmt: skip
         "settings": asdict(req.cfg)
         | {
