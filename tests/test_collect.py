@@ -278,3 +278,26 @@ def test_resuming_a_file_that_is_not_utf8_is_one_line(cli, tmp_path):
     result = cli(*collect_args(out, tmp_path / "db", 3))
     assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert f"{out}:1: not UTF-8" in result.stderr and out.read_bytes() == b'{"arch": "caf\xe9"}\n'
+
+
+def test_a_file_of_emulated_rows_takes_no_real_devices_rows(cli, tmp_path):
+    """An emulated device's rows (--allow-emulated) describe no real device: a file never mixes them."""
+    space = load_space("tiny")
+    out = tmp_path / "rows.jsonl"
+    row = make_row(space.smallest(), space, 1.0, 2.0, 0.0, 0.0, "t/rpi4-qemu@h:1", {"src_len": 30, "steps": 30,
+                   "beam": 4, "repeats": 3}, {}, paired_reference_ms=3.0, emulated=True)  # fmt: skip
+    out.write_text(json.dumps(row) + "\n")
+    result = cli(*collect_args(out, tmp_path / "db", 3))
+    assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "holds emulated rows" in result.stderr and out.read_text().count("\n") == 1
+
+
+def test_an_emulated_key_is_measured_only_when_allowed():
+    from hatc.latency.measure import LatencyError, measurement_key
+    from hatc.targets import load_target
+
+    rpi4 = load_target("rpi4")
+    with pytest.raises(LatencyError, match="--allow-emulated"):
+        measurement_key(rpi4, "127.0.0.1:9190", "rpi4-qemu")
+    assert measurement_key(rpi4, "127.0.0.1:9190", "rpi4-qemu", allow_emulated=True) == "rpi4-qemu"
+    assert measurement_key(rpi4, "127.0.0.1:9190", None) == "rpi4"

@@ -346,3 +346,52 @@ def test_per_part_costs_fitted_on_few_noisy_rows_never_collapse(tmp_path):
     samples = [space.sample(rng) for _ in range(500)]
     predicted = model.predict(arch_inputs(samples, space, "layer"))
     assert predicted.min() > 0.3 * table.latency_ms.min()
+
+
+# ----- emulated devices and spaces from files -----------------------------------------------------
+def emulated(path, n=60):
+    """``write_synthetic``'s rows as an emulated device's (``--allow-emulated``)."""
+    rows = [json.loads(line) for line in write_synthetic(path, n=n, target="rpi4").read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "emulated": True}) + "\n" for r in rows))
+    return path
+
+
+def test_an_emulated_devices_predictor_is_marked_and_never_a_default(cli, tmp_path, cache):
+    data = emulated(tmp_path / "qemu.jsonl")
+    table = read_dataset(data)
+    assert table.emulated is True and "EMULATED" in table.provenance
+    assert read_dataset(write_synthetic(tmp_path / "real.jsonl", n=30)).emulated is False
+    # It would be saved nowhere: refused before fitting.
+    assert_one_line_error(cli("latency", "fit", "--dataset", data, "--target", "rpi4", *FAST), "--out FILE")
+    out = tmp_path / "pred.json"
+    report = one_json_line(cli("latency", "fit", "--dataset", data, "--target", "rpi4", "--out", out, "--json", *FAST))
+    assert report["emulated"] is True and report["registered"] is None
+    assert not registry_path("rpi4", "tiny").exists() and load_predictor(out).emulated is True
+    from hatc.latency.predictor import PredictorError, register_predictor
+
+    with pytest.raises(PredictorError, match="never registered"):
+        register_predictor(load_predictor(out))
+
+
+def test_a_dataset_never_mixes_emulated_and_real_rows(tmp_path):
+    from hatc.latency import DatasetError
+
+    mixed = emulated(tmp_path / "mixed.jsonl", n=5)
+    write_synthetic(mixed, n=1, seed=9, target="rpi4")  # a real device's row after emulated ones
+    with pytest.raises(DatasetError, match=r"mixed.jsonl:6: a real device's row after emulated ones"):
+        read_dataset(mixed)
+
+
+def test_rows_of_a_space_from_a_file_carry_it_and_read_back(tmp_path):
+    from hatc.space import SearchSpace
+
+    definition = load_space("tiny").to_dict() | {"name": "my-space"}
+    space = SearchSpace.from_dict(definition, "test")
+    rows = [make_row(a, space, 1.0 + i, 2.0, 0.0, 0.0, "d", PROTOCOL, {}) for i, a in enumerate(
+        [space.smallest(), space.largest()])]  # fmt: skip
+    assert all(r["space_definition"] == space.to_dict() for r in rows)
+    assert "space_definition" not in make_row(load_space("tiny").largest(), load_space("tiny"), 1, 2, 0, 0, "d",
+                                              PROTOCOL, {})  # fmt: skip
+    append_rows(tmp_path / "rows.jsonl", rows)
+    table = read_dataset(tmp_path / "rows.jsonl")  # no file named my-space anywhere: the rows say what it is
+    assert table.space == space and len(table) == 2

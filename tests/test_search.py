@@ -193,6 +193,11 @@ def test_missing_checkpoint_or_predictor(cli, workspace, tmp_path):
     assert none.code == 2 and "hatc train supernet" in none.stderr
     nopred = cli("search", "--target", "rpi4", "--budget", "50ms", "--workdir", workspace / "runs")
     assert nopred.code == 2 and "hatc latency fit" in nopred.stderr and "--target rpi4 --space tiny" in nopred.stderr
+    # The headline command names where a board's predictor comes from, in one line.
+    assert "hatc latency collect --target rpi4 --space tiny --tracker HOST:PORT" in nopred.stderr
+    assert "--tracker HOST:PORT --collect 300" in nopred.stderr and nopred.stderr.strip().count("\n") == 0
+    alone = cli("search", "--target", "rpi4", "--budget", "50ms", "--workdir", workspace / "runs", "--collect", "30")
+    assert alone.code == 2 and "give --tracker HOST:PORT" in alone.stderr
 
 
 def test_cli_resume_continues_to_the_same_result(cli, workspace):
@@ -371,3 +376,27 @@ def test_a_predictor_of_another_precision_is_refused_and_a_missing_one_named(cli
     assert refused.code == 2 and "predicts int8 builds, not fp32" in refused.stderr
     missing = cli(*args, "--quantize", "int4", "--out", tmp_path / "b")
     assert missing.code == 2 and "no int4 latency predictor" in missing.stderr and "--quantize int4" in missing.stderr
+
+
+def test_a_search_with_an_emulated_devices_predictor_says_so(cli, workspace, tmp_path):
+    from hatc.latency.dataset import read_dataset
+    from hatc.latency.predictor import FitConfig, fit_predictor
+
+    space = load_space("tiny")
+    rng = np.random.default_rng(3)
+    rows = []
+    for arch in [space.sample(rng) for _ in range(60)] + [space.smallest(), space.largest()]:
+        enc, dec = _synthetic_latency(arch, space)
+        rows.append(make_row(arch, space, enc, dec, 0.1, 0.2, "t/x86-qemu@h:1", {"src_len": 30, "steps": 30,
+                             "beam": BEAM, "repeats": 10}, {}, target="x86", emulated=True))  # fmt: skip
+    append_rows(tmp_path / "qemu.jsonl", rows)
+    predictor = fit_predictor(read_dataset(tmp_path / "qemu.jsonl"), "x86", "tiny", FitConfig(models=("cost-linear",)))
+    predictor.save(tmp_path / "qemu.json")
+    budget = f"{sum(_latencies(space)) / 2:.0f}ms"
+    result = cli("search", "--target", "x86", "--budget", budget, "--workdir", workspace / "runs", *SMALL,
+                 "--predictor", tmp_path / "qemu.json", "--out", tmp_path / "search")  # fmt: skip
+    assert result.code == 0, result.stderr[-2000:]
+    assert "fitted on an emulated device's timings" in result.stderr
+    assert f"{budget} (emulated)" in result.stdout and "ms (emulated)" in result.stdout
+    summary = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert summary["predictor"]["emulated"] is True

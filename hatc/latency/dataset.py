@@ -319,7 +319,7 @@ class _HatcRows:
         emulated = bool(row.get("emulated", False))
         if self.emulated is not None and emulated != self.emulated:
             raise DatasetError(
-                f"{where}: an {'emulated' if emulated else 'real'} device's row after "
+                f"{where}: {'an emulated' if emulated else 'a real'} device's row after "
                 f"{'emulated' if self.emulated else 'real'} ones; keep each kind of device in its own file"
             )
         self.emulated = emulated
