@@ -14,13 +14,16 @@ argmax fed back). Backends on the same exported graphs:
   dequantized once when loaded (``hatc.compile.quantize``).
 
 With ``--checkpoint`` and ``--data`` it also compiles one artifact per precision with
-``hatc compile`` (buckets 16,32,64, beam 4) from that checkpoint's ``--arch`` and scores
-each on the data's test split with sacreBLEU, each quantized one against fp32 with a
-paired bootstrap; sizes are the artifacts' weight files and whole directories.
+``hatc compile`` (buckets 16,32,64, beam 4) from that checkpoint's ``--arch`` (several,
+comma-separated: ``largest,runs/search/best-30ms.json``) and scores each on the data's
+test split with sacreBLEU, each quantized one against fp32 with a paired bootstrap;
+sizes are the artifacts' weight files and whole directories. ``--skip-latency`` runs
+only that part (BLEU does not depend on the machine's load; latency does).
 
     hatc tune --target x86 --space tiny --buckets 32 --beam 1,4 --trials 500
-    python benchmarks/quantize.py --out benchmarks/results/quantize.json \\
-        [--checkpoint CKPT --data DATA_DIR --arch largest]
+    python benchmarks/quantize.py --out benchmarks/results/quantize.json
+    python benchmarks/quantize.py --skip-latency --checkpoint CKPT --data DATA_DIR \\
+        --arch largest,BEST.json --out benchmarks/results/quantize_bleu.json
 """
 
 from __future__ import annotations
@@ -143,8 +146,8 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
             "paired": paired, "weights": sizes, "arch_config": arch.to_dict()}  # fmt: skip
 
 
-def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """One artifact per precision from ``--checkpoint``; test-split BLEU and sizes."""
+def quality(args: argparse.Namespace, arch: str, work: Path) -> dict[str, Any]:
+    """One artifact per precision from ``--checkpoint``'s ``arch``; test-split BLEU and sizes."""
     from hatc.data.corpus import read_lines
     from hatc.data.datadir import DataDir
     from hatc.evaluate import paired_bootstrap, score
@@ -153,11 +156,11 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = DataDir(args.data)
     sources = read_lines(data.path / f"test.{data.src}")[: args.sentences]
     references = read_lines(data.path / f"test.{data.tgt}")[: args.sentences]
-    out: dict[str, Any] = {"checkpoint": str(args.checkpoint), "arch": args.arch, "sentences": len(sources)}
+    out: dict[str, Any] = {"checkpoint": str(args.checkpoint), "arch": arch, "sentences": len(sources)}
     translations: dict[str, list[str]] = {}
     for precision in PRECISIONS:
         artifact = work / precision
-        command = [sys.executable, "-m", "hatc", "compile", "--checkpoint", str(args.checkpoint), "--arch", args.arch,
+        command = [sys.executable, "-m", "hatc", "compile", "--checkpoint", str(args.checkpoint), "--arch", arch,
                    "--target", "x86", "--out", str(artifact), "--buckets", "16,32,64", "--beam", "4",
                    "--quantize", precision, "--db", str(args.db), "--json"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
@@ -181,35 +184,15 @@ def quality(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             entry["bleu_delta_ci95"] = paired["ci95"]
             entry["weights_fraction_of_fp32"] = summary["weights_bytes"] / out["fp32"]["weights_bytes"]
         out[precision] = entry
-        print(f"{precision}: BLEU {entry['bleu']:.2f}, weights {entry['weights_bytes'] / 1e6:.2f} MB", flush=True)
+        delta = ""
+        if precision != "fp32":
+            delta = f", {entry['bleu_delta_vs_fp32']:+.2f} vs fp32 (95% CI {entry['bleu_delta_ci95']})"
+        print(f"{arch} {precision}: BLEU {entry['bleu']:.2f}{delta}, weights {entry['weights_bytes'] / 1e6:.2f} MB",
+              flush=True)  # fmt: skip
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="tiny:largest,tiny:smallest", help="space:arch,...")
-    parser.add_argument("--beams", default="1,4")
-    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the latency cases")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--db", type=Path, default=None, help="tuning database [default: the x86 target's]")
-    parser.add_argument("--checkpoint", type=Path, default=None)
-    parser.add_argument("--arch", default="largest")
-    parser.add_argument("--data", type=Path, default=None, help="data directory whose test split is scored")
-    parser.add_argument("--sentences", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantize.json"))
-    args = parser.parse_args()
-    os.environ["TVM_NUM_THREADS"] = "1"  # before TVM loads; see benchmarks/backends.py
-    from hatc import atomic
-    from hatc.compile.tuning_db import tuning_db_path
-
-    args.db = args.db or tuning_db_path("x86")
-    load_before = os.getloadavg()
-    rows = []
-    for case in args.cases.split(","):
-        space_name, arch_name = case.split(":")
-        for beam in (int(b) for b in args.beams.split(",")):
-            rows.append(latency_case(space_name, arch_name, beam, args.vocab, args))
+def print_latency(rows: list[dict[str, Any]]) -> None:
     print(f"{'case':16} {'beam':>4} " + " ".join(f"{n + ' enc/step ms':>24}" for n in rows[0]["backends"]))
     for r in rows:
         cells = " ".join(f"{b['encoder_ms']:>11.2f} / {b['step_ms']:>9.3f}  " for b in r["backends"].values())
@@ -221,6 +204,36 @@ def main() -> None:
     for r in rows:
         ratios = ", ".join(f"{n} {p['decoder_speedup_vs_onnxruntime']:.2f}x" for n, p in r["paired"].items())
         print(f"  {r['space']} {r['arch']} beam {r['beam']}: {ratios}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="tiny:largest,tiny:smallest", help="space:arch,...")
+    parser.add_argument("--beams", default="1,4")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the latency cases")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--db", type=Path, default=None, help="tuning database [default: the x86 target's]")
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--arch", default="largest", help="architectures scored: largest,smallest,FILE,...")
+    parser.add_argument("--skip-latency", action="store_true", help="only the BLEU part (--checkpoint, --data)")
+    parser.add_argument("--data", type=Path, default=None, help="data directory whose test split is scored")
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quantize.json"))
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = "1"  # before TVM loads; see benchmarks/backends.py
+    from hatc import atomic
+    from hatc.compile.tuning_db import tuning_db_path
+
+    args.db = args.db or tuning_db_path("x86")
+    load_before = os.getloadavg()
+    rows = []
+    for case in [] if args.skip_latency else args.cases.split(","):
+        space_name, arch_name = case.split(":")
+        for beam in (int(b) for b in args.beams.split(",")):
+            rows.append(latency_case(space_name, arch_name, beam, args.vocab, args))
+    if rows:
+        print_latency(rows)
     result: dict[str, Any] = {
         "benchmark": "quantize",
         "protocol": {
@@ -238,7 +251,9 @@ def main() -> None:
     }
     if args.checkpoint is not None and args.data is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            result["quality"] = quality(args, Path(tmp))
+            result["quality"] = [
+                quality(args, arch, Path(tmp) / f"arch{i}") for i, arch in enumerate(args.arch.split(","))
+            ]
     result["machine"]["load_after"] = os.getloadavg()
     atomic.write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

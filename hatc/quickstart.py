@@ -70,6 +70,7 @@ class Settings:
     checkpoint: str | None = None  # an existing supernet: no training (with ``data``, its prepared data)
     data: str | None = None  # a prepared data directory (hatc data prepare) instead of a corpus
     budgets: tuple[float, ...] | None = None  # ms; None: the quartiles of the measured latencies
+    quantize: str | None = None  # int8/int4: that precision collected, fitted, searched and built beside fp32
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "budgets": list(self.budgets) if self.budgets else None}
@@ -179,6 +180,11 @@ class Quickstart:
         return name in self.state["stages"]
 
     # ----- the time plan -------------------------------------------------------------------
+    @property
+    def precisions(self) -> int:
+        """fp32, and the --quantize precision beside it."""
+        return 1 + bool(self.settings.quantize)
+
     def arch_seconds(self) -> float:
         """One architecture built and measured (collection's rate, measured or estimated)."""
         return self.budget.rate("collect_arch")
@@ -189,12 +195,13 @@ class Quickstart:
 
     def cost(self, stage: str) -> Cost:
         """Estimated seconds of a whole stage (floor, nominal) at the rates known now."""
-        before = Context.before(self.plan)
+        before = Context.before(self.plan, self.precisions)
         ctx = Context(
             self.state.get("workloads", before.workloads),
             self.state.get("models", before.models),
             self.test_pairs(),
             {k: v for k, v in self.budget.measured.items() if k in ("compile", "measure")},
+            self.precisions,
         )
         return stage_cost(stage, self.plan, self.budget.rate, ctx)
 
@@ -255,13 +262,24 @@ class Quickstart:
         tuning_db = self.stage("tuning db", lambda: self._register_tuning_db(db))
         self.say(tuning_db["note"])
         self.stage("collect", lambda: self._collect(db, latency, vocab))
+        q = settings.quantize
+        if q:  # as many rows as fp32's, right after them (the collect stage's time covered both)
+            latency_q, predictor_q = latency.with_name(f"{latency.stem}-{q}.jsonl"), out / f"predictor-{q}.json"
+            self.stage(f"collect {q}", lambda: self._collect_quantized(db, latency, latency_q, vocab))
+            self.stage(f"fit {q}", lambda: self._fit(latency_q, predictor_q))
         fit = self.stage("fit", lambda: self._fit(latency, predictor))
         budgets = self.stage("budgets", lambda: list(settings.budgets or measured_budgets(latency, predictor)))
         trained = self.stage("supernet", lambda: self._supernet(data, supernet))
         ckpt = Path(settings.checkpoint) if settings.checkpoint else supernet / "checkpoints" / "best.pt"
         search_dir = out / "search"
         search = self.stage("search", lambda: self._search(ckpt, data, predictor, search_dir, budgets))
-        models = self._models(search, search_dir, ckpt, data, db, vocab)
+        searches = [("fp32", search, search_dir)]
+        if q:  # the same budgets and generations, with the quantized builds' latency
+            search_dir_q = out / f"search-{q}"
+            searched_q = self.stage(f"search {q}", lambda: self._search(
+                ckpt, data, predictor_q, search_dir_q, budgets, q, search.get("iterations", 1)))  # fmt: skip
+            searches.append((q, searched_q, search_dir_q))
+        models = self._models(searches, ckpt, data, db, vocab)
         return self.stage("report", lambda: self._report(models, search, search_dir, trained, fit, tuning_db))
 
     def _corpus(self) -> str:
@@ -393,24 +411,40 @@ class Quickstart:
         first, seconds = self.timed(lambda: self.hatc(*common, "--n", MIN_FIT_ROWS))  # the same plan's first rows
         self._observe_collect(first, seconds)
         start, arch = self.budget.rate("collect_start"), self.arch_seconds()
-        cost = self.cost("collect")  # at the rates just measured
+        cost = self.cost("collect")  # at the rates just measured, of every precision (--quantize)
+        done = cost.floor / self.precisions  # fp32's first rows; a quantized collection's are still to come
         rest = cost.nominal - cost.floor  # another start-up and the extra rows' minutes
         if rest <= 0:
             return first
-        allocation = self.allocate("collect", Cost(0.0, rest, grow=cost.grow))
+        allocation = self.allocate("collect", Cost(cost.floor - done, cost.nominal - done, grow=cost.grow))
 
         def minutes_of(seconds: float) -> float:  # collect takes no new architecture after --minutes
             return max(0.0, seconds - start - 0.5 * arch) / 60  # (the one in flight still ends)
 
-        minutes = minutes_of(allocation.seconds)
+        # fp32's share of the extra time: a quantized collection measures as many rows after it
+        minutes = minutes_of((allocation.seconds - (cost.floor - done)) / self.precisions)
         if 60 * minutes < arch:  # not even one more row
             minutes = 0.0
-        self.cut("latency collection", "extra minutes", minutes_of(rest), minutes, allocation)
+        self.cut("latency collection", "extra minutes", minutes_of(rest / self.precisions), minutes, allocation)
         if not minutes:
             return first
         more, seconds = self.timed(lambda: self.hatc(*common, "--n", "2000", "--minutes", f"{minutes:.3f}"))
         self._observe_collect(more, seconds, first)
         return {**more, "measured": first["measured"] + more["measured"], "skipped": first["skipped"]}
+
+    def _collect_quantized(self, db: Path, latency: Path, latency_q: Path, vocab: int) -> Any:
+        """The quantized builds of as many architectures as fp32's collection measured (the same
+        seeded plan: the same architectures), for the --quantize predictor."""
+        from hatc.latency.collect import measured_keys
+
+        rows = len(measured_keys(latency))
+        quantize = str(self.settings.quantize)
+        return self.hatc(
+            "latency", "collect", "--target", self.target, "--space", self.settings.space, "--out", latency_q,
+            "--tracker", self._start_devices(), *self._rpc_key(), "--db", db, "--vocab-size", vocab, "--seed", "0",
+            *self._protocol(), *(["--keep-outliers"] if self.plan.latency_repeats < 20 else []),
+            "--quantize", quantize, "--n", rows,
+        )  # fmt: skip
 
     def _observe_collect(self, result: dict[str, Any], seconds: float, before: dict[str, Any] | None = None) -> None:
         """Collection's rates; a second call's rows are pooled with the first's: its few rows
@@ -443,63 +477,83 @@ class Quickstart:
         self.budget.observe("train_start", max(0.0, seconds - 60 * minutes))
         return result | {"minutes": round(minutes, 3)}
 
-    def _search(self, ckpt: Path, data: Path, predictor: Path, search_dir: Path, budgets: list[float]) -> Any:
-        """One generation (which times an evaluation), then as many more as the time left allows."""
+    def _search(
+        self, ckpt: Path, data: Path, predictor: Path, search_dir: Path, budgets: list[float],
+        precision: str = "fp32", iterations: int | None = None,
+    ) -> Any:  # fmt: skip
+        """One generation (which times an evaluation), then as many more as the time left allows
+        (the search of a --quantize precision: fp32's ``iterations``, in one call)."""
         p = self.plan
 
         def search(iterations: int) -> Any:
             resume = ["--resume"] if any(search_dir.glob("state-*.json")) else []
-            return self.hatc(
+            quantize = ["--quantize", precision] if precision != "fp32" else []
+            result = self.hatc(
                 "search", "--target", self.target, "--budgets", ",".join(f"{b:g}ms" for b in budgets), "--checkpoint",
                 ckpt, "--data", data, "--predictor", predictor, "--out", search_dir, "--iterations", iterations,
                 "--population", p.search_population, "--parents", p.search_parents, "--mutations",
-                p.search_children, "--crossovers", p.search_children, "--valid-subset", p.valid_subset, *resume,
+                p.search_children, "--crossovers", p.search_children, "--valid-subset", p.valid_subset, *quantize,
+                *resume,
             )  # fmt: skip
+            return result | {"iterations": iterations}
 
+        if iterations is not None:
+            return search(iterations)
         start = self.budget.rate("search_start")
         result, seconds = self.timed(lambda: search(1))
         if seconds > start and result["evaluated"]:
             self.budget.observe("search_sentence", seconds - start, result["evaluated"] * p.valid_subset)
         if p.search_iterations <= 1:
             return result
+        # a --quantize precision's search takes as many generations after this one
         per_generation = SEARCH_BUDGETS * 2 * p.search_children * p.valid_subset * self.budget.rate("search_sentence")
+        per_generation *= self.precisions
         allocation = self.allocate("search", Cost(0.0, start + (p.search_iterations - 1) * per_generation))
         more = max(0, min(p.search_iterations - 1, int((allocation.seconds - start) / per_generation + 0.05)))
         self.cut("search", "generations", p.search_iterations, 1 + more, allocation)
         return search(1 + more) if more else result
 
     # ----- per model -----------------------------------------------------------------------
-    def _models(
-        self, search: dict, search_dir: Path, ckpt: Path, data: Path, db: Path, vocab: int
-    ) -> list[dict[str, Any]]:
-        """Every table row; each distinct architecture fine-tuned, scored, built and measured once."""
+    def _models(self, searches: list[tuple[str, dict, Path]], ckpt: Path, data: Path, db: Path, vocab: int) -> list[
+        dict[str, Any]
+    ]:  # fmt: skip
+        """Every table row, per precision searched (fp32, then --quantize's): each budget's winner
+        and the largest SubTransformer. Each distinct (precision, architecture) is built and
+        measured once; each distinct architecture is fine-tuned once (a quantized model is built
+        from the fp32 fine-tuning of its architecture). Rows of one budget sit side by side."""
         from hatc.arch import arch_key
 
-        results = search["results"]
-        labels = sorted(results, key=lambda k: results[k]["budget_ms"])
-        archs: dict[str, Any] = {label: search_dir / f"best-{label}.json" for label in labels}
-        keys = {label: arch_key(results[label]["arch"]) for label in labels}
-        archs["largest"], keys["largest"] = "largest", arch_key(self.space.largest())
-        first: dict[str, str] = {}  # arch key -> the first label with it
-        for label in archs:
-            first.setdefault(keys[label], label)
+        largest = arch_key(self.space.largest())
+        planned: list[tuple[str, str, Any, str, dict | None]] = []  # label, precision, arch, key, search result
+        for precision, search, search_dir in searches:
+            results, prefix = search["results"], "" if precision == "fp32" else f"{precision}-"
+            for label in sorted(results, key=lambda k: results[k]["budget_ms"]):
+                arch_file = search_dir / f"best-{label}.json"
+                planned.append((prefix + label, precision, arch_file, arch_key(results[label]["arch"]), results[label]))
+            planned.append((prefix + "largest", precision, "largest", largest, None))
+        first: dict[tuple[str, str], str] = {}  # (precision, arch key) -> the first label with it
+        for label, precision, _, key, _ in planned:
+            first.setdefault((precision, key), label)
         self.state["models"] = len(first)
         settings = self.state.get("model_settings") or self._model_settings()
+        trained: dict[str, str] = {}  # arch key -> the label whose fine-tuning it uses
         done: dict[str, dict[str, Any]] = {}
         rows = []
-        for label in archs:
-            owner = first[keys[label]]
+        for label, precision, arch, key, result in planned:
+            owner = first[(precision, key)]
             if owner not in done:
-                done[owner] = self._model(owner, archs[owner], ckpt, data, db, vocab, settings)
-            result = results.get(label)
+                fine_tuned = trained.setdefault(key, owner)
+                done[owner] = self._model(owner, arch, ckpt, data, db, vocab, settings, precision, fine_tuned)
             rows.append({
                 "model": label,
+                "precision": precision,
                 "budget_ms": result["budget_ms"] if result else None,
                 "predicted_latency_ms": result["predicted_latency_ms"] if result else None,
                 **done[owner],
                 "same_as": owner if owner != label else None,
             })  # fmt: skip
-        return rows
+        # side by side: each budget's fp32 row, then its quantized one; the largest last
+        return sorted(rows, key=lambda r: (r["budget_ms"] is None, r["budget_ms"] or 0.0, r["precision"] != "fp32"))
 
     def _model_settings(self) -> dict[str, Any]:
         """Fine-tuning minutes and test sentences, the same for every model (they are compared)."""
@@ -523,10 +577,14 @@ class Quickstart:
         return settings
 
     def _model(
-        self, label: str, arch: Any, ckpt: Path, data: Path, db: Path, vocab: int, settings: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Fine-tune, evaluate, compile, measure and try one model; its table columns."""
-        run = self.out / "runs" / f"finetune-{label}"
+        self, label: str, arch: Any, ckpt: Path, data: Path, db: Path, vocab: int, settings: dict[str, Any],
+        precision: str = "fp32", fine_tuned: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Fine-tune (unless ``fine_tuned`` names the model whose fine-tuning it shares), evaluate,
+        compile, measure and try one model; its table columns. A quantized model's BLEU is the
+        compile's check against fp32 on the same test sentences (``hatc compile --src --ref``)."""
+        fine_tuned = fine_tuned or label
+        run = self.out / "runs" / f"finetune-{fine_tuned}"
         best = run / "checkpoints" / "best.pt"
         artifact = self.out / "artifacts" / label
         minutes = settings["finetune_minutes"]
@@ -546,10 +604,17 @@ class Quickstart:
             observe("evaluate_sentence", max(0.0, seconds - self.budget.rate("evaluate_start")), result["sentences"])
             return result
 
+        quantize = ["--quantize", precision] if precision != "fp32" else []
+
         def compile_() -> Any:
+            check = []
+            if quantize:  # its BLEU against fp32's on the test sentences; a loss is reported, not fatal
+                src, ref = self._test_files(data, settings["test_sentences"])
+                check = ["--src", src, "--ref", ref, "--check-sentences", settings["test_sentences"],
+                         "--allow-bleu-loss"]  # fmt: skip
             result, seconds = self.timed(lambda: self.hatc(
                 "compile", "--checkpoint", best, "--target", self.target, "--out", artifact, "--db", db,
-                "--buckets", self.plan.buckets, "--force",
+                "--buckets", self.plan.buckets, "--force", *quantize, *check,
             ))  # fmt: skip
             observe("compile", seconds)
             return result
@@ -558,14 +623,18 @@ class Quickstart:
             result, seconds = self.timed(lambda: self.hatc(
                 "latency", "measure", "--arch", arch, "--space", self.settings.space, "--target", self.target,
                 "--tracker", self._start_devices(), *self._rpc_key(), "--db", db, "--vocab-size", vocab,
-                *self._protocol(),
+                *self._protocol(), *quantize,
             ))  # fmt: skip
             observe("measure", seconds)
             return result
 
-        self.stage(f"finetune {label}", finetune)
-        bleu = self.stage(f"evaluate {label}", evaluate)
+        self.stage(f"finetune {fine_tuned}", finetune)
         compiled = self.stage(f"compile {label}", compile_)
+        if quantize:
+            quality = compiled["quality"]
+            bleu = {"bleu": quality["bleu"], "sentences": quality["sentences"]}
+        else:
+            bleu = self.stage(f"evaluate {label}", evaluate)
         measured = self.stage(f"measure {label}", measure)
         sample = self.stage(f"translate {label}", lambda: self.hatc(
             "translate", "--artifact", artifact, *self._on_board(), stdin=SAMPLE + "\n", json_out=False,
@@ -574,10 +643,17 @@ class Quickstart:
         from hatc.space import resolve_arch
 
         architecture, space = resolve_arch(str(arch), self.space)
+        quality = compiled.get("quality") if quantize else None
         return {
             "measured_latency_ms": measured["latency_ms"],
             "bleu": bleu["bleu"],
             "test_sentences": bleu["sentences"],
+            **(
+                {"bleu_vs_fp32": -quality["bleu_loss"], "bleu_vs_fp32_ci95": quality["bleu_delta_ci95"]}
+                if quality
+                else {}
+            ),  # fmt: skip
+            "weights_bytes": compiled.get("weights_bytes"),
             "params": count_params(architecture, space),
             "artifact": str(compiled.get("archive") or artifact),
             "checkpoint": str(best),
@@ -588,6 +664,11 @@ class Quickstart:
         """``evaluate``'s arguments for the first ``sentences`` test pairs (all: the split itself)."""
         if sentences >= self.test_pairs():
             return ["--data", data, "--split", "test"]
+        src, ref = self._test_files(data, sentences)
+        return ["--src", src, "--ref", ref]
+
+    def _test_files(self, data: Path, sentences: int) -> tuple[Path, Path]:
+        """The first ``sentences`` test pairs as source and reference files."""
         files = []
         for lang in ("en", "de"):
             lines = (data / f"test.{lang}").read_text(encoding="utf-8").splitlines()[:sentences]
@@ -595,7 +676,7 @@ class Quickstart:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(path, "\n".join(lines) + "\n")
             files.append(path)
-        return ["--src", files[0], "--ref", files[1]]
+        return files[0], files[1]
 
     def _register_tuning_db(self, db: Path) -> dict[str, Any]:
         if self.devices.emulated:  # schedules picked by emulated timings: never a board's default

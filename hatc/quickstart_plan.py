@@ -171,10 +171,12 @@ class Context:
     models: int  # distinct models to fine-tune, build and measure
     test_pairs: int
     measured: Mapping[str, float] = field(default_factory=dict)  # a model's compile, measure (seconds)
+    precisions: int = 1  # fp32, and a quantized one beside it (--quantize): collected, fitted, searched twice
 
     @classmethod
-    def before(cls, plan: Plan) -> Context:
-        return cls(TUNE_WORKLOADS.get(plan.buckets, 160), 1 + SEARCH_BUDGETS, min(plan.subset or 1000, 1000))
+    def before(cls, plan: Plan, precisions: int = 1) -> Context:
+        models = precisions * (1 + SEARCH_BUDGETS)
+        return cls(TUNE_WORKLOADS.get(plan.buckets, 160), models, min(plan.subset or 1000, 1000), {}, precisions)
 
 
 def stage_cost(stage: str, plan: Plan, rate: Callable[[str], float], ctx: Context) -> Cost:
@@ -188,9 +190,10 @@ def stage_cost(stage: str, plan: Plan, rate: Callable[[str], float], ctx: Contex
         start, arch = rate("collect_start"), rate("collect_arch")
         floor = start + MIN_FIT_ROWS * arch
         more = max(60 * p.collect_minutes, WANTED_LATENCY_ROWS * arch) - MIN_FIT_ROWS * arch
-        return Cost(floor, floor + (start + more if more >= 2 * arch else 0.0), grow=2.0)
+        nominal = floor + (start + more if more >= 2 * arch else 0.0)
+        return Cost(ctx.precisions * floor, ctx.precisions * nominal, grow=2.0)
     if stage == "fit":
-        return Cost(rate("fit"), rate("fit"))
+        return Cost(ctx.precisions * rate("fit"), ctx.precisions * rate("fit"))
     if stage == "supernet":  # what is left goes to training
         start = rate("train_start")
         return Cost(start + MIN_TRAIN_S, start + max(MIN_TRAIN_S, 60 * p.train_minutes), grow=3.0)
@@ -198,7 +201,7 @@ def stage_cost(stage: str, plan: Plan, rate: Callable[[str], float], ctx: Contex
         start, per_arch = rate("search_start"), rate("search_sentence") * p.valid_subset
         first = start + SEARCH_BUDGETS * p.search_population * per_arch
         more = (p.search_iterations - 1) * SEARCH_BUDGETS * 2 * p.search_children * per_arch
-        return Cost(first, first + (start + more if more else 0.0))
+        return Cost(ctx.precisions * first, ctx.precisions * (first + (start + more if more else 0.0)))
     if stage == "models":  # each: fine-tune, evaluate, compile, measure, translate
         arch = rate("collect_arch")
         fixed = (

@@ -90,6 +90,14 @@ def fmt_ms(value: float | None, emulated: bool = False) -> str:
     return f"{value:.1f}" + (" (emulated)" if emulated else "")
 
 
+def bleu_cell(row: Mapping[str, Any]) -> str:
+    """A row's BLEU; a quantized model's with its paired difference to fp32 on the same sentences."""
+    if "bleu_vs_fp32" not in row:
+        return f"{row['bleu']:.2f}"
+    low, high = row["bleu_vs_fp32_ci95"]
+    return f"{row['bleu']:.2f} ({row['bleu_vs_fp32']:+.2f} vs fp32, 95% CI {low:+.2f}..{high:+.2f})"
+
+
 def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
     rows, emulated, target = result["rows"], result["emulated"], result["target"]
     lines = [
@@ -106,7 +114,7 @@ def write_markdown(path: Path, result: dict[str, Any], plan: Plan) -> None:
         notes = ", ".join(r["warnings"] + ([f"same model as {r['same_as']}"] if r["same_as"] else []))
         lines.append(
             f"| {r['model']} | {fmt_ms(r['budget_ms'], emulated)} | {fmt_ms(r['predicted_latency_ms'], emulated)} | "
-            f"{fmt_ms(r['measured_latency_ms'], emulated)} | {r['speedup_vs_largest']:.2f}x | {r['bleu']:.2f} | "
+            f"{fmt_ms(r['measured_latency_ms'], emulated)} | {r['speedup_vs_largest']:.2f}x | {bleu_cell(r)} | "
             f"{r['bleu_vs_largest']:+.2f} | {r['params'] / 1e6:.2f}M | {notes or '-'} |"
         )
     settings = result.get("model_settings") or {}

@@ -18,6 +18,7 @@ measured_over_budget        a winner measures above its budget on the device
 bleu_near_zero              a model translates nothing useful (BLEU below 1)
 over_time                   the run took much longer than --minutes
 emulated_device             the latencies come from an emulated device (--allow-emulated)
+quantized_bleu_loss         a --quantize model loses more than 0.5 BLEU against fp32
 ==========================  ================================================================
 """
 
@@ -40,6 +41,7 @@ MIN_KENDALL_TAU = 0.7  # HAT's predictors rank far better; search needs the rank
 MAX_MAPE = 0.10
 OVER_BUDGET = 1.10  # measured above budget by more than run-to-run noise on a busy machine
 MIN_BLEU = 1.0
+MAX_QUANTIZED_LOSS = 0.5  # hatc compile's --max-bleu-loss default
 OVER_TIME = 1.15  # --minutes bounds the run within 15% on a quiet machine
 
 
@@ -153,6 +155,17 @@ def row_warnings(rows: Sequence[Mapping[str, Any]]) -> list[TrustWarning]:
                 f"{detail}: over budget by more than {100 * (OVER_BUDGET - 1):.0f}% on the device "
                 "(the predictor or the measurement is off)",
                 tuple(r["model"] for r in over),
+            )
+        )
+    lossy = [r for r in rows if r.get("bleu_vs_fp32") is not None and -r["bleu_vs_fp32"] > MAX_QUANTIZED_LOSS]
+    if lossy:
+        detail = ", ".join(f"{r['model']} {r['bleu_vs_fp32']:+.2f}" for r in lossy)
+        out.append(
+            TrustWarning(
+                "quantized_bleu_loss",
+                f"quantized weights lose more than {MAX_QUANTIZED_LOSS:g} BLEU against fp32 on the test sentences "
+                f"({detail}): hatc compile would refuse them without --allow-bleu-loss",
+                tuple(r["model"] for r in lossy),
             )
         )
     blank = [r for r in rows if r["bleu"] < MIN_BLEU]

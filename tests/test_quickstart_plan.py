@@ -123,11 +123,12 @@ class FakeMachine:
         if "--minutes" in o:  # no new architecture after that long
             new = min(new, math.ceil(60 * float(o["--minutes"]) / arch_s))
         space = load_space("tiny")
+        protocol = PROTOCOL | {"precision": o.get("--quantize", "fp32")}
         for _ in range(new):
             arch = space.sample(self.rng)
             enc = 2.0 * arch.encoder_layers * arch.encoder_embed_dim / 192
             dec = 10.0 * arch.decoder_layers * arch.decoder_embed_dim / 192
-            append_rows(out, [make_row(arch, space, enc, dec, 0.1, 0.1, "fake/x86", PROTOCOL, {}, "x86")])
+            append_rows(out, [make_row(arch, space, enc, dec, 0.1, 0.1, "fake/x86", protocol, {}, "x86")])
         self.t += R["collect_start"] * self.collect_slow + new * arch_s
         return {"measured": new, "skipped": min(have, n), "seconds": new * arch_s}
 
@@ -188,7 +189,12 @@ class FakeMachine:
 
     def compile(self, o):
         self.t += 1.2 * self.arch_s
-        return {"archive": o["--out"] + ".tar.gz"}
+        if "--quantize" not in o:
+            return {"archive": o["--out"] + ".tar.gz", "weights_bytes": 4000}
+        n = len(Path(o["--src"]).read_text().splitlines())
+        self.t += 2 * n * R["evaluate_sentence"] * self.slow  # the BLEU check: fp32 and the build
+        quality = {"bleu": 0.01, "bleu_fp32": 0.02, "bleu_loss": 0.01, "bleu_delta_ci95": [-0.05, 0.03], "sentences": n}
+        return {"archive": o["--out"] + ".tar.gz", "weights_bytes": 1000, "quality": quality}
 
     def latency_measure(self, o):
         self.t += R["measure_start"] * self.slow + self.arch_s
@@ -452,3 +458,40 @@ def test_an_emulated_board_marks_every_figure_and_registers_nothing(tmp_path, ca
     from hatc.cli.quickstart import table_row
 
     assert all(cell.endswith("ms (emulated)") for cell in table_row(result["rows"][0], emulated=True)[1:4])
+
+
+# ----- --quantize: a quantized precision beside fp32 -----------------------------------------------
+def test_quantize_searches_and_builds_the_quantized_winners_beside_the_fp32_ones(tmp_path, cache):
+    from hatc.quickstart import Settings
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        (corpus / f"{split}.en").touch()
+    machine = FakeMachine()
+    qs = FakeQuickstart(tmp_path / "qs", Plan.for_minutes(30), corpus, False, lambda _: None, now=machine.now,
+                        runner=machine, settings=Settings(quantize="int8"))  # fmt: skip
+    result = qs.run()
+    assert machine.t <= 1.15 * 30 * 60, machine.t / 60  # the quantized stages were planned in
+    rows = result["rows"]
+    assert [r["precision"] for r in rows] == ["fp32", "int8"] * 4  # side by side, the largest last
+    assert [r["model"] for r in rows[-2:]] == ["largest", "int8-largest"]
+    assert all(rows[i]["budget_ms"] == rows[i + 1]["budget_ms"] for i in range(0, 6, 2))
+    for row in rows[1::2]:
+        assert row["bleu_vs_fp32"] == -0.01 and row["weights_bytes"] == 1000
+    # The int8 latency: as many rows as fp32's, its own predictor and search at the same budgets.
+    fp32_rows = len((tmp_path / "qs/latency/x86-tiny.jsonl").read_text().splitlines())
+    (collect_int8,) = [c for c in calls(machine, "latency", "collect") if "--quantize" in c]
+    assert option(collect_int8, "--quantize") == "int8" and int(option(collect_int8, "--n")) == fp32_rows
+    fp32_search, int8_search = calls(machine, "search")[-2:]
+    assert option(int8_search, "--quantize") == "int8" and option(int8_search, "--predictor").endswith("-int8.json")
+    assert option(int8_search, "--budgets") == option(fp32_search, "--budgets")
+    assert option(int8_search, "--iterations") == option(fp32_search, "--iterations")
+    # Quantized builds: checked against fp32 on the test sentences; fine-tuning shared by architecture.
+    for call in [c for c in calls(machine, "compile") if "--quantize" in c]:
+        assert "--allow-bleu-loss" in call and option(call, "--src").endswith(".en")
+    assert len(calls(machine, "train", "subnet")) == len({r["checkpoint"] for r in rows})
+    assert len(calls(machine, "latency", "measure")) == len({(r["precision"], r["artifact"]) for r in rows})
+    from hatc.cli.quickstart import table_row
+
+    assert table_row(rows[1])[5] == "0.01 (-0.01 vs fp32)"

@@ -57,6 +57,14 @@ def quickstart(
         str | None,
         typer.Option("--budgets", help="Search budgets, e.g. 150ms,200ms (default: quartiles of the measured)."),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="Also int8 (or int4): its own latency, predictor and search at the same budgets, its winners "
+            "built quantized and BLEU-checked against fp32, side by side with the fp32 ones.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Run the whole pipeline on Multi30k and this CPU: data, tuning, latency on a loopback
@@ -94,6 +102,7 @@ def quickstart(
         checkpoint=str(checkpoint) if checkpoint else None,
         data=str(data) if data else None,
         budgets=tuple(parse_budget(b) for b in budgets.split(",")) if budgets else None,
+        quantize=quantized_precision(quantize),
     )
     plan = Plan.for_minutes(minutes, subset)
 
@@ -135,11 +144,23 @@ def table_row(r: dict[str, Any], emulated: bool = False) -> list[str]:
         ms(r["predicted_latency_ms"]),
         ms(r["measured_latency_ms"]),
         f"{r['speedup_vs_largest']:.2f}x",
-        f"{r['bleu']:.2f}",
+        f"{r['bleu']:.2f}" + (f" ({r['bleu_vs_fp32']:+.2f} vs fp32)" if "bleu_vs_fp32" in r else ""),
         f"{r['bleu_vs_largest']:+.2f}",
         f"{r['params'] / 1e6:.2f}M",
         ", ".join(notes) or "-",
     ]
+
+
+def quantized_precision(quantize: str | None) -> str | None:
+    """--quantize's precision beside fp32 (None without one); exit 2 naming the accepted ones."""
+    if quantize is None:
+        return None
+    from hatc.runtime.quantization import check_precision
+
+    check_precision(quantize)
+    if quantize == "fp32":
+        raise HatcError("--quantize int8 or int4 builds that precision beside fp32; fp32 is always there")
+    return quantize
 
 
 def trust_caption(result: dict[str, Any]) -> str:
