@@ -130,8 +130,8 @@ class Quickstart:
                 )
             if saved.get("settings", Settings().to_dict()) != self.settings.to_dict():
                 raise HatcError(
-                    f"{self.out} holds a quickstart of other settings ({saved.get('settings')}); use the same "
-                    "--target/--tracker/--key/--space/--checkpoint/--data/--budgets to resume it, or another --out"
+                    f"{self.out} holds a quickstart of other settings ({saved.get('settings')}); use the same --target/"
+                    "--tracker/--key/--space/--checkpoint/--data/--budgets/--quantize to resume it, or another --out"
                 )
             self.state = saved | {"settings": self.settings.to_dict()}
         spent = sum(s["seconds"] for s in self.state["stages"].values())
