@@ -12,6 +12,7 @@ from rpc_helpers import running_server, running_tracker
 
 from hatc.arch import Architecture
 from hatc.cost import count_flops
+from hatc.errors import HatcError
 from hatc.latency.dataset import append_rows, make_row
 from hatc.search.evolution import CachedLatency, SearchConfig, evolve, random_search
 from hatc.search.run import parse_budget
@@ -400,3 +401,14 @@ def test_a_search_with_an_emulated_devices_predictor_says_so(cli, workspace, tmp
     assert f"{budget} (emulated)" in result.stdout and "ms (emulated)" in result.stdout
     summary = json.loads((tmp_path / "search" / "search.json").read_text())
     assert summary["predictor"]["emulated"] is True
+
+
+def test_collect_first_passes_a_space_from_a_checkpoint_on_as_a_file(tmp_path):
+    from hatc.search.collect_first import CollectFirst, check_collect_first, space_argument
+    from hatc.space import SearchSpace
+
+    assert space_argument(load_space("tiny"), tmp_path) == "tiny"
+    mine = SearchSpace.from_dict(load_space("tiny").to_dict() | {"name": "mine"}, "test")
+    assert load_space(space_argument(mine, tmp_path)) == mine  # collect reads it back as it was
+    with pytest.raises(HatcError, match="not both"):
+        check_collect_first(CollectFirst(30, "h:1", None, None, False, "fp32"), tmp_path / "p.json")

@@ -75,7 +75,7 @@ def collect_and_fit(
     say(f"collecting {first.rows} latencies into {dataset} (--collect {first.rows}; re-running resumes it)")
     collect_dataset(request, on_row=on_row, on_log=say)
     table = read_dataset(dataset)
-    predictor = fit_predictor(table, target, space.name)
+    predictor = fit_predictor(table, target)  # the rows carry their space (a file space too)
     path = predictor.save(out / f"predictor{suffix}.json")
     if predictor.emulated:
         say(f"predictor of an emulated device saved to {path} (never registered as a default)")
