@@ -108,3 +108,18 @@ def test_board_quickstart_bad_input_is_one_line_within_seconds(tmp_path, shared_
     assert nobody.returncode == 2 and len(nobody.stderr.strip().splitlines()) == 1
     assert "no device with key 'rpi4'" in nobody.stderr and "--key rpi4-qemu --allow-emulated" in nobody.stderr
     assert not (tmp_path / "qs").exists()  # refused before anything was written
+
+
+def test_quickstart_settings_that_cannot_work_are_one_line(tmp_path, shared_data):
+    corpus = ["--corpus", shared_data / "multi30k", "--out", tmp_path / "qs"]
+    for args, message in (
+        (["--quantize", "int3"], "--quantize int3: unknown precision; accepted: fp32, int8, int4"),
+        (["--quantize", "fp32"], "fp32 is always there"),
+        (["--checkpoint", tmp_path / "ckpt.pt"], "--checkpoint needs --data DIR"),
+        (["--data", tmp_path], "give one of --corpus DIR, --download or --data DIR"),
+        (["--budgets", "fast"], "budget 'fast' is not"),
+    ):
+        result = run_quickstart([*corpus, *args], tmp_path, timeout_s=120)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "qs").exists()
