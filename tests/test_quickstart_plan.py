@@ -211,14 +211,20 @@ class FakeQuickstart(Quickstart):
         return self.devices.tracker or "127.0.0.1:9190"  # the user's, else (instead of a loopback one) a name
 
 
-def run_fake(tmp_path, machine, minutes=15.0, out="qs", runner=None):
-    corpus = tmp_path / "corpus"  # what prepare would read: only checked for
+def fake_corpus(tmp_path) -> Path:
+    """What prepare would read: only checked for."""
+    corpus = tmp_path / "corpus"
     corpus.mkdir(exist_ok=True)
     for split in ("train", "val", "test_2016_flickr"):
         (corpus / f"{split}.en").touch()
+    return corpus
+
+
+def run_fake(tmp_path, machine, minutes=15.0, out="qs", runner=None, settings=None):
     lines: list[str] = []
     plan = Plan.for_minutes(minutes)
-    qs = FakeQuickstart(tmp_path / out, plan, corpus, False, lines.append, now=machine.now, runner=runner or machine)
+    qs = FakeQuickstart(tmp_path / out, plan, fake_corpus(tmp_path), False, lines.append, now=machine.now,
+                        runner=runner or machine, settings=settings)  # fmt: skip
     return qs.run(), lines
 
 
@@ -402,10 +408,7 @@ def test_on_a_board_every_device_stage_goes_through_the_tracker_with_the_given_b
     from hatc.quickstart_devices import Devices
 
     monkeypatch.setattr("hatc.quickstart.check_devices", lambda devices: 2)  # no tracker: a fake machine
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for split in ("train", "val", "test_2016_flickr"):
-        (corpus / f"{split}.en").touch()
+    corpus = fake_corpus(tmp_path)
     board = FakeMachine()
     settings = Settings(devices=Devices("rpi4", "10.0.0.2:9190", "rpi4"), budgets=(40.0, 60.0))
     lines: list[str] = []
@@ -437,15 +440,9 @@ def test_an_emulated_board_marks_every_figure_and_registers_nothing(tmp_path, ca
     from hatc.quickstart_devices import Devices
 
     monkeypatch.setattr("hatc.quickstart.check_devices", lambda devices: 1)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for split in ("train", "val", "test_2016_flickr"):
-        (corpus / f"{split}.en").touch()
     board = FakeMachine()
     settings = Settings(devices=Devices("rpi4", "127.0.0.1:9190", "rpi4-qemu", allow_emulated=True))
-    qs = FakeQuickstart(tmp_path / "qs", Plan.for_minutes(15), corpus, False, lambda _: None, now=board.now,
-                        runner=board, settings=settings)  # fmt: skip
-    result = qs.run()
+    result, _ = run_fake(tmp_path, board, settings=settings)
     assert result["emulated"] is True and result["tuning_db"]["registered"] is False
     assert not (cache / "tuning" / "rpi4").exists()
     assert all("--allow-emulated" in call for call in calls(board, "latency", "collect"))
@@ -464,14 +461,8 @@ def test_an_emulated_board_marks_every_figure_and_registers_nothing(tmp_path, ca
 def test_quantize_searches_and_builds_the_quantized_winners_beside_the_fp32_ones(tmp_path, cache):
     from hatc.quickstart import Settings
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for split in ("train", "val", "test_2016_flickr"):
-        (corpus / f"{split}.en").touch()
     machine = FakeMachine()
-    qs = FakeQuickstart(tmp_path / "qs", Plan.for_minutes(30), corpus, False, lambda _: None, now=machine.now,
-                        runner=machine, settings=Settings(quantize="int8"))  # fmt: skip
-    result = qs.run()
+    result, _ = run_fake(tmp_path, machine, minutes=30, settings=Settings(quantize="int8"))
     assert machine.t <= 1.15 * 30 * 60, machine.t / 60  # the quantized stages were planned in
     rows = result["rows"]
     assert [r["precision"] for r in rows] == ["fp32", "int8"] * 4  # side by side, the largest last
