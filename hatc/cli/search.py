@@ -172,7 +172,15 @@ def _collect_first(
     def say(line: str) -> None:
         stderr.print(line, soft_wrap=True, markup=False, highlight=False)
 
-    return collect_and_fit(target, space_of(state), model_config_of(state).vocab_size, out, first, say)
+    try:
+        with sigterm_interrupts():
+            return collect_and_fit(target, space_of(state), model_config_of(state).vocab_size, out, first, say)
+    except KeyboardInterrupt:
+        # As `hatc latency collect`: every written row is whole, and workers may be inside TVM
+        # calls that an interpreter shutdown would abort on, so leave at once.
+        sys.stderr.write(f"interrupted; the rows so far are kept in {out}: run the same command to resume\n")
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def _print_verified(summary: dict) -> None:
