@@ -18,9 +18,11 @@ SHARED_DATA = Path(os.environ.get("HATC_SHARED_DATA", REPO.parent / "shared" / "
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The end-to-end quickstart (the longest test by far) first: pyproject's two workers
-    take whole files in this order, so one runs it while the other runs the rest."""
-    items.sort(key=lambda item: item.path.name != "test_quickstart.py")  # stable: the rest keep their order
+    """The two end-to-end quickstarts (this CPU's, the emulated board's: the longest tests by
+    far) first: pyproject's two workers take whole files in this order, so each starts one of
+    them and then shares the rest."""
+    first = ("test_quickstart.py", "test_board_quickstart.py")
+    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))  # stable
 
 
 @pytest.fixture(scope="session")
