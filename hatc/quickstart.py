@@ -399,15 +399,7 @@ class Quickstart:
 
     def _collect(self, db: Path, latency: Path, vocab: int) -> Any:
         """The rows a fit needs first (which also times a row), then more for the time the plan allows."""
-        tracker = self._start_devices()
-        # Paired rows (collect's default): the reference runs with every row, fit divides out drift.
-        common = ["latency", "collect", "--target", self.target, "--space", self.settings.space, "--out", latency,
-                  "--tracker", tracker, *self._rpc_key(), "--db", db, "--vocab-size", vocab, "--seed", "0",
-                  *self._protocol()]  # fmt: skip
-        if self.plan.latency_repeats < 20:
-            # Few runs per row spread widely on a busy machine: re-measuring them would double
-            # most rows' time (16 of 24 in a --minutes 1 run) for timings that stay rough.
-            common.append("--keep-outliers")
+        common = self._collect_command(db, latency, vocab)
         first, seconds = self.timed(lambda: self.hatc(*common, "--n", MIN_FIT_ROWS))  # the same plan's first rows
         self._observe_collect(first, seconds)
         start, arch = self.budget.rate("collect_start"), self.arch_seconds()
@@ -438,13 +430,20 @@ class Quickstart:
         from hatc.latency.collect import measured_keys
 
         rows = len(measured_keys(latency))
-        quantize = str(self.settings.quantize)
-        return self.hatc(
-            "latency", "collect", "--target", self.target, "--space", self.settings.space, "--out", latency_q,
-            "--tracker", self._start_devices(), *self._rpc_key(), "--db", db, "--vocab-size", vocab, "--seed", "0",
-            *self._protocol(), *(["--keep-outliers"] if self.plan.latency_repeats < 20 else []),
-            "--quantize", quantize, "--n", rows,
-        )  # fmt: skip
+        quantize = ["--quantize", str(self.settings.quantize)]
+        return self.hatc(*self._collect_command(db, latency_q, vocab), *quantize, "--n", rows)
+
+    def _collect_command(self, db: Path, latency: Path, vocab: int) -> list[Any]:
+        """``hatc latency collect`` into ``latency`` on the run's devices, at the plan's protocol."""
+        # Paired rows (collect's default): the reference runs with every row, fit divides out drift.
+        command = ["latency", "collect", "--target", self.target, "--space", self.settings.space, "--out", latency,
+                   "--tracker", self._start_devices(), *self._rpc_key(), "--db", db, "--vocab-size", vocab,
+                   "--seed", "0", *self._protocol()]  # fmt: skip
+        if self.plan.latency_repeats < 20:
+            # Few runs per row spread widely on a busy machine: re-measuring them would double
+            # most rows' time (16 of 24 in a --minutes 1 run) for timings that stay rough.
+            command.append("--keep-outliers")
+        return command
 
     def _observe_collect(self, result: dict[str, Any], seconds: float, before: dict[str, Any] | None = None) -> None:
         """Collection's rates; a second call's rows are pooled with the first's: its few rows
