@@ -3,7 +3,8 @@
 An emulated rpi4 is functionally a Raspberry Pi 4 (it loads and runs the same
 cross-compiled aarch64 libraries), so a rpi4 artifact can be checked without
 the board; its timings are ~400x a Pi's and mean nothing, hence its key
-``rpi4-qemu`` (latency commands refuse ``*-qemu`` keys).
+``rpi4-qemu`` (latency commands refuse ``*-qemu`` keys unless given ``--allow-emulated``,
+and then mark every figure emulated).
 
 What it is made of, built once under ``cache_dir()/emulate/rpi4/``:
 
