@@ -26,6 +26,7 @@ report (``hatc.quickstart_report``).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -337,8 +338,9 @@ class Quickstart:
         if result.get("trials"):
             self.budget.observe("tune_trial", tune_s, result["trials"])
 
-    @property
+    @functools.cached_property
     def space(self) -> Any:
+        """The design space (read once: a space file is parsed for every use otherwise)."""
         from hatc.space import load_space
 
         return load_space(self.settings.space)

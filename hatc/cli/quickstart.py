@@ -84,7 +84,6 @@ def quickstart(
     Each stage prints the hatc command it runs; interrupted, the same command resumes."""
     from hatc.quickstart import Plan, Quickstart, Settings
     from hatc.quickstart_devices import Devices
-    from hatc.search.run import parse_budget
 
     given = [flag for flag, value in (("--corpus", corpus), ("--download", download), ("--data", data)) if value]
     if len(given) > 1:
@@ -101,7 +100,7 @@ def quickstart(
         space=space,
         checkpoint=str(checkpoint) if checkpoint else None,
         data=str(data) if data else None,
-        budgets=tuple(parse_budget(b) for b in budgets.split(",")) if budgets else None,
+        budgets=parsed_budgets(budgets),
         quantize=quantized_precision(quantize),
     )
     plan = Plan.for_minutes(minutes, subset)
@@ -149,6 +148,15 @@ def table_row(r: dict[str, Any], emulated: bool = False) -> list[str]:
         f"{r['params'] / 1e6:.2f}M",
         ", ".join(notes) or "-",
     ]
+
+
+def parsed_budgets(budgets: str | None) -> tuple[float, ...] | None:
+    """--budgets in ms; hatc.search.run imports torch, so only when budgets are given."""
+    if not budgets:
+        return None
+    from hatc.search.run import parse_budget
+
+    return tuple(parse_budget(b) for b in budgets.split(","))
 
 
 def quantized_precision(quantize: str | None) -> str | None:
