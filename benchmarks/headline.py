@@ -6,8 +6,13 @@ settings, architectures scored and wall time are recorded too (with no --search
 options: HAT's defaults, so this is also the search-time benchmark).
 
     python benchmarks/headline.py --checkpoint runs/bench-m30k-2c/supernet/checkpoints/best.pt \\
-        --predictor runs/quickstart/predictor.json --db runs/quickstart/tuning/x86 --budgets 35ms,45ms,60ms \\
-        --workdir runs/headline --out benchmarks/results/headline.json
+        --budgets 30ms --workdir runs/headline --out benchmarks/results/headline.json
+
+The checkpoint is `benchmarks/train_multi30k.py`'s. Without --db and --predictor the
+script makes both in the workdir with hatc's own commands, recorded in the results:
+`hatc tune` (x86, the checkpoint's space and vocabulary, --trials), `hatc latency
+collect` (--rows paired rows at HAT's protocol) and `hatc latency fit`; each resumes
+where an interrupted run stopped.
 
 Latencies: `hatc latency measure` (HAT's protocol, tuned database, one thread),
 the models alternated ``--rounds`` times; a speed-up is the median of the
@@ -48,11 +53,42 @@ def hatc_json(*args: object, env: dict[str, str] | None = None) -> dict:
     return json.loads(done.stdout)
 
 
+def make_inputs(args: argparse.Namespace, space: str, vocab_size: int) -> dict:
+    """The tuning database and predictor the headline needs, made in the workdir by hatc's
+    commands unless given; returns what was used and, for what was made, how."""
+    inputs: dict = {"db": str(args.db), "predictor": str(args.predictor)}
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    if args.db is None:
+        args.db = args.workdir / "tuning" / "x86"
+        tune = ["tune", "--target", "x86", "--space", space, "--vocab-size", vocab_size, "--buckets", "32",
+                "--trials", args.trials, "--db", args.db]  # fmt: skip
+        tuned = hatc_json(*tune, env=env)
+        inputs["db"] = str(args.db)
+        inputs["tune"] = {"command": command_line(tune), "result": tuned}
+    if args.predictor is None:
+        dataset, args.predictor = args.workdir / f"x86-{space}.jsonl", args.workdir / "predictor.json"
+        collect = ["latency", "collect", "--target", "x86", "--space", space, "--vocab-size", vocab_size,
+                   "--db", args.db, "--n", args.rows, "--seed", "7", "--out", dataset]  # fmt: skip
+        collected = hatc_json(*collect, env=env)
+        fit = ["latency", "fit", "--dataset", dataset, "--target", "x86", "--space", space, "--out", args.predictor]
+        fitted = hatc_json(*fit)
+        inputs["predictor"] = str(args.predictor)
+        inputs["collect"] = {"command": command_line(collect), "result": collected}
+        inputs["fit"] = {"command": command_line(fit), "result": fitted}
+    return inputs
+
+
+def command_line(args: list) -> str:
+    return "hatc " + " ".join(map(str, args))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="supernet checkpoint")
-    parser.add_argument("--predictor", type=Path, required=True, help="x86 predictor for the checkpoint's space")
-    parser.add_argument("--db", type=Path, required=True, help="x86 tuning database for the checkpoint's vocabulary")
+    parser.add_argument("--predictor", type=Path, help="x86 predictor for the checkpoint's space (default: fit one)")
+    parser.add_argument("--db", type=Path, help="x86 tuning database for its vocabulary (default: tune one)")
+    parser.add_argument("--trials", type=int, default=1000, help="tuning trials when the script tunes")
+    parser.add_argument("--rows", type=int, default=120, help="latency rows collected when the script fits")
     parser.add_argument("--budgets", required=True, help="latency budgets searched in one run, e.g. 35ms,45ms,60ms")
     parser.add_argument("--data", type=Path, help="data dir (default: the checkpoint's)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/headline"))
@@ -61,8 +97,13 @@ def main() -> None:
     parser.add_argument("--search", default="", help="extra `hatc search` options, e.g. '--iterations 10'")
     args = parser.parse_args()
 
+    state = read_checkpoint(args.checkpoint)
+    space, vocab_size = space_of(state).name, model_config_of(state).vocab_size
+    inputs = make_inputs(args, space, vocab_size)
+
     start = time.perf_counter()
     search_dir = args.workdir / "search"
+    resumed = (search_dir / "search.json").exists()
     search_args = ["search", "--target", "x86", "--budgets", args.budgets, "--checkpoint", args.checkpoint,
                    "--predictor", args.predictor, "--out", search_dir, "--resume"]  # fmt: skip
     search_args += args.search.split()
@@ -78,8 +119,6 @@ def main() -> None:
         models[label] = winner
     models["largest"] = "largest"
 
-    state = read_checkpoint(args.checkpoint)
-    space, vocab_size = space_of(state).name, model_config_of(state).vocab_size
     data = args.data or Path(state["data"]["dir"])
     bleu, translations = {}, {}
     for name, arch in models.items():
@@ -141,6 +180,8 @@ def main() -> None:
         "goal_met_by": goal,
         "search": {k: search[k] for k in ("settings", "evaluated", "wall_s", "predictor")},
         "search_s": search_s,
+        "search_resumed": resumed,  # a resumed search's times cover only the resumed part
+        "inputs": inputs,
         "cores": len(os.sched_getaffinity(0)),
         "hatc": hatc.__version__,
     }
