@@ -98,24 +98,26 @@ def test_int4_falls_back_to_int8_off_whole_blocks_and_bad_input_is_refused():
 
 
 # ----- hatc's kernels ---------------------------------------------------------------
+@pytest.mark.parametrize("cores", [1, 2])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(precision):
+def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(precision, cores):
     """The TE operator the importer emits, scheduled by hatc-gemv (not left to plain loops),
-    computes x @ dequantize(W) on packed weights."""
+    computes x @ dequantize(W) on packed weights (int4: nibbles offset by 8, scaled per block),
+    on one core and with its column blocks spread over two."""
     import tvm
     from tvm import te
 
     from hatc.compile.packing import _blocked
-    from hatc.compile.quantize import _quant_matmul_te
+    from hatc.compile.quantize import _quant_matmul_te, kernel_values
     from hatc.compile.schedules import RULE_NAME, column_block, schedule_gemv, vector_lanes
-    from hatc.targets import load_target, tvm_target_of
+    from hatc.targets import load_target
 
-    target = tvm_target_of(load_target("x86"))
+    target = tvm.target.Target({**load_target("x86").resolved_tvm_target(), "num-cores": cores})
     rows, k, n = 2, 128, 96
     w, x = _weight(k, n), np.random.default_rng(2).normal(size=(1, rows, k)).astype(np.float32)
     q = quantization.quantize(w, precision)
     block = column_block(n, rows, vector_lanes(target))
-    values, scales = _blocked(q.values, block), _blocked(q.scales, block)
+    values, scales = _blocked(kernel_values(q.values, precision), block), _blocked(q.scales, block)
     # int64 shapes, as Relax gives them (the reduction index is int64 then)
     xs = te.placeholder([tvm.tirx.IntImm("int64", d) for d in x.shape], "float32", "x")
     vs = te.placeholder([tvm.tirx.IntImm("int64", d) for d in values.shape], str(values.dtype), "values")
@@ -124,18 +126,36 @@ def test_the_gemv_rule_schedules_the_dequantizing_kernel_and_it_equals_numpy(pre
     with target:
         scheduled = schedule_gemv(func, target)
     assert scheduled is not None and scheduled.attrs["hatc.schedule"] == RULE_NAME
-    from tvm.s_tir import Schedule
-
-    from hatc.compile.schedules import gemv_shape
-
-    sch = Schedule(func)
-    reduction = next(b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).init is not None)
-    assert gemv_shape(sch.get(reduction)).k_unroll == (2 if precision == "int4" else 1)  # a byte holds two steps
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
     out = tvm.runtime.tensor(np.zeros((n // block, rows, block), np.float32))
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, values, scales)), out)
     got = out.numpy().transpose(1, 0, 2).reshape(rows, n)
     np.testing.assert_allclose(got, x[0] @ quantization.dequantize(q), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_the_gemv_rule_takes_the_quantized_kernels_of_a_four_core_neon_board(precision, rows):
+    """rpi4 (4-lane NEON, four cores: column blocks in parallel) gets hatc's kernel too, at the
+    column block its packing uses, and LLVM compiles it for aarch64."""
+    import tvm
+    from tvm import te
+
+    from hatc.compile.quantize import _quant_matmul_te
+    from hatc.compile.schedules import RULE_NAME, column_block, schedule_gemv, vector_lanes
+    from hatc.targets import load_target, tvm_target_of
+
+    target = tvm_target_of(load_target("rpi4"))
+    k, n = 256, 1024
+    block = column_block(n, rows * (2 if precision == "int4" else 1), vector_lanes(target))
+    values = (n // block, k // 2 if precision == "int4" else k, block)
+    scales = (n // block, k // 32 if precision == "int4" else 1, block)
+    xs = te.placeholder((1, rows, k), "float32", "x")
+    vs = te.placeholder(values, "uint8" if precision == "int4" else "int8", "values")
+    ss = te.placeholder(scales, "float32", "scales")
+    scheduled = schedule_gemv(te.create_prim_func([xs, vs, ss, _quant_matmul_te(xs, vs, ss, precision)]), target)
+    assert scheduled is not None and scheduled.attrs["hatc.schedule"] == RULE_NAME
+    tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -149,13 +169,13 @@ def test_hatc_operators_through_the_import_and_build_pipeline(op, precision):
     from tvm.relax.frontend.onnx import from_onnx
 
     from hatc.compile.packing import QUANT_DOMAIN, _blocked
-    from hatc.compile.quantize import hatc_operators
+    from hatc.compile.quantize import hatc_operators, kernel_values
     from hatc.compile.tvm_build import RelaxGraph, build_module
     from hatc.targets import load_target
 
     k, n, block, rows = 96, 128, 32, 2
     q = quantization.quantize(_weight(k, n), precision)
-    values, scales = _blocked(q.values, block), _blocked(q.scales, block)
+    values, scales = _blocked(kernel_values(q.values, precision), block), _blocked(q.scales, block)
     rng = np.random.default_rng(3)
     if op == "HatcQuantMatMul":
         feed = rng.normal(size=(1, rows, k)).astype(np.float32)

@@ -22,7 +22,8 @@ the runtime passes them as they are: nothing is re-laid-out at run time.
 
 With ``precision`` int8 or int4 (``hatc.runtime.quantization``) the packed weight
 is stored quantized, and the two rewrites read it through hatc's own operators
-(``hatc.compile.quantize``), whose kernels dequantize as they stream:
+(``hatc.compile.quantize``; int4 nibbles offset by 8, ``kernel_values``), whose kernels
+dequantize as they stream:
 
     MatMul(x, W)                 ->  ... HatcQuantMatMul(Reshape(x), W_values, W_scales) ...
     Gather(W, tokens, axis=1)    ->  HatcQuantLookup(W_values, W_scales, tokens)
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from hatc.compile.quantize import gather_axis
+from hatc.compile.quantize import gather_axis, kernel_values
 from hatc.compile.schedules import MAX_ROWS, column_block
 from hatc.runtime import quantization
 
@@ -103,19 +104,21 @@ def pack_onnx(
         if any(not s or 0 in s or math.prod(s[:-1]) > MAX_ROWS for s in input_shapes):
             continue
         rows = {math.prod(s[:-1]) for s in input_shapes}
-        block = column_block(n, max(rows), lanes)  # the kernel's own column block: one contiguous run each
+        scheme = quantization.precision_for(precision, k) if quantizable is None or name in quantizable else "fp32"
+        # the kernel's own column block: one contiguous run each (int4 keeps two accumulators a column)
+        block = column_block(n, max(rows) * (2 if scheme == "int4" else 1), lanes)
         if block is None:
             continue
         weight = numpy_helper.to_array(init)
         packed_name = name + SUFFIX
-        scheme = quantization.precision_for(precision, k) if quantizable is None or name in quantizable else "fp32"
         if scheme == "fp32":
             graph.initializer.append(numpy_helper.from_array(_blocked(weight, block), packed_name))
             weights = [packed_name]
         else:
             quantized = quantization.quantize(weight, scheme)
             weights = [f"{packed_name}_values", f"{packed_name}_scales"]
-            for array, weight_name in ((quantized.values, weights[0]), (quantized.scales, weights[1])):
+            values = kernel_values(quantized.values, scheme)
+            for array, weight_name in ((values, weights[0]), (quantized.scales, weights[1])):
                 graph.initializer.append(numpy_helper.from_array(_blocked(array, block), weight_name))
         for node, shape in zip(matmuls, input_shapes):
             replaced[id(node)] = _packed_matmul(node, weights, shape, k, n, block, scheme, helper)

@@ -151,48 +151,98 @@ def quantize_at_load(model: Any, precision: str, vocab_size: int) -> dict[str, A
 
 
 # ----- hatc's operators in TVM ----------------------------------------------------
+INT4_OFFSET = 0x88  # both nibbles of a byte from two's complement n to n + 8
+
+
+def kernel_values(values: np.ndarray, precision: str) -> np.ndarray:
+    """Quantized values as hatc's kernels read them: int8 as stored; int4 with each nibble n
+    stored as n + 8 in [0, 15] (``byte ^ 0x88``), which a kernel converts to float without a
+    sign extension (``hatc.runtime.quantization`` keeps two's complement)."""
+    return values ^ np.uint8(INT4_OFFSET) if precision == "int4" else values
+
+
 def _dequantized(values: Any, scales: Any, precision: str, g: Any, k: Any, j: Any, scaled: bool = True) -> Any:
     """The float32 weight at (block g, reduction index k, column j) of packed quantized arrays
     (without its int8 per-channel scale unless ``scaled``: a matmul applies it once per output).
 
-    values: int8 (G, K, b), or int4 pairs in uint8 (G, K / 2, b); scales: (G, 1, b) for
-    int8, (G, K / INT4_BLOCK, b) for int4 (``hatc.runtime.quantization``, blocked by packing).
+    values: int8 (G, K, b), or int4 pairs in uint8 (G, K / 2, b) as ``kernel_values`` stores
+    them; scales: (G, 1, b) for int8, (G, K / INT4_BLOCK, b) for int4 (blocked by packing).
     """
-    from tvm import tirx
-
     if precision == "int8":
         value = values[g, k, j].astype("float32")
         return value * scales[g, 0, j] if scaled else value
-    # the low or the high nibble, its sign by (n ^ 8) - 8. A select on k, not a shift by 4 * (k % 2):
-    # TE would widen that arithmetic to the int64 of Relax's indices (half the vector lanes), and
-    # once the rule unrolls k by 2 the select is a constant.
+    return (_offset_nibble(values, g, k, j) - 8.0) * scales[g, k // quantization.INT4_BLOCK, j]
+
+
+def _offset_nibble(values: Any, g: Any, k: Any, j: Any) -> Any:
+    """The stored nibble n + 8 of (g, k, j) as float32: the low one of its byte for even k.
+
+    A select on k, not a shift by 4 * (k % 2): TE would widen that arithmetic to the int64 of
+    Relax's indices (half the vector lanes), and once the rule unrolls k by 2 the select is a
+    constant."""
+    from tvm import tirx
+
     byte = values[g, k // 2, j].astype("int32")
-    low, high = ((byte & 15) ^ 8) - 8, (((byte >> 4) & 15) ^ 8) - 8
-    nibble = tirx.Select(k % 2 == 0, low, high)
-    return nibble.astype("float32") * scales[g, k // quantization.INT4_BLOCK, j]
+    return tirx.Select(k % 2 == 0, byte & 15, byte >> 4).astype("float32")
 
 
 def _quant_matmul_te(x: Any, values: Any, scales: Any, precision: str) -> Any:
     """(1, rows, K) x packed (G, K, b) -> (G, rows, b): what ``packing`` writes for a float weight.
 
     int8 sums x * q and scales each output once (a per-channel scale is constant along k);
-    int4 scales inside the sum (one scale per block of 32 along k)."""
+    int4 scales once per block of 32 along k (``_int4_matmul_te``)."""
+    from tvm import te
+
+    if precision == "int4":
+        return _int4_matmul_te(x, values, scales)
+    _, rows, k_extent = x.shape
+    groups, _, block = values.shape
+    k = te.reduce_axis((0, k_extent), name="k")
+    product = te.compute(
+        (groups, rows, block),
+        lambda g, r, j: te.sum(x[0, r, k] * _dequantized(values, scales, precision, g, k, j, scaled=False), axis=k),
+        name="hatc_quant_matmul",
+    )
+    return te.compute((groups, rows, block), lambda g, r, j: product[g, r, j] * scales[g, 0, j], name="hatc_scale")
+
+
+INT4_STAGES = ("hatc_int4_x_sum", "hatc_int4_block_sum", "hatc_int4_matmul")  # what hatc.compile.schedules looks for
+
+
+def _int4_matmul_te(x: Any, values: Any, scales: Any) -> Any:
+    """The int4 matmul with the scale applied once per block of 32, not per weight.
+
+    A nibble n in [-8, 7] is stored as u = n + 8 in [0, 15] (``kernel_values``), so within a
+    block ``sum x * n = sum x * u - 8 * sum x``:
+
+        x_sum[r, kb]          = sum over the block of x            (once per row, shared by all columns)
+        block_sum[g, r, kb, j] = sum over the block of x * u        (integers to float and FMAs only)
+        out[g, r, j]          = sum over kb of scale * (block_sum - 8 * x_sum)
+
+    The inner loop then does per byte a mask, a shift, two conversions and two FMAs;
+    reading the scale and multiplying by it happen once per 32 weights, not per weight.
+    """
     from tvm import te
 
     _, rows, k_extent = x.shape
     groups, _, block = values.shape
-    k = te.reduce_axis((0, k_extent), name="k")
-    scaled_inside = precision != "int8"
-    product = te.compute(
-        (groups, rows, block),
-        lambda g, r, j: te.sum(
-            x[0, r, k] * _dequantized(values, scales, precision, g, k, j, scaled=scaled_inside), axis=k
-        ),
-        name="hatc_quant_matmul",
+    size = quantization.INT4_BLOCK
+    blocks = k_extent // size
+
+    i = te.reduce_axis((0, size), name="i")
+    x_sum = te.compute((rows, blocks), lambda r, kb: te.sum(x[0, r, kb * size + i], axis=i), name=INT4_STAGES[0])
+    i = te.reduce_axis((0, size), name="i")
+    block_sum = te.compute(
+        (groups, rows, blocks, block),
+        lambda g, r, kb, j: te.sum(x[0, r, kb * size + i] * _offset_nibble(values, g, kb * size + i, j), axis=i),
+        name=INT4_STAGES[1],
     )
-    if scaled_inside:
-        return product
-    return te.compute((groups, rows, block), lambda g, r, j: product[g, r, j] * scales[g, 0, j], name="hatc_scale")
+    kb = te.reduce_axis((0, blocks), name="kb")
+    return te.compute(
+        (groups, rows, block),
+        lambda g, r, j: te.sum(scales[g, kb, j] * (block_sum[g, r, kb, j] - 8.0 * x_sum[r, kb]), axis=kb),
+        name=INT4_STAGES[2],
+    )
 
 
 def _quant_lookup_te(values: Any, scales: Any, tokens: Any, precision: str, k_extent: int) -> Any:

@@ -49,7 +49,6 @@ class GemvShape:
     k: int  # the reduction axis
     row_count: int
     n_extent: int
-    k_unroll: int = 1  # 2 when the weight packs two reduction steps in a byte (int4): one load serves both
 
 
 def _index_vars(indices: Any, iter_vars: list[Any]) -> list[set[int]]:
@@ -105,9 +104,8 @@ def _is_multiply_accumulate(store: Any) -> bool:
 def gemv_shape(block: Any) -> GemvShape | None:
     """The roles of a reduction block's axes if it is GEMV-like (see the module docstring), else None.
 
-    The weight side may be several loads (a quantized weight's values and scales), each
-    indexed by the output column ``n`` innermost; the reduction index may reach them
-    through arithmetic (``k // 2`` for int4 pairs, ``k // 32`` for a block's scale).
+    The weight side may be several loads (an int8 weight's values and scales), each
+    indexed by the output column ``n`` innermost.
     """
     import tvm
 
@@ -146,14 +144,7 @@ def gemv_shape(block: Any) -> GemvShape | None:
     row_count = math.prod(extent[i] for i in rows)
     if row_count > MAX_ROWS:
         return None
-    paired = any(
-        k in used and _plain(index, iter_vars) is None
-        for load, indices in weights
-        for index, used in zip(load.indices, indices)
-        if str(load.source.dtype) in ("int8", "uint8")  # a packed pair, not a block scale (k // 32)
-    )
-    k_unroll = 2 if paired and extent[k] % 2 == 0 else 1
-    return GemvShape(batch, rows, n, k, row_count, extent[n], k_unroll)
+    return GemvShape(batch, rows, n, k, row_count, extent[n])
 
 
 def vector_lanes(target: Any) -> int:
@@ -212,6 +203,8 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
         return None
     sch = Schedule(func, debug_mask=0)
     blocks = _root_blocks(sch)
+    if _int4_stages(sch, blocks) is not None:
+        return schedule_int4_gemv(sch, blocks, target)
     reductions = [b for b in blocks if sch.get(b).init is not None]
     if len(reductions) != 1:
         return None
@@ -233,13 +226,10 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
             sch.reverse_compute_inline(block)
         n_outer, n_inner = sch.split(loops[shape.n], [None, n_block])
         n_unrolled, n_lanes = sch.split(n_inner, [None, lanes])
-        k_loops = [loops[shape.k]]
-        if shape.k_unroll > 1:  # both halves of a packed byte in one iteration
-            k_loops = list(sch.split(loops[shape.k], [None, shape.k_unroll]))
         sch.reorder(
             *(loops[i] for i in shape.batch),
             n_outer,
-            *k_loops,
+            loops[shape.k],
             *(loops[i] for i in shape.rows),
             n_unrolled,
             n_lanes,
@@ -249,14 +239,83 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
             sch.parallel(loops[shape.batch[0]] if shape.batch else n_outer)
         for i in shape.rows:
             sch.unroll(loops[i])
-        if shape.k_unroll > 1:
-            sch.unroll(k_loops[1])
         sch.unroll(n_unrolled)
         sch.vectorize(n_lanes)
-        sch.decompose_reduction(anchor, k_loops[0])
+        sch.decompose_reduction(anchor, loops[shape.k])
         write_lanes = sch.split(sch.get_loops(output)[-1], [None, lanes])[1]
         sch.vectorize(write_lanes)
     except Exception as e:  # noqa: BLE001 - TVM raises ScheduleError; the function then goes to MetaSchedule
         log.debug("hatc-gemv does not apply: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+    return sch.mod["main"].with_attr("hatc.schedule", RULE_NAME)
+
+
+# ----- int4: the scale once per block of 32 (hatc.compile.quantize._int4_matmul_te) -------
+def _int4_stages(sch: Any, blocks: list[Any]) -> tuple[int, int, int] | None:
+    """Positions of the int4 matmul's three reductions (x sums, block sums, the scaled sum)."""
+    from hatc.compile.quantize import INT4_STAGES
+
+    names = [sch.get(b).name_hint for b in blocks]
+    found = [next((i for i, name in enumerate(names) if name.startswith(stage)), None) for stage in INT4_STAGES]
+    if None in found or max(found) != found[2]:  # the sums in either order, then the scaled sum
+        return None
+    return found[0], found[1], found[2]
+
+
+def schedule_int4_gemv(sch: Any, blocks: list[Any], target: Any) -> Any | None:
+    """The int4 matmul streamed like a float GEMV, its block sums kept in registers:
+
+        for each block of n_block output columns:
+            acc[rows, n_block] = 0
+            for kb:                                        # blocks of 32 along the reduction
+                part[rows, n_block] = 0
+                for k in kb's 32, two at a time:           # one byte: both nibbles
+                    for r in rows:                         # unrolled
+                        part[r, :] += x[r, k] * float(nibble[k, block])
+                acc[r, :] += scale[kb, block] * (part[r, :] - 8 * x_sum[r, kb])
+            out[rows, block] = epilogue(acc)
+
+    ``x_sum`` (one number per row and block) is computed first, for all columns.
+    """
+    x_sum_at, partial_at, anchor_at = _int4_stages(sch, blocks)
+    partial, anchor = blocks[partial_at], blocks[anchor_at]
+    loops = sch.get_loops(anchor)
+    if len(loops) != 4:
+        return None
+    extents = [int(sch.get(loop).extent) for loop in loops]  # (groups, rows, columns, blocks)
+    rows, columns = extents[1], extents[2]
+    lanes = vector_lanes(target)
+    n_block = column_block(columns, rows * 2, lanes)  # accumulators and block sums, both in registers
+    if n_block is None or rows > MAX_ROWS:
+        return None
+    try:
+        for block in reversed(blocks[: min(x_sum_at, partial_at)]):  # prologue: computed where it is read
+            sch.compute_inline(block)
+        output = sch.cache_write(anchor, 0, "local")
+        for block in blocks[anchor_at + 1 :]:  # bias, activation, residual: applied on write-back
+            sch.reverse_compute_inline(block)
+        group, row, column, kb = loops
+        n_outer, n_inner = sch.split(column, [None, n_block])
+        n_unrolled, n_lanes = sch.split(n_inner, [None, lanes])
+        sch.reorder(group, n_outer, kb, row, n_unrolled, n_lanes)
+        sch.reverse_compute_at(output, n_outer)
+        sch.compute_at(partial, kb)
+        sch.set_scope(partial, 0, "local")
+        p_loops = sch.get_loops(partial)[3:]  # under (group, n_outer, kb): [row,] column, k (one row: no loop)
+        p_rows, (p_column, p_k) = p_loops[:-2], p_loops[-2:]
+        k_pairs, k_pair = sch.split(p_k, [None, 2])
+        p_unrolled, p_lanes = sch.split(p_column, [None, lanes])
+        sch.reorder(k_pairs, k_pair, *p_rows, p_unrolled, p_lanes)
+        for loop in (k_pair, *p_rows, p_unrolled, row, n_unrolled):
+            sch.unroll(loop)
+        sch.vectorize(p_lanes)
+        sch.vectorize(n_lanes)
+        if _cores(target) > 1:  # column blocks are independent
+            sch.parallel(n_outer if extents[0] == 1 else group)
+        sch.decompose_reduction(partial, k_pairs)
+        sch.decompose_reduction(anchor, kb)
+        sch.vectorize(sch.split(sch.get_loops(output)[-1], [None, lanes])[1])
+    except Exception as e:  # noqa: BLE001 - TVM raises ScheduleError; the function then goes to MetaSchedule
+        log.debug("hatc-gemv (int4) does not apply: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     return sch.mod["main"].with_attr("hatc.schedule", RULE_NAME)
