@@ -137,8 +137,8 @@ def fake_quantize(weight: np.ndarray, precision: str, block: int | None = None) 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """int8 values in [-8, 7], shape (K, ...), K even -> uint8 (K / 2, ...): rows 2i, 2i+1 in one
-    byte, as 4-bit two's complement, row 2i in the low nibble (a kernel sign-extends either with
-    two shifts)."""
+    byte, as 4-bit two's complement, row 2i in the low nibble (the decoder step's packed copies
+    hold n + 8 instead: ``hatc.compile.quantize.kernel_values``)."""
     if q.shape[0] % 2:
         raise QuantizationError(f"int4 packing needs an even reduction axis, got {q.shape[0]}")
     nibbles = q.astype(np.uint8) & 0x0F
