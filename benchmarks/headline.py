@@ -64,7 +64,12 @@ def make_inputs(args: argparse.Namespace, space: str, vocab_size: int) -> dict:
                 "--trials", args.trials, "--db", args.db]  # fmt: skip
         tuned = hatc_json(*tune, env=env)
         inputs["db"] = str(args.db)
-        inputs["tune"] = {"command": command_line(tune), "result": tuned}
+        # a resumed run tunes nothing: the database's own log has every run that filled it
+        runs = [json.loads(line) for line in (args.db / "runs.jsonl").read_text().splitlines() if line.strip()]
+        inputs["tune"] = {"command": command_line(tune), "result": tuned, "runs": [
+            {k: run.get(k) for k in ("time", "trials", "trials_planned", "tuned", "workloads", "tune_seconds")}
+            for run in runs
+        ]}  # fmt: skip
     if args.predictor is None:
         dataset, args.predictor = args.workdir / f"x86-{space}.jsonl", args.workdir / "predictor.json"
         collect = ["latency", "collect", "--target", "x86", "--space", space, "--vocab-size", vocab_size,
@@ -73,7 +78,12 @@ def make_inputs(args: argparse.Namespace, space: str, vocab_size: int) -> dict:
         fit = ["latency", "fit", "--dataset", dataset, "--target", "x86", "--space", space, "--out", args.predictor]
         fitted = hatc_json(*fit)
         inputs["predictor"] = str(args.predictor)
-        inputs["collect"] = {"command": command_line(collect), "result": collected}
+        rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
+        inputs["collect"] = {"command": command_line(collect), "result": collected, "dataset": {
+            "rows": len(rows),
+            "latency_ms": [min(r["latency_ms"] for r in rows), max(r["latency_ms"] for r in rows)],
+            "measured": [rows[0]["time"], rows[-1]["time"]],
+        }}  # fmt: skip
         inputs["fit"] = {"command": command_line(fit), "result": fitted}
     return inputs
 
