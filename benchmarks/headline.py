@@ -76,7 +76,8 @@ def make_inputs(args: argparse.Namespace, space: str, vocab_size: int) -> dict:
                    "--db", args.db, "--n", args.rows, "--seed", "7", "--out", dataset]  # fmt: skip
         collected = hatc_json(*collect, env=env)
         fit = ["latency", "fit", "--dataset", dataset, "--target", "x86", "--space", space, "--out", args.predictor]
-        fitted = hatc_json(*fit)
+        # its own cache: `hatc latency fit --target` registers the predictor as the target's default
+        fitted = hatc_json(*fit, env={**os.environ, "HATC_CACHE_DIR": str(args.workdir / "cache")})
         inputs["predictor"] = str(args.predictor)
         rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
         inputs["collect"] = {"command": command_line(collect), "result": collected, "dataset": {
