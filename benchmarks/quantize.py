@@ -13,6 +13,11 @@ argmax fed back). Backends on the same exported graphs:
   hatc's dequantizing GEMV kernels, the encoder runs the float32 kernels on weights
   dequantized once when loaded (``hatc.compile.quantize``).
 
+ONNX Runtime's step time moves by up to a third between processes (0.75-1.11 ms on
+`tiny` largest, beam 1, in runs minutes apart), more than between rounds of one
+process: ``--processes N`` measures every case in N fresh processes, one after
+another, keeps each process's row and reports the medians.
+
 With ``--checkpoint`` and ``--data`` it also compiles one artifact per precision with
 ``hatc compile`` (buckets 16,32,64, beam 4) from that checkpoint's ``--arch`` (several,
 comma-separated: ``largest,runs/search/best-30ms.json``) and scores each on the data's
@@ -21,7 +26,7 @@ sizes are the artifacts' weight files and whole directories. ``--skip-latency`` 
 only that part (BLEU does not depend on the machine's load; latency does).
 
     hatc tune --target x86 --space tiny --buckets 32 --beam 1,4 --trials 500
-    python benchmarks/quantize.py --out benchmarks/results/quantize.json
+    python benchmarks/quantize.py --processes 5 --out benchmarks/results/quantize.json
     python benchmarks/quantize.py --skip-latency --checkpoint CKPT --data DATA_DIR \\
         --arch largest,BEST.json --out benchmarks/results/quantize_bleu.json
 """
@@ -200,10 +205,42 @@ def print_latency(rows: list[dict[str, Any]]) -> None:
     print("weights stored, fraction of fp32: " + "; ".join(
         f"{r['arch']} " + ", ".join(f"{p} {w['fraction_of_fp32']:.3f}" for p, w in r["weights"].items())
         for r in rows if r["beam"] == rows[0]["beam"]))  # fmt: skip
-    print("decoder step speed-up over fp32 ONNX Runtime (median of paired rounds):")
+    print("decoder step speed-up over fp32 ONNX Runtime (median of paired rounds; of processes: each one's):")
     for r in rows:
         ratios = ", ".join(f"{n} {p['decoder_speedup_vs_onnxruntime']:.2f}x" for n, p in r["paired"].items())
         print(f"  {r['space']} {r['arch']} beam {r['beam']}: {ratios}")
+        for n in r["paired"] if "processes" in r else []:
+            each = " ".join(f"{run['paired'][n]['decoder_speedup_vs_onnxruntime']:.2f}" for run in r["processes"])
+            print(f"      {n}: {each}")
+
+
+def across_processes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The latency cases measured by ``args.processes`` runs of this script, each a fresh process;
+    each row keeps every process's row (``processes``) and takes the median of their medians and
+    paired ratios."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"run{i}.json"
+            command = [sys.executable, __file__, "--cases", args.cases, "--beams", args.beams,
+                       "--vocab", str(args.vocab), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                       "--db", str(args.db), "--out", str(out)]  # fmt: skip
+            subprocess.run(command, check=True, stdout=sys.stderr)
+            runs.append(json.loads(out.read_text())["latency"])
+    rows = []
+    for per_process in zip(*runs):
+        first = per_process[0]
+        backends = {
+            name: {key: statistics.median(r["backends"][name][key] for r in per_process)
+                   for key in ("encoder_ms", "decoder_ms", "step_ms")} | {"processes": len(per_process)}
+            for name in first["backends"]
+        }  # fmt: skip
+        paired = {
+            name: {key: statistics.median(r["paired"][name][key] for r in per_process) for key in first["paired"][name]}
+            for name in first["paired"]
+        }
+        rows.append({**first, "backends": backends, "paired": paired, "processes": list(per_process)})
+    return rows
 
 
 def main() -> None:
@@ -213,6 +250,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000, help="vocabulary of the latency cases")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="measure the latency cases in this many fresh processes, one after another, "
+                             "and report the median of their paired ratios (ORT's speed varies between "
+                             "processes)")  # fmt: skip
     parser.add_argument("--db", type=Path, default=None, help="tuning database [default: the x86 target's]")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--arch", default="largest", help="architectures scored: largest,smallest,FILE,...")
@@ -228,10 +269,15 @@ def main() -> None:
     args.db = args.db or tuning_db_path("x86")
     load_before = os.getloadavg()
     rows = []
-    for case in [] if args.skip_latency else args.cases.split(","):
-        space_name, arch_name = case.split(":")
-        for beam in (int(b) for b in args.beams.split(",")):
-            rows.append(latency_case(space_name, arch_name, beam, args.vocab, args))
+    if args.skip_latency:
+        pass
+    elif args.processes > 1:
+        rows = across_processes(args)
+    else:
+        for case in args.cases.split(","):
+            space_name, arch_name = case.split(":")
+            for beam in (int(b) for b in args.beams.split(",")):
+                rows.append(latency_case(space_name, arch_name, beam, args.vocab, args))
     if rows:
         print_latency(rows)
     result: dict[str, Any] = {
@@ -244,6 +290,7 @@ def main() -> None:
             "statistic": "median",
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "processes": args.processes,
         },  # fmt: skip
         "database": str(args.db),
         "machine": {"processor": platform.processor(), "cpus": os.cpu_count(), "load_before": load_before},
