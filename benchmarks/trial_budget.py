@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     protocol = argparse.Namespace(
         threads=1, warmup=2, repeats=args.repeats, tvm_repeats=1, skip_tvm=True, skip_tuned=False,
-        machine=measure_machine(1),
+        machine=measure_machine(1), space_db={},  # every space measured with this budget's database
     )  # fmt: skip
     points = []
     for budget in (int(b) for b in args.budgets.split(",")):
