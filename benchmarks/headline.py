@@ -6,7 +6,7 @@ settings, architectures scored and wall time are recorded too (with no --search
 options: HAT's defaults, so this is also the search-time benchmark).
 
     python benchmarks/headline.py --checkpoint runs/bench-m30k-2c/supernet/checkpoints/best.pt \\
-        --budgets 30ms --workdir runs/headline --out benchmarks/results/headline.json
+        --budgets 12ms,15ms,20ms --workdir runs/headline --out benchmarks/results/headline.json
 
 The checkpoint is `benchmarks/train_multi30k.py`'s. Without --db and --predictor the
 script makes both in the workdir with hatc's own commands, recorded in the results:
