@@ -101,13 +101,44 @@ def _anchor(func):
     return sch.get(sch.get_sblock("matmul"))
 
 
-def test_rule_leaves_gemms_transposed_weights_and_gpus_alone(x86):
+@pytest.mark.parametrize(("rows", "epilogue"), [(32, "relu"), (30, "residual"), (16, "bias")])
+def test_rule_takes_gemms_in_row_tiles(x86, rows, epilogue):
+    """The encoder's GEMMs (more rows than a beam): the same loops on tiles of rows."""
+    from hatc.compile.schedules import GEMM_ROW_TILE, row_tile
+
+    func, placeholders = _linear(rows, 128, 192, epilogue)
+    shape = gemv_shape(_anchor(func))
+    assert shape is not None and shape.row_count == rows > MAX_ROWS
+    assert shape.row_tile == row_tile(rows) == {32: GEMM_ROW_TILE, 30: 3, 16: GEMM_ROW_TILE}[rows]
+    with x86:
+        scheduled = schedule_gemv(func, x86)
+    assert scheduled is not None and scheduled.attrs["hatc.schedule"] == "hatc-gemv"
+    rng = np.random.default_rng(rows)
+    inputs = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in placeholders]
+    plain = _run(func, x86, inputs, (rows, 192))
+    np.testing.assert_allclose(_run(scheduled, x86, inputs, (rows, 192)), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_rule_takes_attention_values_in_row_tiles(x86):
+    """probs @ V of a 32-token encoder: heads are batch loops, the 32 query rows tiles."""
+    func, placeholders = _linear(32, 32, 64, batch=4)
+    with x86:
+        scheduled = schedule_gemv(func, x86)
+    assert scheduled is not None
+    rng = np.random.default_rng(2)
+    inputs = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in placeholders]
+    np.testing.assert_allclose(_run(scheduled, x86, inputs, (4, 32, 64)), inputs[0] @ inputs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_rule_leaves_prime_row_counts_transposed_weights_and_gpus_alone(x86):
     import tvm
 
-    gemm, _ = _linear(MAX_ROWS * 4, 256, 256)  # the encoder's 32 tokens: compute-bound, MetaSchedule's
-    assert gemv_shape(_anchor(gemm)) is None
+    from hatc.compile.schedules import row_tile
+
+    prime, _ = _linear(37, 64, 64)  # no tile but 1 row: it would re-read the weight 37 times
+    assert row_tile(37) is None
     with x86:
-        assert schedule_gemv(gemm, x86) is None
+        assert schedule_gemv(prime, x86) is None
         assert schedule_gemv(_nt_matmul(1, 256, 256), x86) is None  # reduction innermost in the weight
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     linear, _ = _linear(1, 256, 256)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from hatc.compile.quantize import gather_axis, kernel_values
-from hatc.compile.schedules import MAX_ROWS, column_block
+from hatc.compile.schedules import MAX_ROWS, column_block, row_tile
 from hatc.runtime import quantization
 
 SUFFIX = "__packed"
@@ -101,12 +101,15 @@ def pack_onnx(
         if not matmuls or len(matmuls) + len(lookups) != len(uses):
             continue
         input_shapes = [shapes.get(u.input[0]) for u in matmuls]
-        if any(not s or 0 in s or math.prod(s[:-1]) > MAX_ROWS for s in input_shapes):
+        if any(not s or 0 in s for s in input_shapes):
             continue
         rows = {math.prod(s[:-1]) for s in input_shapes}
+        if max(rows) > MAX_ROWS and (precision != "fp32" or len(rows) > 1):
+            continue  # a GEMM of a quantized build: its weight is dequantized at load, as exported
         scheme = quantization.precision_for(precision, k) if quantizable is None or name in quantizable else "fp32"
+        tile = row_tile(max(rows))  # the kernel's rows of accumulators (a GEMM's: a tile of them)
         # the kernel's own column block: one contiguous run each (int4 keeps two accumulators a column)
-        block = column_block(n, max(rows) * (2 if scheme == "int4" else 1), lanes)
+        block = column_block(n, tile * (2 if scheme == "int4" else 1), lanes) if tile else None
         if block is None:
             continue
         weight = numpy_helper.to_array(init)

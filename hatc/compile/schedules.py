@@ -1,4 +1,4 @@
-"""hatc's own schedule for the matmuls of a decoder step: few rows, weights streamed once.
+"""hatc's own schedule for the linear layers' matmuls: registers hold the accumulators.
 
 At beam 1-8 every linear layer of a decoder step is a matrix-vector product
 (GEMV): ``rows`` = beam, and all it does is read each weight once. MetaSchedule
@@ -14,13 +14,26 @@ no tuning:
                 acc[r, :] += x[r, k] * w[k, block]      # vectorized FMAs over the block
         out[rows, block] = epilogue(acc)                # bias, activation, residual fused
 
+The encoder's matmuls (32 source tokens: more rows than ``MAX_ROWS``) are GEMMs,
+compute-bound. The same loops run on tiles of ``GEMM_ROW_TILE`` rows, each tile
+inside the column block, so the block's weights stay in cache for every tile:
+
+    for each block of output columns:
+        for each tile of rows:                          # the same GEMV loops on the tile
+            ...
+
+That register-blocked kernel (4 rows x 64 columns of accumulators on AVX-512)
+ran at about ONNX Runtime's GEMM speed (115 against 106-110 GFLOP/s on one
+core), where MetaSchedule's tuned GEMMs reached 75-95% of ORT's
+(``benchmarks/results/profile_tiny_largest.json``).
+
 It applies to a fused function whose one reduction block computes
 ``C[..., n] += A[..., k] * W[..., k, n]`` with ``n`` the innermost axis of both
 ``C`` and ``W`` (the weight stored input-major, as the ONNX export writes every
-linear layer, and the output projection too: see ``hatc.compile.graphs``), at most
-``MAX_ROWS`` rows, and only elementwise epilogue blocks after it. Batch axes
-that index the weight (attention heads) stay outer loops. Anything else is left
-to MetaSchedule (the encoder's matmuls, attention scores).
+linear layer, and the output projection too: see ``hatc.compile.graphs``), and
+only elementwise epilogue blocks after it. Batch axes that index the weight
+(attention heads) stay outer loops. Anything else is left to MetaSchedule
+(attention scores, whose "weight" has the reduction innermost; softmax; layer norm).
 
 TVM is imported inside functions only.
 """
@@ -34,7 +47,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 8  # beam sizes up to this; more rows make a compute-bound GEMM, MetaSchedule's ground
+MAX_ROWS = 8  # beam sizes up to this are GEMVs: streamed once, weights packed (hatc.compile.packing)
+GEMM_ROW_TILE = 4  # more rows: tiles of this many (4 x 64 accumulators on AVX-512 measured best)
 ACCUMULATOR_REGISTERS = 16  # vector registers for accumulators: half of AVX-512's and NEON's 32 (AVX2: 8)
 RULE_NAME = "hatc-gemv"
 
@@ -49,6 +63,19 @@ class GemvShape:
     k: int  # the reduction axis
     row_count: int
     n_extent: int
+
+    @property
+    def row_tile(self) -> int | None:
+        return row_tile(self.row_count)
+
+
+def row_tile(row_count: int) -> int | None:
+    """Rows per register tile: all of them in a GEMV; in a GEMM the largest divisor of the
+    row count up to ``GEMM_ROW_TILE`` (None: only 1, which would re-read the weights row by row)."""
+    if row_count <= MAX_ROWS:
+        return row_count
+    tile = next(t for t in range(GEMM_ROW_TILE, 0, -1) if row_count % t == 0)
+    return tile if tile > 1 else None
 
 
 def _index_vars(indices: Any, iter_vars: list[Any]) -> list[set[int]]:
@@ -142,8 +169,6 @@ def gemv_shape(block: Any) -> GemvShape | None:
         return None  # a symbolic shape: MetaSchedule's
     extent = [int(iv.dom.extent) for iv in iter_vars]
     row_count = math.prod(extent[i] for i in rows)
-    if row_count > MAX_ROWS:
-        return None
     return GemvShape(batch, rows, n, k, row_count, extent[n])
 
 
@@ -210,10 +235,10 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
         return None
     anchor = reductions[0]
     shape = gemv_shape(sch.get(anchor))
-    if shape is None:
+    if shape is None or shape.row_tile is None:
         return None
     lanes = vector_lanes(target)
-    n_block = column_block(shape.n_extent, shape.row_count, lanes)
+    n_block = column_block(shape.n_extent, shape.row_tile, lanes)
     loops = sch.get_loops(anchor)
     if n_block is None or len(loops) != len(sch.get(anchor).iter_vars):
         return None
@@ -226,19 +251,18 @@ def schedule_gemv(func: Any, target: Any) -> Any | None:
             sch.reverse_compute_inline(block)
         n_outer, n_inner = sch.split(loops[shape.n], [None, n_block])
         n_unrolled, n_lanes = sch.split(n_inner, [None, lanes])
-        sch.reorder(
-            *(loops[i] for i in shape.batch),
-            n_outer,
-            loops[shape.k],
-            *(loops[i] for i in shape.rows),
-            n_unrolled,
-            n_lanes,
-        )
-        sch.reverse_compute_at(output, n_outer)
+        row_loops = [loops[i] for i in shape.rows]
+        tiles = []  # a GEMM's row tiles: a loop inside the column block
+        if shape.row_tile < shape.row_count:
+            sch.reorder(*(loops[i] for i in shape.batch), *row_loops)  # the row loops adjacent, to fuse
+            tile_loop, row_tile = sch.split(sch.fuse(*row_loops), [None, shape.row_tile])
+            tiles, row_loops = [tile_loop], [row_tile]
+        sch.reorder(*(loops[i] for i in shape.batch), n_outer, *tiles, loops[shape.k], *row_loops, n_unrolled, n_lanes)
+        sch.reverse_compute_at(output, tiles[0] if tiles else n_outer)
         if _cores(target) > 1:  # column blocks (and heads) are independent
             sch.parallel(loops[shape.batch[0]] if shape.batch else n_outer)
-        for i in shape.rows:
-            sch.unroll(loops[i])
+        for loop in row_loops:
+            sch.unroll(loop)
         sch.unroll(n_unrolled)
         sch.vectorize(n_lanes)
         sch.decompose_reduction(anchor, loops[shape.k])
