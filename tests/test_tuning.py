@@ -40,7 +40,9 @@ def test_covering_archs_hold_every_layer_choice():
 def test_tune_writes_a_database_and_resumes(tuned):
     db, first, second = tuned
     assert (db / "database_workload.json").is_file() and (db / "database_tuning_record.json").is_file()
-    assert first["workloads"] >= 40  # tiny at one bucket and beam: ~65 distinct matmul/softmax/layer-norm tasks
+    # tiny at one bucket and beam: ~20 distinct attention-score/softmax/layer-norm tasks (hatc's rule
+    # schedules the linear layers' matmuls, encoder and decoder step alike: nothing to tune there)
+    assert first["workloads"] >= 15
     assert first["tuned"] == first["workloads"] and first["skipped"] == 0
     assert first["trials_per_task"] == [1, 1] and first["trials_planned"] == first["workloads"]
     assert 0 < first["trials"] <= first["trials_planned"]
@@ -92,13 +94,13 @@ def micro_fallback(tmp_path_factory):
 def test_a_workload_metaschedule_fails_on_is_reported_as_a_fallback(micro_fallback):
     _, db, report, messages = micro_fallback
     assert any(f"MetaSchedule cannot tune {FALLBACK}" in m and "it keeps its plain loops" in m for m in messages)
-    # 14 workloads (the matmul/softmax/norm ones hatc's GEMV rule does not schedule); one falls back.
-    assert report["workloads"] == 14 and report["tuned"] == 13
+    # 10 workloads (the matmul/softmax/norm ones hatc's GEMV rule does not schedule); one falls back.
+    assert report["workloads"] == 10 and report["tuned"] == 9
     (fallback,) = report["fallbacks"]
     assert fallback["workload"].startswith(FALLBACK) and "(decoder_step, S=16, B=1)" in fallback["workload"]
     assert FALLBACK_REASON in fallback["reason"] and "\n" not in fallback["reason"]
     run = json.loads((db / "runs.jsonl").read_text().splitlines()[-1])
-    assert run["fallbacks"] == report["fallbacks"] and run["tuned"] == 13
+    assert run["fallbacks"] == report["fallbacks"] and run["tuned"] == 9
     # What a later build reads: the reason, by the database's workload hash.
     (entry,) = json.loads((db / "fallbacks.json").read_text()).values()
     assert entry == fallback
@@ -174,7 +176,11 @@ def test_an_artifact_built_with_the_database_lists_the_fallback(micro_fallback, 
     (entry,) = tuning["fallbacks"]["decoder_step.s16"]
     assert entry["function"].startswith(FALLBACK) and entry["reason"] == report["fallbacks"][0]["reason"]
     assert list(tuning["fallbacks"]) == ["decoder_step.s16"]
-    assert tuning["schedules"]["decoder_step.s16"]["fallback"] == 1 and tuning["schedules"]["encoder.s16"]["tuned"]
+    encoder = tuning["schedules"]["encoder.s16"]
+    assert tuning["schedules"]["decoder_step.s16"]["fallback"] == 1 and encoder["fallback"] == 0
+    # the encoder's linear layers are hatc's rule's; the rest came from the database (one trial each:
+    # tuned, or measured slower than the plain loops)
+    assert encoder["rule"] >= 1 and encoder["tuned"] + encoder["plain_faster"] >= 1 and encoder["missing"] == 0
     assert json.loads(built.stdout)["fallbacks"] == tuning["fallbacks"]
     open_artifact(out)  # the runtime's manifest checks accept it
 
