@@ -220,6 +220,15 @@ def _cores(target: Any) -> int:
         return 1
 
 
+def schedule_by_rules(func: Any, target: Any) -> Any | None:
+    """``func`` scheduled by the first of hatc's rules that applies (the linear layers' GEMV and
+    GEMM; the vocabulary's log-softmax, ``hatc.compile.log_softmax``), or None: MetaSchedule's."""
+    from hatc.compile.log_softmax import schedule_log_softmax
+
+    scheduled = schedule_gemv(func, target)
+    return scheduled if scheduled is not None else schedule_log_softmax(func, target)
+
+
 def schedule_gemv(func: Any, target: Any) -> Any | None:
     """``func`` (a fused PrimFunc) scheduled by the rule, or None if the rule does not apply."""
     from tvm.s_tir import Schedule

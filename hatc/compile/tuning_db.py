@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 TUNED_OPS = ("matmul", "softmax", "layer_norm")  # fused functions whose names hold these are tuned
 MODULE_EQUALITY = "anchor-block"  # how workloads are told apart (see the module docstring)
-PIPELINE = "fuse-transpose-matmul+fuse-ops+hatc-gemv+packed/2"  # bump when fusion, hatc's rules or packing change
+# bump when a change makes a database's records wrong (fusion, or a packing that a tuned workload
+# reads); a new rule of hatc's only takes workloads away from tuning, their old records unread
+PIPELINE = "fuse-transpose-matmul+fuse-ops+hatc-gemv+packed/2"
 WORKLOAD_FILE, RECORD_FILE = "database_workload.json", "database_tuning_record.json"
 FALLBACKS_FILE = "fallbacks.json"  # why MetaSchedule failed on a workload, by workload hash (``record_fallback``)
 UNKNOWN_REASON = "reason not recorded"  # a fallback record without its entry in fallbacks.json
@@ -137,16 +139,20 @@ def _fuse_passes(target: Any) -> list[Any]:
     the database to. The two must be the same, or database lookups miss."""
     from tvm import relax
 
+    from hatc.compile.log_softmax import legalize_log_softmax
+
     try:
         dispatch = relax.pipeline.library_dispatch_passes(target)
     except (ValueError, AttributeError):
         dispatch = []
+    # CPUs: the vocabulary's log-softmax vectorized (hatc.compile.log_softmax); GPUs keep TVM's for dlight
+    legalize = {"relax.nn.log_softmax": legalize_log_softmax} if target.kind.name == "llvm" else None
     return [
         *dispatch,
         # x @ W^T as one kernel: the tied output projection and attention scores would
         # otherwise copy a transposed weight/key every decoder step (half the step, untuned).
         relax.transform.FuseTransposeMatmul(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(legalize),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -193,7 +199,7 @@ def graph_tasks(module: Any, target: Any) -> list[Any]:
     functions hatc's own rules schedule (``hatc.compile.schedules``: nothing to tune)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from hatc.compile.schedules import schedule_gemv
+    from hatc.compile.schedules import schedule_by_rules
 
     fused = _fused(module, target)
     tasks = ms.relax_integration.extract_tasks(fused, target, module_equality=MODULE_EQUALITY)
@@ -204,7 +210,7 @@ def graph_tasks(module: Any, target: Any) -> list[Any]:
             if any(op in t.task_name for op in TUNED_OPS)
             # anchor-block equality groups functions whose epilogues differ: tune the task
             # unless the rule takes every one of them
-            and not all(schedule_gemv(mod["main"], target) is not None for mod in t.dispatched)
+            and not all(schedule_by_rules(mod["main"], target) is not None for mod in t.dispatched)
         ]
 
 
@@ -438,7 +444,7 @@ def apply_database(mod: Any, target: Any, database: Any) -> Schedules:
     import tvm
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    from hatc.compile.schedules import schedule_gemv
+    from hatc.compile.schedules import schedule_by_rules
 
     functions, out = {}, Schedules(None)
     baselines = Baselines(database) if database is not None else None
@@ -449,7 +455,7 @@ def apply_database(mod: Any, target: Any, database: Any) -> Schedules:
             continue
         name = gv.name_hint
         tunable = any(op in name for op in TUNED_OPS)
-        ruled = schedule_gemv(func, target)
+        ruled = schedule_by_rules(func, target)
         if ruled is not None:
             functions[gv] = ruled.with_attr("tirx.is_scheduled", True)
             out.ruled.append(name)
