@@ -77,7 +77,8 @@ def runner_trajectory(
     """``reference_trajectory``'s outputs, computed by a backend's runner."""
     steps = prev.shape[1]
     decoding = Decoding(runner)
-    encoder = {k: v for k, v in decoding.start(src).items() if k.startswith("cross_")}  # as PyTorch's
+    decoding.start(src)
+    encoder = {k: v for k, v in decoding.encoder_outputs().items() if k.startswith("cross_")}  # as PyTorch's
     log_probs = [decoding.advance(prev[:, t]) for t in range(steps)]
     caches = {k: v[:, :, :steps] for k, v in decoding.caches().items()}
     return encoder, log_probs, caches

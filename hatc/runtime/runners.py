@@ -8,6 +8,7 @@ caches go straight back in without a round trip through numpy.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,6 +79,22 @@ def pad_source(tokens: np.ndarray, sig: GraphSignature) -> np.ndarray:
     return out
 
 
+_EMPTY_CACHES: weakref.WeakKeyDictionary[Any, dict[tuple[str, Any], Any]] = weakref.WeakKeyDictionary()
+
+
+def _empty_caches(runner: GraphRunner, sig: GraphSignature) -> dict[str, Any]:
+    """Zeroed self-attention caches on ``runner``'s device, made once per runner and shape."""
+    made = _EMPTY_CACHES.setdefault(runner, {})
+    caches = {}
+    for name in sig.cache_names():
+        shape, _ = sig.decoder_inputs()[name]
+        key = (name, tuple(shape))
+        if key not in made:
+            made[key] = runner.from_numpy(np.zeros(shape, dtype=np.float32))
+        caches[name] = made[key]
+    return caches
+
+
 class Decoding:
     """The state of incremental decoding for one source batch on one runner.
 
@@ -89,20 +106,28 @@ class Decoding:
     def __init__(self, runner: GraphRunner):
         self.runner, self.sig = runner, runner.signature
         self.feeds: dict[str, Any] = {}
+        self._encoded: dict[str, Any] = {}
         self.position = 0
 
-    def start(self, src_tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """src_tokens (Be, S0), S0 <= S. Returns the encoder outputs as numpy (for checks)."""
+    def start(self, src_tokens: np.ndarray) -> None:
+        """src_tokens (Be, S0), S0 <= S: runs the encoder; ``encoder_outputs`` reads what it gave.
+
+        The encoder's outputs stay on the runner's device when the batch needs no repeating,
+        and the empty caches are made once per runner: a graph never writes its inputs."""
         r, sig = self.runner, self.sig
         padded = pad_source(src_tokens, sig)
-        enc = {k: r.to_numpy(v) for k, v in r.encode({"src_tokens": r.from_numpy(padded)}).items()}
+        self._encoded = r.encode({"src_tokens": r.from_numpy(padded)})
         repeat = sig.batch // padded.shape[0]
-        self.feeds = {k: r.from_numpy(np.repeat(v, repeat, axis=0)) for k, v in enc.items()}
-        for name in sig.cache_names():
-            shape, _ = sig.decoder_inputs()[name]
-            self.feeds[name] = r.from_numpy(np.zeros(shape, dtype=np.float32))
+        if repeat == 1:
+            self.feeds = dict(self._encoded)
+        else:
+            self.feeds = {k: r.from_numpy(np.repeat(r.to_numpy(v), repeat, axis=0)) for k, v in self._encoded.items()}
+        self.feeds.update(_empty_caches(r, sig))
         self.position = 0
-        return enc
+
+    def encoder_outputs(self) -> dict[str, np.ndarray]:
+        """The encoder's outputs of the last ``start``, as numpy (for checks)."""
+        return {k: self.runner.to_numpy(v) for k, v in self._encoded.items()}
 
     def advance(self, tokens: np.ndarray) -> np.ndarray:
         """tokens (B,) or (B, 1) at the current position -> log-probs (B, V)."""
