@@ -17,6 +17,10 @@ in the cache can exceed 100% of the streaming roofline).
 
     hatc tune --target x86 --space tiny --buckets 32 --beam 1,4 --trials 500
     python benchmarks/kernel_profile.py --out benchmarks/results/profile_tiny_largest.json
+    python benchmarks/kernel_profile.py --precision int8 --out benchmarks/results/profile_tiny_largest_int8.json
+
+With ``--precision int8|int4`` the TVM build has quantized weights (``hatc compile
+--quantize``); ONNX Runtime runs the fp32 graphs, as in ``benchmarks/quantize.py``.
 """
 
 from __future__ import annotations
@@ -95,7 +99,6 @@ def _rows(kernels, machine, total_ms: float) -> list[dict[str, Any]]:
 
 
 def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Namespace, machine, work: Path):
-    import numpy as np
     import torch
     import tvm
 
@@ -122,7 +125,8 @@ def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Name
     options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
     options.log_severity_level = 3
     out: dict[str, Any] = {"beam": beam, "graphs": {}}
-    packed, unpacked = import_graphs(graphs, target), import_graphs(graphs, None)  # packed for the target; as exported
+    # packed for the target (quantized with --precision); as exported
+    packed, unpacked = import_graphs(graphs, target, args.precision), import_graphs(graphs, None)
     for graph, plain, path, inputs in (
         (packed[0], unpacked[0], graphs.encoder, sig.encoder_inputs()),
         (packed[1], unpacked[1], graphs.decoder, sig.decoder_inputs()),
@@ -144,11 +148,12 @@ def profile_beam(space_name: str, arch_name: str, beam: int, args: argparse.Name
         run_ort = functools.partial(session.run, None, feeds)
         tvm_total, ort_total = _interleaved(run_tvm, run_ort, args.rounds)
         # The same build with the weights as exported (not packed): what packing buys, in the same run.
+        # (with --precision int8/int4 the as-exported build is fp32's: what packing and quantizing buy together)
         plain_vm = tvm.relax.VirtualMachine(build_module(plain, target, database), dev)
         plain_args = [tvm.runtime.tensor(feeds[n], dev) for n in plain.input_names]
         plain_args += [tvm.runtime.tensor(p.numpy(), dev) for p in plain.params]
         unpacked_total, tvm_again = _interleaved(functools.partial(plain_vm["main"], *plain_args), run_tvm, args.rounds)
-        weights = sum(int(np.prod(p.shape)) * 4 for p in graph.params)
+        weights = sum(p.numpy().nbytes for p in graph.params)  # int8/int4 weights at their size
         caches = sum(feeds[n].nbytes for n in inputs if n.startswith(("self_", "cross_")))
         must_read = weights + caches
         stream_ms = must_read / (machine.stream_read_gb_s * 1e9) * 1e3
@@ -190,7 +195,8 @@ def _print(result: dict[str, Any], top: int) -> None:
                 f"(stream) / {g['roofline_ms']['cache_resident']:.3f} ms (cache-resident)"
             )
             p = g["packing"]
-            print(f"  weights as exported {p['tvm_unpacked_ms']:.3f} ms, packed {p['tvm_packed_ms']:.3f} ms (TVM)")
+            packed_as = "packed" if result["precision"] == "fp32" else f"packed {result['precision']}"
+            print(f"  weights as exported {p['tvm_unpacked_ms']:.3f} ms, {packed_as} {p['tvm_packed_ms']:.3f} ms (TVM)")
             for backend, b in g["backends"].items():
                 print(
                     f"  {backend:12s} {b['ms']:8.3f} ms  {b['memory_roofline_fraction']:6.1%} of stream roofline  "
@@ -215,6 +221,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="profiled runs per backend")
     parser.add_argument("--top", type=int, default=12, help="kernels printed per table (the JSON has all)")
     parser.add_argument("--db", type=Path, default=None, help="tuning database [default: the x86 target's]")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"], help="TVM's weights")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/profile_tiny_largest.json"))
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM loads
@@ -235,6 +242,7 @@ def main() -> None:
         "arch": args.arch,
         "protocol": {"source_tokens": SOURCE_TOKENS, "bucket": BUCKET, "step_position": STEP_POSITION},
         "threads": args.threads,
+        "precision": args.precision,
         "machine": {"before": before.to_dict(), "after": after.to_dict(), "platform": platform.platform()},
         "database": str(args.db),
         "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},

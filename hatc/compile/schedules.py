@@ -23,9 +23,9 @@ inside the column block, so the block's weights stay in cache for every tile:
             ...
 
 That register-blocked kernel (4 rows x 64 columns of accumulators on AVX-512)
-ran at about ONNX Runtime's GEMM speed (115 against 106-110 GFLOP/s on one
-core), where MetaSchedule's tuned GEMMs reached 75-95% of ORT's
-(``benchmarks/results/profile_tiny_largest.json``).
+runs the encoder's GEMMs at 106-113 GFLOP/s on one core, ONNX Runtime's at 99,
+where MetaSchedule's tuned ones reached 72-81
+(``benchmarks/results/profile_tiny_largest.json``, now and before the rule).
 
 It applies to a fused function whose one reduction block computes
 ``C[..., n] += A[..., k] * W[..., k, n]`` with ``n`` the innermost axis of both
