@@ -292,7 +292,7 @@ def test_tune_rpi4_through_the_tracker_on_the_emulated_rpi4(cli, tracker, emulat
     report = json.loads(first.stdout)
     assert "emulated device" in first.stderr
     assert report["device"] == f"{tracker}/rpi4-qemu" and report["target"] == "rpi4"
-    assert report["workloads"] >= 6 and report["trials"] > 0  # what hatc's rules leave: attention scores, softmax, norms
+    assert report["workloads"] >= 6 and report["trials"] > 0  # what hatc's rules leave: attention, softmax, norms
     assert report["tuned"] + len(report["fallbacks"]) == report["workloads"]  # MetaSchedule fails on one on aarch64
     records = load_database(db).get_all_tuning_records()
     measured = [r for r in records if r.run_secs]
