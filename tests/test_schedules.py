@@ -152,3 +152,22 @@ def test_column_block_fits_registers_and_divides():
     assert column_block(1024, rows=4, lanes=16) == 64
     assert column_block(512, rows=1, lanes=4) == 64  # NEON
     assert column_block(100, rows=1, lanes=16) is None  # no multiple of the vector width divides it
+
+
+def test_an_epilogue_the_rule_cannot_fuse_runs_after_the_kernel(x86):
+    """A layout epilogue (expand_dims, as on the encoder's cross-attention keys) stays its own
+    loop nest: the rule still takes the function, since tuning leaves its whole workload to it."""
+    from tvm import te, topi
+
+    x, w = te.placeholder((32, 64), name="x"), te.placeholder((64, 48), name="w")
+    kk = te.reduce_axis((0, 64), name="k")
+    y = te.compute((32, 48), lambda i, j: te.sum(x[i, kk] * w[kk, j], axis=kk), name="matmul")
+    out = topi.expand_dims(y, 0)  # (1, 32, 48)
+    func = te.create_prim_func([x, w, out])
+    with x86:
+        scheduled = schedule_gemv(func, x86)
+    assert scheduled is not None
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((32, 64)).astype("float32"), rng.standard_normal((64, 48)).astype("float32")]
+    got = _run(scheduled, x86, inputs, (1, 32, 48))
+    np.testing.assert_allclose(got[0], inputs[0] @ inputs[1], rtol=1e-4, atol=1e-4)
