@@ -38,11 +38,8 @@ def log_softmax_te(x: Any) -> Any:
     *lead, n = (int(d) for d in x.shape)  # the lead axes (beam) are spatial loops of every stage
     blocks = n // LANES
 
-    def at(idx: tuple[Any, ...], column: Any) -> Any:
-        return x[(*idx, column)]
-
     j = te.reduce_axis((0, blocks), name="j")
-    partial_max = te.compute((*lead, LANES), lambda *i: te.max(at(i[:-1], j * LANES + i[-1]), axis=j), name=STAGES[0])
+    partial_max = te.compute((*lead, LANES), lambda *i: te.max(x[(*i[:-1], j * LANES + i[-1])], axis=j), name=STAGES[0])
     lane = te.reduce_axis((0, LANES), name="lane")
     row_max = te.compute(tuple(lead), lambda *i: te.max(partial_max[(*i, lane)], axis=lane), name=STAGES[1])
     shifted = te.compute(tuple(lead) + (n,), lambda *i: x[i] - row_max[i[:-1]], name="hatc_lsm_shifted")
@@ -79,12 +76,12 @@ def schedule_log_softmax(func: Any, target: Any) -> Any | None:
     if target.kind.name != "llvm":
         return None
     sch = Schedule(func, debug_mask=0)
-    try:
+    try:  # (hatc.compile.schedules._root_blocks does this; importing it would make a circle)
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     except Exception:  # noqa: BLE001 - no root block
         return None
     names = [sch.get(b).name_hint for b in blocks]
-    if not all(any(name == stage for name in names) for stage in STAGES):
+    if not set(STAGES) <= set(names):
         return None
     try:
         out_at = names.index(STAGES[4])
@@ -93,7 +90,7 @@ def schedule_log_softmax(func: Any, target: Any) -> Any | None:
                 (sch.compute_inline if at < out_at else sch.reverse_compute_inline)(block)
         for stage in (STAGES[0], STAGES[2]):
             block = sch.get_sblock(stage)
-            *spatial, lanes_loop, reduction = sch.get_loops(block)
+            *_, lanes_loop, reduction = sch.get_loops(block)
             sch.reorder(reduction, lanes_loop)
             sch.vectorize(lanes_loop)  # before the init is split off, as hatc-gemv does
             sch.decompose_reduction(block, reduction)

@@ -85,9 +85,10 @@ _EMPTY_CACHES: weakref.WeakKeyDictionary[Any, dict[tuple[str, Any], Any]] = weak
 def _empty_caches(runner: GraphRunner, sig: GraphSignature) -> dict[str, Any]:
     """Zeroed self-attention caches on ``runner``'s device, made once per runner and shape."""
     made = _EMPTY_CACHES.setdefault(runner, {})
+    inputs = sig.decoder_inputs()
     caches = {}
     for name in sig.cache_names():
-        shape, _ = sig.decoder_inputs()[name]
+        shape, _ = inputs[name]
         key = (name, tuple(shape))
         if key not in made:
             made[key] = runner.from_numpy(np.zeros(shape, dtype=np.float32))
