@@ -94,13 +94,14 @@ def micro_fallback(tmp_path_factory):
 def test_a_workload_metaschedule_fails_on_is_reported_as_a_fallback(micro_fallback):
     _, db, report, messages = micro_fallback
     assert any(f"MetaSchedule cannot tune {FALLBACK}" in m and "it keeps its plain loops" in m for m in messages)
-    # 10 workloads (the matmul/softmax/norm ones hatc's GEMV rule does not schedule); one falls back.
-    assert report["workloads"] == 10 and report["tuned"] == 9
+    # 9 workloads (attention scores, softmax, norms, the 600-wide log-softmax: what hatc's
+    # rules leave to MetaSchedule, the same on znver4, haswell and skylake-avx512); one falls back.
+    assert report["workloads"] == 9 and report["tuned"] == 8
     (fallback,) = report["fallbacks"]
     assert fallback["workload"].startswith(FALLBACK) and "(decoder_step, S=16, B=1)" in fallback["workload"]
     assert FALLBACK_REASON in fallback["reason"] and "\n" not in fallback["reason"]
     run = json.loads((db / "runs.jsonl").read_text().splitlines()[-1])
-    assert run["fallbacks"] == report["fallbacks"] and run["tuned"] == 9
+    assert run["fallbacks"] == report["fallbacks"] and run["tuned"] == 8
     # What a later build reads: the reason, by the database's workload hash.
     (entry,) = json.loads((db / "fallbacks.json").read_text()).values()
     assert entry == fallback
