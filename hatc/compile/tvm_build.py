@@ -68,8 +68,12 @@ def import_onnx(
     target: Target | None = None,
     precision: str = "fp32",
     vocab_size: int = 0,
+    caches: list[str] | None = None,
 ) -> RelaxGraph:
     """An ONNX graph as a Relax module with its weights detached as parameters.
+
+    ``caches`` names the decoder step's self-attention cache inputs, which a build for a
+    CPU ``target`` writes in place (``hatc.compile.kv_cache``; GPUs keep the exported copy).
 
     With a CPU ``target``, beam-sized matmul weights are packed into the layout hatc's
     GEMV kernel streams (``hatc.compile.packing``); the parameters hold them packed.
@@ -82,6 +86,7 @@ def import_onnx(
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    from hatc.compile.kv_cache import write_caches_in_place
     from hatc.compile.quantize import hatc_operators, quantize_at_load, weight_axes
 
     model = onnx.load(str(path))
@@ -96,6 +101,10 @@ def import_onnx(
     with hatc_operators():
         module = from_onnx(model, keep_params_in_input=True)
     module, params = relax.frontend.detach_params(module)
+    if caches and target is not None and target.device == "cpu":
+        module, written = write_caches_in_place(module, caches)
+        if written != len(caches):
+            raise ValueError(f"{path}: {written} of {len(caches)} self-attention caches written in place")
     return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names, at_load)
 
 
@@ -108,7 +117,14 @@ def import_graphs(
     common = {"target": target, "precision": precision, "vocab_size": sig.vocab_size}
     return (
         import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), **common),
-        import_onnx(graphs.decoder, "decoder_step", list(sig.decoder_inputs()), list(sig.decoder_outputs()), **common),
+        import_onnx(
+            graphs.decoder,
+            "decoder_step",
+            list(sig.decoder_inputs()),
+            list(sig.decoder_outputs()),
+            caches=sig.cache_names(),
+            **common,
+        ),
     )
 
 
@@ -240,3 +256,6 @@ class TvmRunner:
 
     def from_numpy(self, array: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+    def host_view(self, value: Any) -> np.ndarray | None:
+        return np.from_dlpack(value) if self.device.dlpack_device_type() == 1 else None  # 1: DLPack's CPU

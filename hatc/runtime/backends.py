@@ -150,6 +150,10 @@ class TvmLibRunner:
     def from_numpy(self, array: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
 
+    def host_view(self, value: Any) -> np.ndarray | None:
+        local_cpu = not self._remote and self.device.dlpack_device_type() == 1  # 1: DLPack's CPU
+        return np.from_dlpack(value) if local_cpu else None
+
 
 class WeightStore:
     """The artifact's ``weights.npz``, read lazily, each array once.

@@ -8,7 +8,6 @@ caches go straight back in without a round trip through numpy.
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +33,11 @@ class GraphRunner(Protocol):
     def to_numpy(self, value: Any) -> np.ndarray: ...
 
     def from_numpy(self, array: np.ndarray) -> Any: ...
+
+    def host_view(self, value: Any) -> np.ndarray | None:
+        """A writable numpy view of a native value's memory when that is this process's
+        host memory (what ``Decoding`` writes each step's inputs into), else None."""
+        ...
 
 
 class OrtRunner:
@@ -68,6 +72,9 @@ class OrtRunner:
     def from_numpy(self, array: np.ndarray) -> Any:
         return np.ascontiguousarray(array)
 
+    def host_view(self, value: Any) -> np.ndarray | None:
+        return value
+
 
 def pad_source(tokens: np.ndarray, sig: GraphSignature) -> np.ndarray:
     """(Be, S0) int -> (Be, S) int64 padded at the end with the pad id."""
@@ -79,21 +86,11 @@ def pad_source(tokens: np.ndarray, sig: GraphSignature) -> np.ndarray:
     return out
 
 
-_EMPTY_CACHES: weakref.WeakKeyDictionary[Any, dict[tuple[str, Any], Any]] = weakref.WeakKeyDictionary()
-
-
 def _empty_caches(runner: GraphRunner, sig: GraphSignature) -> dict[str, Any]:
-    """Zeroed self-attention caches on ``runner``'s device, made once per runner and shape."""
-    made = _EMPTY_CACHES.setdefault(runner, {})
+    """Zeroed self-attention caches on ``runner``'s device, new for every sentence: a TVM
+    build writes its caches in place (``hatc.compile.kv_cache``)."""
     inputs = sig.decoder_inputs()
-    caches = {}
-    for name in sig.cache_names():
-        shape, _ = inputs[name]
-        key = (name, tuple(shape))
-        if key not in made:
-            made[key] = runner.from_numpy(np.zeros(shape, dtype=np.float32))
-        caches[name] = made[key]
-    return caches
+    return {name: runner.from_numpy(np.zeros(inputs[name][0], dtype=np.float32)) for name in sig.cache_names()}
 
 
 class Decoding:
@@ -109,12 +106,16 @@ class Decoding:
         self.feeds: dict[str, Any] = {}
         self._encoded: dict[str, Any] = {}
         self.position = 0
+        # The step's token and position inputs, made once and written in place each step where the
+        # runner can (``host_view``): a new device tensor per input and step cost more than the write.
+        inputs = self.sig.decoder_inputs()
+        self._inputs = {name: runner.from_numpy(np.zeros(*inputs[name])) for name in ("tokens", "step")}
+        self._views = {name: runner.host_view(value) for name, value in self._inputs.items()}
 
     def start(self, src_tokens: np.ndarray) -> None:
         """src_tokens (Be, S0), S0 <= S: runs the encoder; ``encoder_outputs`` reads what it gave.
 
-        The encoder's outputs stay on the runner's device when the batch needs no repeating,
-        and the empty caches are made once per runner: a graph never writes its inputs."""
+        The encoder's outputs stay on the runner's device when the batch needs no repeating."""
         r, sig = self.runner, self.sig
         padded = pad_source(src_tokens, sig)
         self._encoded = r.encode({"src_tokens": r.from_numpy(padded)})
@@ -135,13 +136,20 @@ class Decoding:
         r = self.runner
         if self.position >= self.sig.capacity:
             raise ValueError(f"decoding past the cache capacity ({self.sig.capacity} tokens)")
-        self.feeds["tokens"] = r.from_numpy(np.asarray(tokens, dtype=np.int64).reshape(self.sig.batch, 1))
-        self.feeds["step"] = r.from_numpy(np.array([self.position], dtype=np.int64))
+        self.feeds["tokens"] = self._input("tokens", np.asarray(tokens, dtype=np.int64).reshape(self.sig.batch, 1))
+        self.feeds["step"] = self._input("step", np.array([self.position], dtype=np.int64))
         out = r.step(self.feeds)
         for name in self.sig.cache_names():
             self.feeds[name] = out["new_" + name]
         self.position += 1
         return r.to_numpy(out["log_probs"])
+
+    def _input(self, name: str, array: np.ndarray) -> Any:
+        view = self._views[name]
+        if view is None:
+            return self.runner.from_numpy(array)
+        view[...] = array
+        return self._inputs[name]
 
     def caches(self) -> dict[str, np.ndarray]:
         return {name: self.runner.to_numpy(self.feeds[name]) for name in self.sig.cache_names()}
