@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,24 @@ def test_tune_writes_a_database_and_resumes(tuned):
     # The second run re-plans nothing and tunes nothing.
     assert second["plan_cached"] and second["workloads"] == first["workloads"]
     assert second["tuned"] == 0 and second["skipped"] == first["workloads"] and second["trials"] == 0
+
+
+def test_a_cached_plan_is_keyed_by_the_code_that_extracts_workloads(tmp_path):
+    """An upgraded hatc that fuses differently (e.g. in-place caches) must re-plan, not reuse a
+    plan missing the workloads it now extracts: the plan key holds a digest of that code."""
+    import shutil
+
+    import hatc
+    from hatc.compile.workloads import PLANNING_PACKAGES, planning_code_digest
+
+    package = Path(hatc.__file__).parent
+    copy = tmp_path / "hatc"
+    for name in PLANNING_PACKAGES:
+        shutil.copytree(package / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    assert planning_code_digest(copy) == planning_code_digest()
+    module = copy / "compile" / "kv_cache.py"
+    module.write_text(module.read_text() + "\n# a change\n")
+    assert planning_code_digest(copy) != planning_code_digest()
 
 
 def test_one_tuning_run_per_database(tuned):

@@ -117,6 +117,22 @@ class Workload:
         return f"{self.name} ({self.graph}, S={self.bucket}, B={self.beam})"
 
 
+# The code that decides which workloads a graph yields (export, packing, in-place caches, fusion,
+# hatc's rules) lives in these packages; a plan is cached under their content, so a changed hatc
+# never reuses a plan that misses a workload it now extracts (PIPELINE says when records go stale).
+PLANNING_PACKAGES = ("compile", "static")
+
+
+def planning_code_digest(root: Path | None = None) -> str:
+    """A digest of the sources of ``PLANNING_PACKAGES`` under ``root`` (default: hatc's own)."""
+    root = root or Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in PLANNING_PACKAGES:
+        for path in sorted((root / package).glob("*.py")):
+            digest.update(f"{package}/{path.name}\0".encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _plan_key(space: SearchSpace, target: Target, tvm_target: dict[str, Any], config: TuneConfig) -> dict[str, Any]:
     import onnx
     import torch
@@ -134,6 +150,7 @@ def _plan_key(space: SearchSpace, target: Target, tvm_target: dict[str, Any], co
         "max_positions": config.max_positions,
         "precision": config.precision,
         "pipeline": PIPELINE,
+        "code": planning_code_digest(),
         "versions": {
             "hatc": hatc.__version__,
             "tvm": tvm.__version__,
