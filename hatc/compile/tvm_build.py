@@ -257,5 +257,10 @@ class TvmRunner:
     def from_numpy(self, array: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
+    def copy(self, value: Any) -> Any:
+        out = self._tvm.runtime.empty(value.shape, value.dtype, self.device)
+        value.copyto(out)
+        return out
+
     def host_view(self, value: Any) -> np.ndarray | None:
         return np.from_dlpack(value) if self.device.dlpack_device_type() == 1 else None  # 1: DLPack's CPU

@@ -150,6 +150,11 @@ class TvmLibRunner:
     def from_numpy(self, array: np.ndarray) -> Any:
         return self._tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
 
+    def copy(self, value: Any) -> Any:
+        out = self._tvm.runtime.empty(value.shape, value.dtype, self.device)
+        value.copyto(out)
+        return out
+
     def host_view(self, value: Any) -> np.ndarray | None:
         local_cpu = not self._remote and self.device.dlpack_device_type() == 1  # 1: DLPack's CPU
         return np.from_dlpack(value) if local_cpu else None

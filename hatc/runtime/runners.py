@@ -8,6 +8,7 @@ caches go straight back in without a round trip through numpy.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,11 @@ class GraphRunner(Protocol):
     def to_numpy(self, value: Any) -> np.ndarray: ...
 
     def from_numpy(self, array: np.ndarray) -> Any: ...
+
+    def copy(self, value: Any) -> Any:
+        """A new native value with ``value``'s contents, made where ``value`` lives (a device
+        copy over RPC stays on the device)."""
+        ...
 
     def host_view(self, value: Any) -> np.ndarray | None:
         """A writable numpy view of a native value's memory when that is this process's
@@ -72,6 +78,9 @@ class OrtRunner:
     def from_numpy(self, array: np.ndarray) -> Any:
         return np.ascontiguousarray(array)
 
+    def copy(self, value: Any) -> Any:
+        return value.copy()
+
     def host_view(self, value: Any) -> np.ndarray | None:
         return value
 
@@ -86,11 +95,23 @@ def pad_source(tokens: np.ndarray, sig: GraphSignature) -> np.ndarray:
     return out
 
 
+# One zeroed cache per runner and shape, on the runner's device: every sentence copies it there.
+_ZERO_CACHES: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+
+
 def _empty_caches(runner: GraphRunner, sig: GraphSignature) -> dict[str, Any]:
     """Zeroed self-attention caches on ``runner``'s device, new for every sentence: a TVM
-    build writes its caches in place (``hatc.compile.kv_cache``)."""
+    build writes its caches in place (``hatc.compile.kv_cache``). Copied on the device from
+    zeros made once, so a board over RPC is not sent them again for every sentence."""
+    zeros = _ZERO_CACHES.setdefault(runner, {})
     inputs = sig.decoder_inputs()
-    return {name: runner.from_numpy(np.zeros(inputs[name][0], dtype=np.float32)) for name in sig.cache_names()}
+    caches = {}
+    for name in sig.cache_names():
+        shape = tuple(inputs[name][0])
+        if shape not in zeros:
+            zeros[shape] = runner.from_numpy(np.zeros(shape, dtype=np.float32))
+        caches[name] = runner.copy(zeros[shape])
+    return caches
 
 
 class Decoding:
