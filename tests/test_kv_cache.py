@@ -131,3 +131,24 @@ def test_step_inputs_are_written_into_one_buffer_and_the_callers_tokens_stay(gra
     assert decoding.feeds["tokens"] is buffers[0] and decoding.feeds["step"] is buffers[1]
     assert runner.to_numpy(buffers[0]).ravel().tolist() == [7, 8] and runner.to_numpy(buffers[1]).tolist() == [1]
     assert first.tolist() == [5, 6]
+
+
+def test_reordered_caches_decode_as_onnxruntimes_do(graphs, built):
+    """Beam search's reorder writes the moved rows into the caches in place (TVM's host view);
+    the steps after it must follow those rows as ONNX Runtime's do (ORT against PyTorch:
+    tests/test_export.py::test_reorder_keeps_the_chosen_hypotheses)."""
+    from hatc.compile.tvm_build import TvmRunner
+
+    src = np.random.default_rng(4).integers(4, VOCAB, (1, 11))
+    runs = []
+    for runner in (TvmRunner(built), OrtRunner(graphs.encoder, graphs.decoder, graphs.signature)):
+        decoding, outputs = Decoding(runner), []
+        decoding.start(src)
+        for tokens, order in (([5, 6], [1, 1]), ([7, 8], [1, 0]), ([9, 10], [0, 1]), ([11, 12], [0, 0])):
+            outputs.append(decoding.advance(np.array(tokens)))
+            decoding.reorder(np.array(order))
+        outputs.append(decoding.advance(np.array([13, 14])))
+        runs.append(outputs)
+    for tvm_out, ort_out in zip(*runs):
+        np.testing.assert_allclose(tvm_out, ort_out, rtol=1e-4, atol=1e-4)
+    assert np.abs(runs[0][-1][0] - runs[0][-1][1]).max() > 1e-3  # the rows differ: the order mattered

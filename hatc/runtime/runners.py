@@ -176,7 +176,20 @@ class Decoding:
         return {name: self.runner.to_numpy(self.feeds[name]) for name in self.sig.cache_names()}
 
     def reorder(self, order: np.ndarray) -> None:
-        """Keeps hypotheses ``order`` (B,) of the self-attention caches."""
+        """Keeps hypotheses ``order`` (B,) of the self-attention caches.
+
+        Where the runner gives a host view of a cache, only the rows that change are copied,
+        in place, and only the slots written so far (the next step writes its own slot in
+        every row); otherwise the cache goes through numpy."""
         r = self.runner
+        order = np.asarray(order)
+        moved = np.nonzero(order != np.arange(len(order)))[0]
+        if len(moved) == 0:
+            return
+        written = self.position  # slots 0..position-1 of the (B, h, T, hd) caches
         for name in self.sig.cache_names():
-            self.feeds[name] = r.from_numpy(np.take(r.to_numpy(self.feeds[name]), order, axis=0))
+            view = r.host_view(self.feeds[name])
+            if view is None:
+                self.feeds[name] = r.from_numpy(np.take(r.to_numpy(self.feeds[name]), order, axis=0))
+            else:
+                view[moved, :, :written] = view[order[moved], :, :written]  # the right side is a copy
