@@ -92,16 +92,53 @@ def test_the_build_writes_the_given_caches_and_computes_what_onnxruntime_does(gr
     np.testing.assert_array_equal(again["log_probs"].numpy(), out["log_probs"].numpy())
 
 
-def test_a_step_past_the_capacity_writes_nothing(graphs, built):
-    from hatc.compile.tvm_build import TvmRunner
+def test_the_slot_writer_writes_one_slot_and_nothing_outside_the_cache():
+    """The kernel alone (a whole step at a position past its table would read out of bounds)."""
+    import tvm
 
-    feeds = _step_feeds(graphs)
-    feeds["step"] = np.array([graphs.signature.capacity], dtype=np.int64)
-    runner = TvmRunner(built)
-    given = {name: runner.from_numpy(value) for name, value in feeds.items()}
-    runner.step(given)
-    for name in graphs.signature.cache_names():
-        np.testing.assert_array_equal(given[name].numpy(), feeds[name])
+    from hatc.compile.kv_cache import _slot_writer
+
+    func = _slot_writer((1, 2, 4, 8), "float32").with_attr("global_symbol", "main")
+    kernel = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "llvm"}))["main"]
+    cache = tvm.runtime.tensor(np.zeros((1, 2, 4, 8), np.float32))
+    new = np.arange(16, dtype=np.float32).reshape(1, 2, 1, 8) + 1
+    for outside in (-1, 4):
+        kernel(cache, tvm.runtime.tensor(new), tvm.runtime.tensor(np.array([outside], np.int64)))
+        assert not cache.numpy().any()
+    kernel(cache, tvm.runtime.tensor(new), tvm.runtime.tensor(np.array([2], np.int64)))
+    expected = np.zeros((1, 2, 4, 8), np.float32)
+    expected[:, :, 2:3] = new
+    np.testing.assert_array_equal(cache.numpy(), expected)
+
+
+def _step_like(second_reader: bool, mask_of_step: bool = True):
+    """main(step, self_k_0, new, slots) -> where(slots == step, new, self_k_0) [, self_k_0 + self_k_0]."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    step = relax.Var("step", R.Tensor((1,), "int64"))
+    cache = relax.Var("self_k_0", R.Tensor((1, 2, 4, 8), "float32"))
+    new = relax.Var("new", R.Tensor((1, 2, 1, 8), "float32"))
+    slots = relax.Var("slots", R.Tensor((4,), "int64"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [step, cache, new, slots]):
+        with bb.dataflow():
+            hit = bb.emit(relax.op.equal(slots, step) if mask_of_step else relax.op.greater(slots, step))
+            for axis in (0, 1, 3):
+                hit = bb.emit(relax.op.expand_dims(hit, axis))
+            written = bb.emit(relax.op.where(hit, new, cache))
+            outputs = [written] + ([bb.emit(relax.op.add(cache, cache))] if second_reader else [])
+            out = bb.emit_output(relax.Tuple(outputs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_only_a_cache_whose_one_reader_is_a_step_mask_where_is_written_in_place():
+    from hatc.compile.kv_cache import write_caches_in_place
+
+    assert write_caches_in_place(_step_like(second_reader=False), ["self_k_0"])[1] == 1
+    assert write_caches_in_place(_step_like(second_reader=True), ["self_k_0"])[1] == 0  # read again later
+    assert write_caches_in_place(_step_like(second_reader=False, mask_of_step=False), ["self_k_0"])[1] == 0
 
 
 def test_every_sentence_starts_from_zeroed_caches(graphs, built):
@@ -133,22 +170,36 @@ def test_step_inputs_are_written_into_one_buffer_and_the_callers_tokens_stay(gra
     assert first.tolist() == [5, 6]
 
 
-def test_reordered_caches_decode_as_onnxruntimes_do(graphs, built):
-    """Beam search's reorder writes the moved rows into the caches in place (TVM's host view);
-    the steps after it must follow those rows as ONNX Runtime's do (ORT against PyTorch:
-    tests/test_export.py::test_reorder_keeps_the_chosen_hypotheses)."""
+class _ThroughNumpy:
+    """A runner whose values are never viewed in place: ``Decoding.reorder`` takes rows through numpy."""
+
+    def __init__(self, runner):
+        self._runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def host_view(self, value):
+        return None
+
+
+@pytest.mark.parametrize("backend", ["tvm", "onnxruntime"])
+def test_reordering_caches_in_place_decodes_as_taking_rows_through_numpy(graphs, built, backend):
+    """Beam search's reorder writes the moved rows, written slots only, into the caches in place;
+    the steps after it must follow those rows exactly as a reorder through numpy does."""
     from hatc.compile.tvm_build import TvmRunner
 
     src = np.random.default_rng(4).integers(4, VOCAB, (1, 11))
     runs = []
-    for runner in (TvmRunner(built), OrtRunner(graphs.encoder, graphs.decoder, graphs.signature)):
-        decoding, outputs = Decoding(runner), []
+    for through_numpy in (False, True):
+        runner = TvmRunner(built) if backend == "tvm" else OrtRunner(graphs.encoder, graphs.decoder, graphs.signature)
+        decoding, outputs = Decoding(_ThroughNumpy(runner) if through_numpy else runner), []
         decoding.start(src)
-        for tokens, order in (([5, 6], [1, 1]), ([7, 8], [1, 0]), ([9, 10], [0, 1]), ([11, 12], [0, 0])):
+        for tokens, order in (([5, 6], [1, 1]), ([7, 8], [1, 0]), ([9, 10], [0, 1]), ([11, 12], [1, 0])):
             outputs.append(decoding.advance(np.array(tokens)))
             decoding.reorder(np.array(order))
-        outputs.append(decoding.advance(np.array([13, 14])))
+        outputs.append(decoding.advance(np.array([13, 13])))  # same token: rows differ by their history only
         runs.append(outputs)
-    for tvm_out, ort_out in zip(*runs):
-        np.testing.assert_allclose(tvm_out, ort_out, rtol=1e-4, atol=1e-4)
-    assert np.abs(runs[0][-1][0] - runs[0][-1][1]).max() > 1e-3  # the rows differ: the order mattered
+    for in_place, through_numpy in zip(*runs):
+        np.testing.assert_array_equal(in_place, through_numpy)
+    assert np.abs(runs[0][-1][0] - runs[0][-1][1]).max() > 1e-3  # the histories differ, and so do the rows

@@ -59,16 +59,19 @@ def test_a_cached_plan_is_keyed_by_the_code_that_extracts_workloads(tmp_path):
     import shutil
 
     import hatc
-    from hatc.compile.workloads import PLANNING_PACKAGES, planning_code_digest
+    from hatc.compile.workloads import planning_code_digest
 
-    package = Path(hatc.__file__).parent
     copy = tmp_path / "hatc"
-    for name in PLANNING_PACKAGES:
-        shutil.copytree(package / name, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(hatc.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert planning_code_digest(copy) == planning_code_digest()
-    module = copy / "compile" / "kv_cache.py"
-    module.write_text(module.read_text() + "\n# a change\n")
-    assert planning_code_digest(copy) != planning_code_digest()
+    for module in ("compile/kv_cache.py", "runtime/signature.py"):
+        edited = copy / module
+        original = edited.read_text()
+        edited.write_text(original + "\n# a change\n")
+        assert planning_code_digest(copy) != planning_code_digest(), module
+        edited.write_text(original)
+    (copy / "cli" / "tune.py").write_text("# not planning code\n")
+    assert planning_code_digest(copy) == planning_code_digest()
 
 
 def test_one_tuning_run_per_database(tuned):

@@ -46,6 +46,13 @@ def _slot_writer(shape: tuple[int, ...], dtype: str) -> Any:
     return write_cache_slot
 
 
+def _is_op(expr: Any, name: str) -> bool:
+    import tvm
+    from tvm import relax
+
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
 def _is_step_mask(expr: Any, step: Any, lookup: Any) -> bool:
     """Whether ``expr`` is ``equal(slots, step)`` behind any number of ``expand_dims``."""
     from tvm import relax
@@ -55,9 +62,27 @@ def _is_step_mask(expr: Any, step: Any, lookup: Any) -> bool:
         if bound is None:
             return False
         expr = bound
-        if isinstance(expr, relax.Call) and expr.op.name == "relax.expand_dims":
+        if _is_op(expr, "relax.expand_dims"):
             expr = expr.args[0]
-    return isinstance(expr, relax.Call) and expr.op.name == "relax.equal" and expr.args[1].same_as(step)
+    return _is_op(expr, "relax.equal") and expr.args[1].same_as(step)
+
+
+def _uses(function: Any) -> dict[Any, int]:
+    """How many times each variable of ``function`` is read (definitions aside)."""
+    from tvm import relax
+
+    counts: dict[Any, int] = {}
+
+    @relax.expr_functor.visitor
+    class Uses(relax.PyExprVisitor):
+        def visit_var_(self, var: Any) -> None:  # noqa: N802 - TVM's visitor name
+            counts[var] = counts.get(var, 0) + 1
+
+        def visit_dataflow_var_(self, var: Any) -> None:  # noqa: N802
+            counts[var] = counts.get(var, 0) + 1
+
+    Uses().visit_expr(function)
+    return counts
 
 
 def write_caches_in_place(module: Any, cache_names: list[str]) -> tuple[Any, int]:
@@ -69,7 +94,9 @@ def write_caches_in_place(module: Any, cache_names: list[str]) -> tuple[Any, int
     main = module["main"]
     params = {p.name: p for p in main.params}
     step = params.get("step")
-    caches = {params[n] for n in cache_names if n in params}
+    # Writing a cache in place is safe only where the where is its one reader.
+    uses = _uses(main)
+    caches = [params[n] for n in cache_names if n in params and uses.get(params[n], 0) == 1]
     if step is None or not caches:
         return module, 0
     where, rewritten = tvm.ir.Op.get("relax.where"), 0

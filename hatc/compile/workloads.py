@@ -117,19 +117,19 @@ class Workload:
         return f"{self.name} ({self.graph}, S={self.bucket}, B={self.beam})"
 
 
-# The code that decides which workloads a graph yields (export, packing, in-place caches, fusion,
-# hatc's rules) lives in these packages; a plan is cached under their content, so a changed hatc
-# never reuses a plan that misses a workload it now extracts (PIPELINE says when records go stale).
-PLANNING_PACKAGES = ("compile", "static")
+# The code that decides which workloads a graph yields (export and its shapes, packing, in-place
+# caches, fusion, hatc's rules); a plan is cached under its content, so a changed hatc never reuses
+# a plan that misses a workload it now extracts (PIPELINE says when tuning records go stale).
+PLANNING_SOURCES = ("compile/*.py", "static/*.py", "runtime/signature.py")
 
 
 def planning_code_digest(root: Path | None = None) -> str:
-    """A digest of the sources of ``PLANNING_PACKAGES`` under ``root`` (default: hatc's own)."""
+    """A digest of the ``PLANNING_SOURCES`` under ``root`` (default: hatc's own package)."""
     root = root or Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for package in PLANNING_PACKAGES:
-        for path in sorted((root / package).glob("*.py")):
-            digest.update(f"{package}/{path.name}\0".encode() + path.read_bytes())
+    for pattern in PLANNING_SOURCES:
+        for path in sorted(root.glob(pattern)):
+            digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

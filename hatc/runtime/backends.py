@@ -152,9 +152,7 @@ class TvmLibRunner:
         return self._tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
 
     def copy(self, value: Any) -> Any:
-        out = self._tvm.runtime.empty(value.shape, value.dtype, self.device)
-        value.copyto(out)
-        return out
+        return value.copyto(self.device)
 
     def host_view(self, value: Any) -> np.ndarray | None:
         local_cpu = not self._remote and self.device.dlpack_device_type() == 1  # 1: DLPack's CPU

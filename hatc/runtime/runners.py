@@ -42,7 +42,7 @@ class GraphRunner(Protocol):
 
     def host_view(self, value: Any) -> np.ndarray | None:
         """A writable numpy view of a native value's memory when that is this process's
-        host memory (what ``Decoding`` writes each step's inputs into), else None."""
+        host memory (``Decoding`` writes step inputs and reorders caches through it), else None."""
         ...
 
 
@@ -97,6 +97,20 @@ def pad_source(tokens: np.ndarray, sig: GraphSignature) -> np.ndarray:
 
 # One zeroed cache per runner and shape, on the runner's device: every sentence copies it there.
 _ZERO_CACHES: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+# Per runner, the step's token and position inputs and their host views (None: not in host memory).
+_STEP_INPUTS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, np.ndarray | None]]] = weakref.WeakKeyDictionary()
+
+
+def _step_inputs(runner: GraphRunner, sig: GraphSignature) -> dict[str, tuple[Any, np.ndarray | None]]:
+    """Buffers for the ``tokens`` and ``step`` inputs, made once per runner and written in place
+    every step where they have a host view: a new device tensor per input and step costs more
+    than the write. A step only reads them while it runs, so decodings may share them."""
+    made = _STEP_INPUTS.get(runner)
+    if made is None:
+        inputs = sig.decoder_inputs()
+        values = {name: runner.from_numpy(np.zeros(*inputs[name])) for name in ("tokens", "step")}
+        made = _STEP_INPUTS[runner] = {name: (value, runner.host_view(value)) for name, value in values.items()}
+    return made
 
 
 def _empty_caches(runner: GraphRunner, sig: GraphSignature) -> dict[str, Any]:
@@ -127,11 +141,7 @@ class Decoding:
         self.feeds: dict[str, Any] = {}
         self._encoded: dict[str, Any] = {}
         self.position = 0
-        # The step's token and position inputs, made once and written in place each step where the
-        # runner can (``host_view``): a new device tensor per input and step cost more than the write.
-        inputs = self.sig.decoder_inputs()
-        self._inputs = {name: runner.from_numpy(np.zeros(*inputs[name])) for name in ("tokens", "step")}
-        self._views = {name: runner.host_view(value) for name, value in self._inputs.items()}
+        self._inputs = _step_inputs(runner, self.sig)
 
     def start(self, src_tokens: np.ndarray) -> None:
         """src_tokens (Be, S0), S0 <= S: runs the encoder; ``encoder_outputs`` reads what it gave.
@@ -166,14 +176,15 @@ class Decoding:
         return r.to_numpy(out["log_probs"])
 
     def _input(self, name: str, array: np.ndarray) -> Any:
-        view = self._views[name]
+        value, view = self._inputs[name]
         if view is None:
             return self.runner.from_numpy(array)
         view[...] = array
-        return self._inputs[name]
+        return value
 
     def caches(self) -> dict[str, np.ndarray]:
-        return {name: self.runner.to_numpy(self.feeds[name]) for name in self.sig.cache_names()}
+        """The self-attention caches as numpy copies (``reorder`` and steps write the live ones)."""
+        return {name: np.array(self.runner.to_numpy(self.feeds[name])) for name in self.sig.cache_names()}
 
     def reorder(self, order: np.ndarray) -> None:
         """Keeps hypotheses ``order`` (B,) of the self-attention caches.
