@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hatc.compile.export import ExportedGraphs
 from hatc.errors import HatcError
+from hatc.runtime.runners import TvmValues
 from hatc.runtime.signature import GraphSignature
 from hatc.targets import Target, default_tvm_threads, tvm_target_of
 
@@ -220,7 +219,7 @@ def elf_machine(path: Path) -> int:
     return int.from_bytes(header[18:20], order)
 
 
-class TvmRunner:
+class TvmRunner(TvmValues):
     """Runs built graphs with ``relax.VirtualMachine`` on a local device."""
 
     name = "tvm"
@@ -251,16 +250,3 @@ class TvmRunner:
 
     def step(self, feeds: dict[str, Any]) -> dict[str, Any]:
         return self._call(self._dec, self._dec_graph, self._dec_params, feeds)
-
-    def to_numpy(self, value: Any) -> np.ndarray:
-        view = self.host_view(value)  # a copy of the view: a fifth of Tensor.numpy()'s cost per step
-        return view.copy() if view is not None else value.numpy()
-
-    def from_numpy(self, array: np.ndarray) -> Any:
-        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
-
-    def copy(self, value: Any) -> Any:
-        return value.copyto(self.device)
-
-    def host_view(self, value: Any) -> np.ndarray | None:
-        return np.from_dlpack(value) if self.device.dlpack_device_type() == 1 else None  # 1: DLPack's CPU

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hatc.runtime.artifact import Artifact, ArtifactError
-from hatc.runtime.runners import GraphRunner, OrtRunner
+from hatc.runtime.runners import GraphRunner, OrtRunner, TvmValues
 from hatc.runtime.signature import GraphSignature
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _check_local_cuda(tvm: Any) -> None:
         raise ArtifactError("this artifact was compiled for CUDA, and no CUDA GPU is visible here")
 
 
-class TvmLibRunner:
+class TvmLibRunner(TvmValues):
     """Runs an artifact's encoder and decoder-step libraries with ``relax.VirtualMachine``.
 
     ``session`` (an RPC session from ``tvm.rpc``) runs them on a remote device:
@@ -143,20 +143,6 @@ class TvmLibRunner:
 
     def step(self, feeds: dict[str, Any]) -> dict[str, Any]:
         return self._call(self._dec, self._dec_io, self._dec_params, feeds)
-
-    def to_numpy(self, value: Any) -> np.ndarray:
-        view = self.host_view(value)  # a copy of the view: a fifth of Tensor.numpy()'s cost per step
-        return view.copy() if view is not None else value.numpy()
-
-    def from_numpy(self, array: np.ndarray) -> Any:
-        return self._tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
-
-    def copy(self, value: Any) -> Any:
-        return value.copyto(self.device)
-
-    def host_view(self, value: Any) -> np.ndarray | None:
-        local_cpu = not self._remote and self.device.dlpack_device_type() == 1  # 1: DLPack's CPU
-        return np.from_dlpack(value) if local_cpu else None
 
 
 class WeightStore:
