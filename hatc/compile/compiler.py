@@ -333,7 +333,7 @@ def _build_tvm(
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         parity["onnxruntime"][str(bucket)] = checks.ort_parity(exported, loaded.model, bucket)
         if quantized:
-            references[bucket] = _quantized_reference(exported, request.quantize, work / f"s{bucket}")
+            references[bucket] = _quantized_reference(exported, request.quantize, work / f"s{bucket}", target=target)
         stages.next(f"bucket {bucket}: TVM import and build for {target.name}" + (" (tuned)" if database else ""))
         # weights packed for the target's GEMV kernels (and quantized: hatc.compile.quantize)
         relax_graphs = import_graphs(exported, target, request.quantize)
@@ -375,17 +375,27 @@ def _build_tvm(
     return Build(graphs, runners, parity, scheduling, references or None, dequantize)
 
 
-def _quantized_reference(exported: Any, precision: str, work: Path, block: int | None = None) -> Any:
+def _quantized_reference(
+    exported: Any, precision: str, work: Path, block: int | None = None, target: Any = None
+) -> Any:
     """ONNX Runtime on the exported graphs with every weight fake-quantized: the model a
-    quantized build must compute (``hatc.compile.quantize``; ``block``: ORT's blocks)."""
+    quantized build must compute (``hatc.compile.quantize``; ``block``: ORT's blocks). With the
+    ``target`` of a hatc build: the inputs of the MatMuls it computes with int8 activations
+    fake-quantized too (``hatc.compile.w4a8``)."""
     from hatc.compile.quantize import reference_graph
+    from hatc.compile.tvm_build import int8_activation_weights
     from hatc.runtime.runners import OrtRunner
 
     vocab = exported.signature.vocab_size
-    encoder = reference_graph(exported.encoder, work / f"reference.{precision}.encoder.onnx", precision, vocab, block)
-    decoder = reference_graph(exported.decoder, work / f"reference.{precision}.decoder.onnx", precision, vocab, block)
-    runner = OrtRunner(encoder, decoder, exported.signature)
-    runner.name = f"the {precision} reference (ONNX Runtime, fake-quantized weights)"
+    paths, int8_inputs = [], 0
+    for name, src in (("encoder", exported.encoder), ("decoder", exported.decoder)):
+        weights = int8_activation_weights(src, target, precision, vocab) if target is not None else set()
+        dst = work / f"reference.{precision}.{name}.onnx"
+        paths.append(reference_graph(src, dst, precision, vocab, block, weights))
+        int8_inputs += len(weights)
+    runner = OrtRunner(*paths, exported.signature)
+    activations = f", int8 inputs of {int8_inputs} matmuls" if int8_inputs else ""
+    runner.name = f"the {precision} reference (ONNX Runtime, fake-quantized weights{activations})"
     return runner
 
 
@@ -468,8 +478,18 @@ def _quantization_entry(request: CompileRequest) -> dict[str, Any]:
     per = "per output channel" if request.quantize == "int8" else f"per output channel and block of {INT4_BLOCK}"
     if load_target(request.target).device != "cpu":  # hatc's quantized kernels are CPU kernels
         return {"scales": per, "operators": "every weight dequantized on load (float32 kernels)"}
+    from hatc.compile import w4a8
+    from hatc.targets import tvm_target_of
+
+    if request.quantize == "int4" and w4a8.supported(tvm_target_of(load_target(request.target))):
+        return {
+            "scales": per,
+            "activations": f"int8 in the decoder step's matmuls: per row and block of {w4a8.BLOCK}, symmetric, dynamic",
+            "operators": "decoder step: hatc's int4 x int8 GEMV (AVX-512 VNNI) and lookup; the rest at load",
+        }
     return {
         "scales": per,
+        "activations": "float32",
         "operators": "decoder step: hatc's dequantizing GEMV and lookup kernels; the rest dequantized on load",
     }
 

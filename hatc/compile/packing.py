@@ -42,10 +42,12 @@ when it loads them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from hatc.compile import w4a8
 from hatc.compile.quantize import gather_axis, kernel_values
 from hatc.compile.schedules import MAX_ROWS, column_block, row_tile
 from hatc.runtime import quantization
@@ -68,33 +70,36 @@ def _int64(name: str, values: Any) -> Any:
     return numpy_helper.from_array(np.asarray(values, dtype=np.int64), name)
 
 
-def pack_onnx(
-    model: Any, lanes: int, precision: str = "fp32", quantizable: set[str] | None = None
-) -> tuple[Any, list[str]]:
-    """``model`` (an ``onnx.ModelProto``, changed in place) with beam-sized matmul weights packed
-    (and quantized, with ``precision`` int8 or int4: those in ``quantizable``, None: all; the
-    others stay float32, as the reference leaves them, ``hatc.compile.quantize.weight_axes``).
+@dataclass
+class Packable:
+    """A weight ``pack_onnx`` packs, and how."""
 
-    Returns:
-        (the model, names of the packed initializers' originals)
-    """
-    from onnx import helper, numpy_helper
+    name: str
+    matmuls: list[Any]  # the MatMul nodes reading it as their right input
+    lookups: list[Any]  # Gather nodes of its columns (a tied embedding's token lookup)
+    input_shapes: list[list[int]]  # each MatMul's left input
+    k: int
+    n: int
+    block: int  # output columns per contiguous run (the kernel's column block)
+    scheme: str  # fp32, int8 or int4
+    kernel: str  # "" or w4a8.KERNEL: int4 read by the int8-activation kernel
 
+
+def packables(
+    model: Any, lanes: int, precision: str = "fp32", quantizable: set[str] | None = None, vnni: bool = False
+) -> list[Packable]:
+    """The weights of ``model`` that ``pack_onnx`` packs (arguments as there)."""
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
     shapes = _shapes(model)
     users: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-
-    packed: list[str] = []
-    new_nodes: list[Any] = []
-    replaced: dict[int, list[Any]] = {}  # id(node) -> nodes that replace it
-    for name, init in initializers.items():
+    found = []
+    for init in graph.initializer:
         if len(init.dims) != 2 or init.data_type != 1:  # float32 (K, N) only
             continue
-        k, n = init.dims
+        name, (k, n) = init.name, init.dims
         uses = users.get(name, [])
         matmuls = [u for u in uses if u.op_type == "MatMul" and list(u.input) == [u.input[0], name]]
         lookups = [
@@ -119,28 +124,57 @@ def pack_onnx(
         block = column_block(n, tile * (2 if scheme == "int4" else 1), lanes) if tile else None
         if block is None:
             continue
-        weight = numpy_helper.to_array(init)
-        packed_name = name + SUFFIX
-        if scheme == "fp32":
-            graph.initializer.append(numpy_helper.from_array(_blocked(weight, block), packed_name))
+        kernel = w4a8.KERNEL if scheme == "int4" and vnni and w4a8.fits(k, block) else ""
+        found.append(Packable(name, matmuls, lookups, input_shapes, k, n, block, scheme, kernel))
+    return found
+
+
+def pack_onnx(
+    model: Any, lanes: int, precision: str = "fp32", quantizable: set[str] | None = None, vnni: bool = False
+) -> tuple[Any, list[str]]:
+    """``model`` (an ``onnx.ModelProto``, changed in place) with beam-sized matmul weights packed
+    (and quantized, with ``precision`` int8 or int4: those in ``quantizable``, None: all; the
+    others stay float32, as the reference leaves them, ``hatc.compile.quantize.weight_axes``).
+    ``vnni``: the target has AVX-512 VNNI, so int4 weights are laid out for, and read by, the
+    int8-activation kernel (``hatc.compile.w4a8``).
+
+    Returns:
+        (the model, names of the packed initializers' originals)
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    packed: list[str] = []
+    new_nodes: list[Any] = []
+    replaced: dict[str, list[Any]] = {}  # a node's output (one each, unique) -> nodes that replace it
+    for p in packables(model, lanes, precision, quantizable, vnni):
+        weight = numpy_helper.to_array(initializers[p.name])
+        packed_name = p.name + SUFFIX
+        if p.scheme == "fp32":
+            graph.initializer.append(numpy_helper.from_array(_blocked(weight, p.block), packed_name))
             weights = [packed_name]
         else:
-            quantized = quantization.quantize(weight, scheme)
+            quantized = quantization.quantize(weight, p.scheme)
             weights = [f"{packed_name}_values", f"{packed_name}_scales"]
-            values = kernel_values(quantized.values, scheme)
-            for array, weight_name in ((values, weights[0]), (quantized.scales, weights[1])):
-                graph.initializer.append(numpy_helper.from_array(_blocked(array, block), weight_name))
-        for node, shape in zip(matmuls, input_shapes):
-            replaced[id(node)] = _packed_matmul(node, weights, shape, k, n, block, scheme, helper)
-        for node in lookups:
-            replaced[id(node)] = _packed_lookup(node, weights, k, block, scheme, helper)
-        packed.append(name)
+            if p.kernel == w4a8.KERNEL:
+                offset = (quantization.unpack_int4(quantized.values).astype(np.int16) + 8).astype(np.uint8)
+                values = w4a8.pack_values(offset, p.block)
+            else:
+                values = _blocked(kernel_values(quantized.values, p.scheme), p.block)
+            graph.initializer.append(numpy_helper.from_array(values, weights[0]))
+            graph.initializer.append(numpy_helper.from_array(_blocked(quantized.scales, p.block), weights[1]))
+        for node, shape in zip(p.matmuls, p.input_shapes):
+            replaced[node.output[0]] = _packed_matmul(node, weights, shape, p, helper)
+        for node in p.lookups:
+            replaced[node.output[0]] = _packed_lookup(node, weights, p, helper)
+        packed.append(p.name)
     if not packed:
         return model, []
     if precision != "fp32" and not any(o.domain == QUANT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(QUANT_DOMAIN, 1))
     for node in graph.node:
-        new_nodes.extend(replaced.get(id(node), [node]))
+        new_nodes.extend(replaced.get(node.output[0], [node]) if node.output else [node])
     del graph.node[:]
     graph.node.extend(new_nodes)
     kept = [init for init in graph.initializer if init.name not in packed]
@@ -155,18 +189,14 @@ def _blocked(array: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(rows, n // block, block).transpose(1, 0, 2))
 
 
-def _packed_matmul(
-    node: Any, weights: list[str], shape: list[int], k: int, n: int, block: int, scheme: str, helper: Any
-) -> list[Any]:
+def _packed_matmul(node: Any, weights: list[str], shape: list[int], p: Packable, helper: Any) -> list[Any]:
     """x (..., K) @ W: (1, rows, K) @ W_packed (G, K, block) -> (G, rows, block) -> (rows, G, block) -> (..., N)."""
     x, out, tag = node.input[0], node.output[0], f"{node.output[0]}{SUFFIX}"
-    rows = math.prod(shape[:-1])
-    if scheme == "fp32":
+    rows, k, n = math.prod(shape[:-1]), p.k, p.n
+    if p.scheme == "fp32":
         product = helper.make_node("MatMul", [f"{tag}_x", *weights], [f"{tag}_blocks"])
     else:
-        product = helper.make_node(
-            "HatcQuantMatMul", [f"{tag}_x", *weights], [f"{tag}_blocks"], domain=QUANT_DOMAIN, precision=scheme
-        )
+        product = _quant_node("HatcQuantMatMul", [f"{tag}_x", *weights], f"{tag}_blocks", p, helper)
     return [
         helper.make_node("Constant", [], [f"{tag}_in_shape"], value=_int64(f"{tag}_in_shape_v", [1, rows, k])),
         helper.make_node("Reshape", [x, f"{tag}_in_shape"], [f"{tag}_x"]),
@@ -177,11 +207,17 @@ def _packed_matmul(
     ]
 
 
-def _packed_lookup(node: Any, weights: list[str], k: int, block: int, scheme: str, helper: Any) -> list[Any]:
+def _quant_node(op: str, inputs: list[str], out: str, p: Packable, helper: Any) -> Any:
+    kernel = {"kernel": p.kernel} if p.kernel else {}
+    return helper.make_node(op, inputs, [out], domain=QUANT_DOMAIN, precision=p.scheme, **kernel)
+
+
+def _packed_lookup(node: Any, weights: list[str], p: Packable, helper: Any) -> list[Any]:
     """Gather(W, t, axis=1) -> (K, B) for tokens t (B,): column t of W is W_packed[t // block, :, t % block]."""
     tokens, out, tag = node.input[1], node.output[0], f"{node.output[0]}{SUFFIX}"
-    if scheme != "fp32":
-        return [helper.make_node("HatcQuantLookup", [*weights, tokens], [out], domain=QUANT_DOMAIN, precision=scheme)]
+    k, block = p.k, p.block
+    if p.scheme != "fp32":
+        return [_quant_node("HatcQuantLookup", [*weights, tokens], out, p, helper)]
     weight = weights[0]
     return [
         helper.make_node("Constant", [], [f"{tag}_flat"], value=_int64(f"{tag}_flat_v", [-1])),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,18 +102,31 @@ def dequantize_weight(weight: quantization.QuantizedWeight, reduce_axis: int) ->
     return np.ascontiguousarray(_oriented(quantization.dequantize(weight), reduce_axis))
 
 
-def reference_graph(src: Path, dst: Path, precision: str, vocab_size: int, block: int | None = None) -> Path:
+def reference_graph(
+    src: Path,
+    dst: Path,
+    precision: str,
+    vocab_size: int,
+    block: int | None = None,
+    int8_inputs: Collection[str] = (),
+) -> Path:
     """Writes the graph at ``src`` with every weight fake-quantized: what a quantized build computes.
 
     ``block``: the scales' block along the reduction axis (None: hatc's schemes); a weight
     whose axis is not whole blocks then stays float32, as ONNX Runtime's build leaves it.
+    ``int8_inputs``: weights whose MatMuls the build computes with int8 activations
+    (``hatc.compile.w4a8``): their inputs are fake-quantized too.
     """
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
+
+    from hatc.compile import w4a8
 
     model = onnx.load(str(src))
     axes = weight_axes(model, vocab_size)
+    rows = {}
     for init in model.graph.initializer:
+        rows[init.name] = init.dims[0] if len(init.dims) == 2 else 0
         if init.name not in axes:
             continue
         weight, axis = numpy_helper.to_array(init), axes[init.name]
@@ -121,6 +134,18 @@ def reference_graph(src: Path, dst: Path, precision: str, vocab_size: int, block
             continue
         fake = dequantize_weight(quantize_weight(weight, precision, axis, block), axis)
         init.CopyFrom(numpy_helper.from_array(fake, init.name))
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in int8_inputs:
+            quantized_input = f"{node.output[0]}__int8_input"
+            k = rows[node.input[1]]
+            extra, constants = w4a8.reference_activation_nodes(node.input[0], quantized_input, k, helper)
+            nodes += extra
+            model.graph.initializer.extend(constants)
+            node.input[0] = quantized_input
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     onnx.save(model, str(dst))
     return dst
 
@@ -245,41 +270,59 @@ def _int4_matmul_te(x: Any, values: Any, scales: Any) -> Any:
     )
 
 
-def _quant_lookup_te(values: Any, scales: Any, tokens: Any, precision: str, k_extent: int) -> Any:
-    """Columns ``tokens`` (B,) of the packed (K, V) table -> (K, B)."""
+def _quant_lookup_te(values: Any, scales: Any, tokens: Any, precision: str, k_extent: int, kernel: str = "") -> Any:
+    """Columns ``tokens`` (B,) of the packed (K, V) table -> (K, B) (``kernel`` w4a8: the
+    table laid out for ``hatc.compile.w4a8``)."""
     from tvm import te
 
-    block = values.shape[2]
-    return te.compute(
-        (k_extent, tokens.shape[0]),
-        lambda k, i: _dequantized(values, scales, precision, tokens[i] // block, k, tokens[i] % block),
-        name="hatc_quant_lookup",
-    )
+    from hatc.compile import w4a8
+
+    block = scales.shape[2]
+
+    def column(k: Any, i: Any) -> Any:
+        g, j = tokens[i] // block, tokens[i] % block
+        if kernel == w4a8.KERNEL:
+            return (w4a8.offset_nibble_te(values, g, k, j) - 8.0) * scales[g, k // quantization.INT4_BLOCK, j]
+        return _dequantized(values, scales, precision, g, k, j)
+
+    return te.compute((k_extent, tokens.shape[0]), column, name="hatc_quant_lookup")
 
 
 def _converters() -> dict[str, Any]:
+    from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    def precision_of(attr: dict[str, Any]) -> str:
-        value = attr["precision"]
+    from hatc.compile import w4a8
+
+    def text(attr: dict[str, Any], name: str) -> str:
+        value = attr.get(name, "")
         return value.decode() if isinstance(value, bytes) else str(value)
 
-    def k_extent(values: Any, precision: str) -> int:
-        rows = int(values.ty.shape[1])
-        return rows * 2 if precision == "int4" else rows
+    def dims(value: Any) -> list[int]:
+        return [int(d) for d in value.ty.shape]
+
+    def k_extent(values: Any, precision: str, kernel: str) -> int:
+        rows = dims(values)[1]
+        return rows * w4a8.ROWS_PER_BYTE_RUN if kernel == w4a8.KERNEL else rows * 2 if precision == "int4" else rows
 
     class HatcQuantMatMul(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
             x, values, scales = inputs
-            return bb.emit_te(_quant_matmul_te, x, values, scales, precision_of(attr))
+            if text(attr, "kernel") != w4a8.KERNEL:
+                return bb.emit_te(_quant_matmul_te, x, values, scales, text(attr, "precision"))
+            (_, rows, k), (groups, _, block) = dims(x), dims(scales)
+            kernel = bb.add_func(w4a8.gemv(rows, k, groups * block, block), "hatc_w4a8_gemv")
+            out = relax.TensorType((groups, rows, block), "float32")
+            return bb.emit(relax.call_tir(kernel, [x, values, scales], out))
 
     class HatcQuantLookup(OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb: Any, inputs: list[Any], attr: dict[str, Any], params: Any) -> Any:
             values, scales, tokens = inputs
-            precision = precision_of(attr)
-            return bb.emit_te(_quant_lookup_te, values, scales, tokens, precision, k_extent(values, precision))
+            precision, kernel = text(attr, "precision"), text(attr, "kernel")
+            extent = k_extent(values, precision, kernel)
+            return bb.emit_te(_quant_lookup_te, values, scales, tokens, precision, extent, kernel)
 
     return {"HatcQuantMatMul": HatcQuantMatMul, "HatcQuantLookup": HatcQuantLookup}
 

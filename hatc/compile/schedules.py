@@ -225,6 +225,8 @@ def schedule_by_rules(func: Any, target: Any) -> Any | None:
     GEMM; the vocabulary's log-softmax, ``hatc.compile.log_softmax``), or None: MetaSchedule's."""
     from hatc.compile.log_softmax import schedule_log_softmax
 
+    if func.attrs is not None and "hatc.schedule" in func.attrs:
+        return func  # written loop by loop already (hatc.compile.w4a8)
     scheduled = schedule_gemv(func, target)
     return scheduled if scheduled is not None else schedule_log_softmax(func, target)
 

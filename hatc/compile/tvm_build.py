@@ -87,16 +87,13 @@ def import_onnx(
     from tvm.relax.frontend.onnx import from_onnx
 
     from hatc.compile.kv_cache import write_caches_in_place
-    from hatc.compile.quantize import hatc_operators, quantize_at_load, weight_axes
+    from hatc.compile.quantize import hatc_operators, quantize_at_load
 
     model = onnx.load(str(path))
     if target is not None and target.device == "cpu":
         from hatc.compile.packing import pack_onnx
-        from hatc.compile.schedules import vector_lanes
 
-        # the weights the reference quantizes too, each along its input (axis 0, as packing streams it)
-        quantizable = {name for name, axis in weight_axes(model, vocab_size).items() if axis == 0}
-        model, _ = pack_onnx(model, vector_lanes(tvm_target_of(target)), precision, quantizable)
+        model, _ = pack_onnx(model, **packing_options(model, target, precision, vocab_size))
     at_load = quantize_at_load(model, precision, vocab_size) if precision != "fp32" else {}
     with hatc_operators():
         module = from_onnx(model, keep_params_in_input=True)
@@ -106,6 +103,35 @@ def import_onnx(
         if written != len(caches):
             raise ValueError(f"{path}: {written} of {len(caches)} self-attention caches written in place")
     return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names, at_load)
+
+
+def packing_options(model: Any, target: Target, precision: str, vocab_size: int) -> dict[str, Any]:
+    """How ``pack_onnx`` packs ``model`` (an ``onnx.ModelProto``) for a CPU ``target``."""
+    from hatc.compile import w4a8
+    from hatc.compile.quantize import weight_axes
+    from hatc.compile.schedules import vector_lanes
+
+    tvm_target = tvm_target_of(target)
+    return {
+        "lanes": vector_lanes(tvm_target),
+        "precision": precision,
+        # the weights the reference quantizes too, each along its input (axis 0, as packing streams it)
+        "quantizable": {name for name, axis in weight_axes(model, vocab_size).items() if axis == 0},
+        "vnni": w4a8.supported(tvm_target),
+    }
+
+
+def int8_activation_weights(path: Path, target: Target, precision: str, vocab_size: int) -> set[str]:
+    """The weights of the ONNX graph at ``path`` whose MatMuls a CPU build for ``target`` computes
+    with int8 activations (``hatc.compile.w4a8``): their reference quantizes the MatMul's input."""
+    import onnx
+
+    from hatc.compile.packing import packables
+
+    if precision != "int4" or target.device != "cpu":
+        return set()
+    model = onnx.load(str(path))
+    return {p.name for p in packables(model, **packing_options(model, target, precision, vocab_size)) if p.kernel}
 
 
 def import_graphs(
