@@ -485,7 +485,9 @@ def _quantization_entry(request: CompileRequest) -> dict[str, Any]:
         return {
             "scales": per,
             "activations": f"int8 in the decoder step's matmuls: per row and block of {w4a8.BLOCK}, symmetric, dynamic",
-            "operators": "decoder step: hatc's int4 x int8 GEMV (AVX-512 VNNI) and lookup; the rest at load",
+            "operators": (
+                "decoder step: hatc's int4 x int8 GEMV (AVX-512 VNNI) and lookup kernels; the rest dequantized on load"
+            ),
         }
     return {
         "scales": per,
