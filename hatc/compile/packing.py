@@ -31,6 +31,10 @@ dequantize as they stream:
     MatMul(x, W)                 ->  ... HatcQuantMatMul(Reshape(x), W_values, W_scales) ...
     Gather(W, tokens, axis=1)    ->  HatcQuantLookup(W_values, W_scales, tokens)
 
+On a target with AVX-512 VNNI (``vnni``), int4 values take ``hatc.compile.w4a8``'s
+layout instead and both operators say ``kernel="w4a8"``: the matmul then quantizes
+its input to int8 and multiplies integers.
+
 A quantized build leaves the encoder's GEMMs as exported: their weights are stored
 quantized and dequantized at load (``hatc.compile.quantize.quantize_at_load``), which
 matches them by content as exported.

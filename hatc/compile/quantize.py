@@ -10,15 +10,18 @@ and position tables stay float32. Two kinds of kernels read them:
   hatc's operators ``HatcQuantMatMul`` and ``HatcQuantLookup``, defined here in TE,
   dequantize inside the kernel, and ``hatc.compile.schedules`` streams them like
   float weights. A decoder step at beam 1-8 is memory-bound, so 4x (8x) fewer bytes
-  is where the speed comes from.
+  is where the speed comes from. On a CPU with AVX-512 VNNI, int4 GEMVs instead
+  multiply the nibbles by int8 activations (``hatc.compile.w4a8``): the float
+  conversions, not the bytes, bounded int4 there.
 - every other weight (the encoder's, compute-bound at 32 tokens a sentence) is stored
   quantized and dequantized once when the runtime loads it (``quantize_at_load``):
   the artifact is small and the encoder runs the float32 kernels the tuning database
   already holds.
 
 The model such an artifact computes is the exported graph with every weight replaced
-by ``fake_quantize(weight)``: ``reference_graph`` writes it, and the compiler checks
-the TVM build against ONNX Runtime running it.
+by ``fake_quantize(weight)`` (and, for the w4a8 kernel's MatMuls, their inputs by
+``w4a8.fake_quantize_activations``): ``reference_graph`` writes it, and the compiler
+checks the TVM build against ONNX Runtime running it.
 """
 
 from __future__ import annotations
