@@ -21,6 +21,7 @@ from test_artifact import hatc_without_torch, no_tuning_databases, one_line_erro
 from hatc.arch import Architecture
 from hatc.checkpoint import save_checkpoint
 from hatc.compile import w4a8
+from hatc.compile.parity import RoundingFlips
 from hatc.runtime import quantization
 from hatc.runtime.quantization import INT4_BLOCK, QuantizationError
 from hatc.space import load_space
@@ -286,11 +287,12 @@ def test_a_quantized_build_equals_its_fake_quantized_reference(artifacts, precis
     out, summary = artifacts[precision]
     manifest = json.loads((out / "manifest.json").read_text())
     assert summary["precision"] == manifest["precision"] == precision
-    assert summary["max_abs_diff"]["tvm_host"] <= 1e-4  # against ONNX Runtime on the fake-quantized graphs
-    assert manifest["parity"]["greedy"]["equal"]
     # int4 on a CPU with AVX-512 VNNI multiplies int8 activations (hatc.compile.w4a8), and says so
     vnni = precision == "int4" and w4a8.supported(tvm_target_of(load_target("x86")))
     assert manifest["quantization"]["activations"].startswith("int8" if vnni else "float32")
+    # against ONNX Runtime on the fake-quantized graphs (int8 activations: a rounding flip may move a row)
+    assert summary["max_abs_diff"]["tvm_host"] <= (RoundingFlips().max_diff if vnni else 1e-4)
+    assert manifest["parity"]["greedy"]["equal"] or manifest["parity"]["greedy"].get("near_ties")
     weights = np.load(out / manifest["weights"])
     narrow = {"int8": np.int8, "int4": np.uint8}[precision]
     assert any(weights[key].dtype == narrow for key in weights.files)

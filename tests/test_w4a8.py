@@ -188,3 +188,86 @@ def test_packing_lays_int4_out_for_the_kernel_only_with_vnni():
     values = {i.name: numpy_helper.to_array(i) for i in with_vnni.graph.initializer}["w__packed_values"]
     offset = quantization.unpack_int4(quantization.quantize(weight, "int4").values).astype(np.int16) + 8
     assert np.array_equal(w4a8.unpack_values(values), offset.astype(np.uint8))
+
+
+# ----- checks that tolerate rounding flips and nothing more ---------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A small random SubTransformer's export, run by ONNX Runtime."""
+    import torch
+
+    from hatc.compile.export import export_onnx
+    from hatc.runtime.runners import OrtRunner
+    from hatc.space import load_space
+    from hatc.static.model import ModelConfig, SubTransformer
+
+    space = load_space("tiny")
+    torch.manual_seed(0)
+    model = SubTransformer(space.smallest(), ModelConfig(300, space.qkv_dim, space.super_embed_dim)).eval()
+    graphs = export_onnx(model, tmp_path_factory.mktemp("flips"), 16, batch=2)
+    return model, OrtRunner(graphs.encoder, graphs.decoder, graphs.signature)
+
+
+class _Moved:
+    """The reference's own outputs, with chosen log-prob rows of chosen steps moved: what a build
+    whose activations round differently (or a broken one) would return."""
+
+    def __init__(self, runner, moves: dict[tuple[int, int], float]):
+        self._runner, self._moves, self._step = runner, moves, 0
+        self.signature, self.name = runner.signature, "moved"
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def encode(self, feeds):
+        self._step = 0
+        return self._runner.encode(feeds)
+
+    def step(self, feeds):
+        out = dict(self._runner.step(feeds))
+        log_probs = np.array(out["log_probs"], copy=True)
+        for (step, row), by in self._moves.items():
+            if step == self._step:
+                log_probs[row] += np.float32(by)
+        out["log_probs"], self._step = log_probs, self._step + 1
+        return out
+
+
+@pytest.mark.parametrize(
+    ("moves", "passes_with_flips"),
+    [
+        ({(1, 0): 0.05}, True),  # one row, by what one flipped activation moves
+        ({(0, 0): 0.05, (2, 1): 0.02}, True),
+        ({(s, r): 1e-3 for s in range(4) for r in range(2)}, False),  # every row: not rounding
+        ({(1, 0): 1.0}, False),  # one row, by far more than a flip
+    ],
+)
+def test_parity_lets_rounding_flips_pass_and_nothing_more(reference, moves, passes_with_flips):
+    from hatc.compile.parity import ParityError, RoundingFlips, check_parity
+
+    model, runner = reference
+    exact = check_parity(runner, model, steps=4, reference=runner)
+    assert exact.max_abs_diff == 0 and exact.strayed_rows == 0
+    with pytest.raises(ParityError, match="above the tolerance"):
+        check_parity(_Moved(runner, moves), model, steps=4, reference=runner)
+    if passes_with_flips:
+        report = check_parity(_Moved(runner, moves), model, steps=4, reference=runner, flips=RoundingFlips())
+        assert report.strayed_rows == len(moves)
+    else:
+        with pytest.raises(ParityError, match="more than its activations' rounding explains"):
+            check_parity(_Moved(runner, moves), model, steps=4, reference=runner, flips=RoundingFlips())
+
+
+def test_the_greedy_near_tie_gap_is_the_references_own_preference(reference):
+    from hatc.compile.checks import _reference_gap
+    from hatc.data.subword import BOS
+    from hatc.runtime.runners import Decoding
+
+    _, runner = reference
+    src = [5, 17, 42, 2]
+    decoding = Decoding(runner)
+    decoding.start(np.asarray([src], dtype=np.int64))
+    first = decoding.advance(np.full(runner.signature.batch, BOS, dtype=np.int64))[0]
+    best, runner_up = np.argsort(first)[::-1][:2]
+    gap = _reference_gap(runner, src, [], int(best), int(runner_up))
+    assert gap == pytest.approx(float(first[best] - first[runner_up]), abs=1e-6) and gap >= 0

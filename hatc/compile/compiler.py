@@ -35,6 +35,7 @@ from hatc.compile import checks
 from hatc.compile.checks import CompileEvent
 from hatc.compile.export import export_onnx
 from hatc.compile.ort_quantize import ORT_BLOCK
+from hatc.compile.parity import RoundingFlips
 from hatc.compile.quality import QualityRequest, check_quality
 from hatc.compile.tuning_db import graph_schedules, load_database, tuning_db_path
 from hatc.compile.weights import WeightTable, externalize_onnx
@@ -93,6 +94,7 @@ class Build:
     scheduling: Scheduling
     references: dict[int, Any] | None = None  # quantized: bucket -> ONNX Runtime on the fake-quantized graphs
     dequantize: dict[str, dict[str, Any]] = field(default_factory=dict)  # the manifest's dequantize table
+    flips: RoundingFlips | None = None  # the build quantizes activations (hatc.compile.w4a8)
 
 
 @dataclass
@@ -262,7 +264,9 @@ def compile_artifact(
                 on_event(CompileEvent("warning", warning))
             stages.next("greedy translations against PyTorch")
             options = DecodeOptions(beam=1, lenpen=request.lenpen, max_len=min(256, loaded.model.cfg.max_positions))
-            parity["greedy"] = checks.check_greedy(loaded, runners, request.sentences, options, build.references)
+            parity["greedy"] = checks.check_greedy(
+                loaded, runners, request.sentences, options, build.references, build.flips
+            )
             quality = None
             if request.quality is not None:
                 stages.next("BLEU of this build against the fp32 model")
@@ -327,13 +331,17 @@ def _build_tvm(
     weights, graphs, host_libs, signatures, scheduling = WeightTable(), {}, {}, {}, Scheduling()
     parity: dict[str, dict[str, float]] = {"onnxruntime": {}, "tvm_host": {}}
     references: dict[int, Any] = {}
+    flips: RoundingFlips | None = None
     dequantize: dict[str, dict[str, Any]] = {}
     for bucket in request.buckets:
         stages.next(f"bucket {bucket}: ONNX export and ONNX Runtime parity")
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         parity["onnxruntime"][str(bucket)] = checks.ort_parity(exported, loaded.model, bucket)
         if quantized:
-            references[bucket] = _quantized_reference(exported, request.quantize, work / f"s{bucket}", target=target)
+            references[bucket], int8_inputs = _quantized_reference(
+                exported, request.quantize, work / f"s{bucket}", target=target
+            )
+            flips = RoundingFlips() if int8_inputs else flips
         stages.next(f"bucket {bucket}: TVM import and build for {target.name}" + (" (tuned)" if database else ""))
         # weights packed for the target's GEMV kernels (and quantized: hatc.compile.quantize)
         relax_graphs = import_graphs(exported, target, request.quantize)
@@ -369,19 +377,19 @@ def _build_tvm(
             store.get(entry["decoder_step"]["params"], staging),
         )
         parity["tvm_host"][str(bucket)] = checks.runner_parity(
-            runner, loaded.model, bucket, "TVM host build", references.get(bucket)
+            runner, loaded.model, bucket, "TVM host build", references.get(bucket), flips
         )
         runners[bucket] = runner
-    return Build(graphs, runners, parity, scheduling, references or None, dequantize)
+    return Build(graphs, runners, parity, scheduling, references or None, dequantize, flips)
 
 
 def _quantized_reference(
     exported: Any, precision: str, work: Path, block: int | None = None, target: Any = None
-) -> Any:
+) -> tuple[Any, int]:
     """ONNX Runtime on the exported graphs with every weight fake-quantized: the model a
     quantized build must compute (``hatc.compile.quantize``; ``block``: ORT's blocks). With the
     ``target`` of a hatc build: the inputs of the MatMuls it computes with int8 activations
-    fake-quantized too (``hatc.compile.w4a8``)."""
+    fake-quantized too (``hatc.compile.w4a8``). Returns the runner and how many MatMuls those are."""
     from hatc.compile.quantize import reference_graph
     from hatc.compile.tvm_build import int8_activation_weights
     from hatc.runtime.runners import OrtRunner
@@ -396,7 +404,7 @@ def _quantized_reference(
     runner = OrtRunner(*paths, exported.signature)
     activations = f", int8 inputs of {int8_inputs} matmuls" if int8_inputs else ""
     runner.name = f"the {precision} reference (ONNX Runtime, fake-quantized weights{activations})"
-    return runner
+    return runner, int8_inputs
 
 
 def _store_param(
@@ -438,7 +446,7 @@ def _build_onnxruntime(
         stages.next(f"bucket {bucket}: ONNX export" + (f" and {request.quantize} graphs" if quantized else ""))
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         if quantized:  # ORT's own quantized operators; checked against the graphs fake-quantized alike
-            references[bucket] = _quantized_reference(exported, request.quantize, work / f"s{bucket}", ORT_BLOCK)
+            references[bucket], _ = _quantized_reference(exported, request.quantize, work / f"s{bucket}", ORT_BLOCK)
             exported = _ort_quantized_graphs(exported, request.quantize, work / f"s{bucket}")
         exported_all.append(exported)
     stages.next("moving the weights out of the graphs")

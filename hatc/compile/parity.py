@@ -21,6 +21,26 @@ from hatc.static.model import SubTransformer
 DEFAULT_TOLERANCE = 1e-4
 
 
+@dataclass(frozen=True)
+class RoundingFlips:
+    """What a build whose kernels quantize activations (``hatc.compile.w4a8``) may show against
+    its reference beyond ``tolerance``.
+
+    Quantizing an activation is a step function: where the build's float value and the
+    reference's (equal to about 1e-7, summed in other orders) fall on two sides of a rounding
+    boundary, one int8 differs by one, and every value computed from it moves by that quantum
+    times a weight. On the 60-minute Multi30k supernet's searched model, bucket 64, beam 4,
+    14 of 128 log-prob rows moved so, by at most 0.069 (the others: median 7e-6). A wrong
+    kernel, layout or scale moves every row, by much more.
+
+    A row (an output's slice along its first axis: a beam row of one step) passes within
+    ``tolerance``; at most ``share`` of them may stray beyond it, none by more than ``max_diff``.
+    """
+
+    max_diff: float = 0.25
+    share: float = 0.25
+
+
 class ParityError(HatcError):
     """A backend's outputs differ from PyTorch's by more than the tolerance."""
 
@@ -32,6 +52,7 @@ class ParityReport:
     worst: str  # which output it was
     steps: int
     tolerance: float
+    strayed_rows: int = 0  # rows beyond the tolerance that ``RoundingFlips`` let pass
 
     def __str__(self) -> str:
         return f"{self.backend}: max abs diff {self.max_abs_diff:.2e} ({self.worst}) over {self.steps} steps"
@@ -91,9 +112,11 @@ def check_parity(
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
     reference: GraphRunner | None = None,
+    flips: RoundingFlips | None = None,
 ) -> ParityReport:
     """Runs ``steps`` teacher-forced decoder steps on ``runner`` and on PyTorch (or on the
     ``reference`` runner: a quantized build's reference is the fake-quantized graph).
+    ``flips``: the build quantizes activations; rows may stray as ``RoundingFlips`` allows.
 
     Raises:
         ParityError: the max abs diff exceeds ``tolerance`` (the message names
@@ -112,18 +135,28 @@ def check_parity(
     pairs = [(k, got_enc[k], v) for k, v in ref_enc.items()]
     pairs += [(f"log_probs[step {t}]", g, r) for t, (g, r) in enumerate(zip(got_log_probs, ref_log_probs))]
     pairs += [(k, got_caches[k], v) for k, v in ref_caches.items()]
-    worst, worst_name = 0.0, ""
+    worst, worst_name, rows, strayed = 0.0, "", 0, 0
     for name, got, ref in pairs:
         if got.shape != ref.shape:
             raise ParityError(f"{runner.name}: output {name} has shape {got.shape}, {expected}'s is {ref.shape}")
-        diff = float(np.max(np.abs(got - ref))) if got.size else 0.0
-        if not np.isfinite(diff):
-            diff = float("inf")
-        if diff >= worst:
-            worst, worst_name = diff, name
-    report = ParityReport(runner.name, worst, worst_name, steps, tolerance)
-    if not worst <= tolerance:
+        if not got.size:
+            continue
+        by_row = np.abs(got - ref).reshape(got.shape[0], -1).max(axis=1)
+        by_row[~np.isfinite(by_row)] = np.inf
+        rows, strayed = rows + len(by_row), strayed + int(np.sum(by_row > tolerance))
+        if by_row.max() >= worst:
+            worst, worst_name = float(by_row.max()), name
+    report = ParityReport(runner.name, worst, worst_name, steps, tolerance, strayed if flips else 0)
+    if worst <= tolerance:
+        return report
+    if flips is None:
         raise ParityError(
             f"{runner.name} differs from {expected} by {worst:.3g} (in {worst_name}), above the tolerance {tolerance:g}"
+        )
+    if worst > flips.max_diff or strayed > flips.share * rows:
+        raise ParityError(
+            f"{runner.name} differs from {expected} by more than its activations' rounding explains: {strayed} of "
+            f"{rows} rows beyond {tolerance:g} (at most {flips.share:.0%}), the worst by {worst:.3g} in {worst_name} "
+            f"(at most {flips.max_diff:g})"
         )
     return report
