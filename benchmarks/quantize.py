@@ -11,7 +11,9 @@ argmax fed back). Backends on the same exported graphs:
 - ``tvm-fp32``, ``tvm-int8``, ``tvm-int4``: hatc's builds with the target's tuning database
   (``hatc tune``; ``--db``); the quantized decoder steps read int8/int4 weights through
   hatc's dequantizing GEMV kernels, the encoder runs the float32 kernels on weights
-  dequantized once when loaded (``hatc.compile.quantize``).
+  dequantized once when loaded (``hatc.compile.quantize``). On a CPU with AVX-512 VNNI
+  ``tvm-int4`` multiplies int8 activations (``hatc.compile.w4a8``), and
+  ``tvm-int4-weight-only`` is the same build on the weight-only kernel, for comparison.
 
 ONNX Runtime's step time moves by up to a third between processes (0.75-1.11 ms on
 `tiny` largest, beam 1, in runs minutes apart), more than between rounds of one
@@ -89,6 +91,7 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
     import onnx
     import torch
 
+    from hatc.compile import w4a8
     from hatc.compile.export import export_onnx
     from hatc.compile.ort_quantize import quantize_for_ort
     from hatc.compile.tuning_db import load_database
@@ -96,7 +99,7 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
     from hatc.runtime.runners import OrtRunner
     from hatc.space import load_space
     from hatc.static.model import ModelConfig, SubTransformer
-    from hatc.targets import load_target
+    from hatc.targets import load_target, tvm_target_of
 
     space = load_space(space_name)
     arch = getattr(space, arch_name)()
@@ -120,6 +123,9 @@ def latency_case(space_name: str, arch_name: str, beam: int, vocab: int, args: a
             built = build_graphs(graphs, target, database=database, precision=precision)
             runners[f"tvm-{precision}"] = TvmRunner(built)
             weight_bytes[precision] = stored_weight_bytes(built)
+        if w4a8.supported(tvm_target_of(target)):  # tvm-int4 has int8 activations: the weight-only kernel beside it
+            built = build_graphs(graphs, target, database=database, precision="int4", int8_activations=False)
+            runners["tvm-int4-weight-only"] = TvmRunner(built)
     src = np.random.default_rng(0).integers(4, vocab, (1, SOURCE_TOKENS))
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for i in range(args.warmup + args.repeats):

@@ -29,16 +29,18 @@ class RoundingFlips:
     Quantizing an activation is a step function: where the build's float value and the
     reference's (equal to about 1e-7, summed in other orders) fall on two sides of a rounding
     boundary, one int8 differs by one, and every value computed from it moves by that quantum
-    times a weight. On the 60-minute Multi30k supernet's searched model, bucket 64, beam 4,
-    14 of 128 log-prob rows moved so, by at most 0.069 (the others: median 7e-6). A wrong
-    kernel, layout or scale moves every row, by much more.
+    times a weight. On the 60-minute Multi30k supernet (``benchmarks/rounding_flips.py``,
+    bucket 64, beam 4, 16 seeds of 4 steps), about one log-prob row in ten moved so, by at most
+    0.069 (the others: median 7e-6), and up to 24% of one seed's compared rows (log-probs,
+    caches, encoder outputs) strayed beyond 1e-4. A wrong kernel, layout or scale moves every
+    row, and by much more.
 
     A row (an output's slice along its first axis: a beam row of one step) passes within
     ``tolerance``; at most ``share`` of them may stray beyond it, none by more than ``max_diff``.
     """
 
     max_diff: float = 0.25
-    share: float = 0.25
+    share: float = 0.5
 
 
 class ParityError(HatcError):

@@ -68,6 +68,7 @@ def import_onnx(
     precision: str = "fp32",
     vocab_size: int = 0,
     caches: list[str] | None = None,
+    int8_activations: bool = True,
 ) -> RelaxGraph:
     """An ONNX graph as a Relax module with its weights detached as parameters.
 
@@ -79,7 +80,9 @@ def import_onnx(
     GEMV kernel streams (``hatc.compile.packing``); the parameters hold them packed.
     With ``precision`` int8 or int4 (``vocab_size`` then names the token tables), those
     are quantized and read by hatc's quantized kernels, and every other weight is
-    quantized to be dequantized on load (``hatc.compile.quantize``).
+    quantized to be dequantized on load (``hatc.compile.quantize``). int4 GEMVs multiply
+    int8 activations where the target has AVX-512 VNNI (``hatc.compile.w4a8``) unless
+    ``int8_activations`` is False (the weight-only kernel, to measure one against the other).
     """
     default_tvm_threads()
     import onnx
@@ -93,7 +96,7 @@ def import_onnx(
     if target is not None and target.device == "cpu":
         from hatc.compile.packing import pack_onnx
 
-        model, _ = pack_onnx(model, **packing_options(model, target, precision, vocab_size))
+        model, _ = pack_onnx(model, **packing_options(model, target, precision, vocab_size, int8_activations))
     at_load = quantize_at_load(model, precision, vocab_size) if precision != "fp32" else {}
     with hatc_operators():
         module = from_onnx(model, keep_params_in_input=True)
@@ -105,7 +108,9 @@ def import_onnx(
     return RelaxGraph(name, module, list(params.get("main", [])), input_names, output_names, at_load)
 
 
-def packing_options(model: Any, target: Target, precision: str, vocab_size: int) -> dict[str, Any]:
+def packing_options(
+    model: Any, target: Target, precision: str, vocab_size: int, int8_activations: bool = True
+) -> dict[str, Any]:
     """How ``pack_onnx`` packs ``model`` (an ``onnx.ModelProto``) for a CPU ``target``."""
     from hatc.compile import w4a8
     from hatc.compile.quantize import weight_axes
@@ -117,7 +122,7 @@ def packing_options(model: Any, target: Target, precision: str, vocab_size: int)
         "precision": precision,
         # the weights the reference quantizes too, each along its input (axis 0, as packing streams it)
         "quantizable": {name for name, axis in weight_axes(model, vocab_size).items() if axis == 0},
-        "vnni": w4a8.supported(tvm_target),
+        "vnni": int8_activations and w4a8.supported(tvm_target),
     }
 
 
@@ -135,12 +140,13 @@ def int8_activation_weights(path: Path, target: Target, precision: str, vocab_si
 
 
 def import_graphs(
-    graphs: ExportedGraphs, target: Target | None, precision: str = "fp32"
+    graphs: ExportedGraphs, target: Target | None, precision: str = "fp32", int8_activations: bool = True
 ) -> tuple[RelaxGraph, RelaxGraph]:
     """Both graphs of an export as Relax, weights packed for the ``target`` they are built for
     (None: the weights as exported, e.g. to measure what packing buys), quantized to ``precision``."""
     sig = graphs.signature
     common = {"target": target, "precision": precision, "vocab_size": sig.vocab_size}
+    common["int8_activations"] = int8_activations
     return (
         import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), **common),
         import_onnx(
@@ -179,16 +185,23 @@ def build_module(graph: RelaxGraph, target: Target, database: Any = None) -> Any
         return tvm.compile(graph.module, target=tvm_target, relax_pipeline=pipeline)
 
 
-def build_graphs(graphs: ExportedGraphs, target: Target, database: Any = None, precision: str = "fp32") -> BuiltGraphs:
+def build_graphs(
+    graphs: ExportedGraphs,
+    target: Target,
+    database: Any = None,
+    precision: str = "fp32",
+    int8_activations: bool = True,
+) -> BuiltGraphs:
     """Imports and builds both graphs of one export for ``target`` (tuned with ``database``, if
     given), with ``precision`` weights: the parameters then hold the decoder step's packed quantized
-    weights and, for the rest, their fake-quantized float32 values (an artifact stores those quantized)."""
+    weights and, for the rest, their fake-quantized float32 values (an artifact stores those quantized).
+    ``int8_activations``: as ``import_onnx``."""
     start = time.perf_counter()
     if isinstance(database, (str, Path)):
         from hatc.compile.tuning_db import load_database
 
         database = load_database(database)
-    encoder, decoder = import_graphs(graphs, target, precision)
+    encoder, decoder = import_graphs(graphs, target, precision, int8_activations)
     built_enc, built_dec = build_module(encoder, target, database), build_module(decoder, target, database)
     seconds = time.perf_counter() - start
     log.info("built %s for %s in %.1f s", graphs.directory, target.name, seconds)
