@@ -166,15 +166,8 @@ def test_the_gemv_rule_takes_the_quantized_kernels_of_a_four_core_neon_board(pre
 def test_hatc_operators_through_the_import_and_build_pipeline(op, precision):
     """One node of each operator, imported by TVM's ONNX importer and built as every graph is
     (Relax widens TE's index arithmetic to int64 on the way: a sign extension by shifts broke there)."""
-    import tvm
-    from onnx import TensorProto, helper, numpy_helper
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from hatc.compile.packing import QUANT_DOMAIN, _blocked
-    from hatc.compile.quantize import hatc_operators, kernel_values
-    from hatc.compile.tvm_build import RelaxGraph, build_module
-    from hatc.targets import load_target
+    from hatc.compile.packing import _blocked
+    from hatc.compile.quantize import kernel_values
 
     k, n, block, rows = 96, 128, 32, 2
     q = quantization.quantize(_weight(k, n), precision)
@@ -182,16 +175,38 @@ def test_hatc_operators_through_the_import_and_build_pipeline(op, precision):
     rng = np.random.default_rng(3)
     if op == "HatcQuantMatMul":
         feed = rng.normal(size=(1, rows, k)).astype(np.float32)
-        inputs, io = ["in", "values", "scales"], (TensorProto.FLOAT, feed.shape, [n // block, rows, block])
         expected = feed[0] @ quantization.dequantize(q)
     else:
         feed = np.array([3, 77, n - 1], dtype=np.int64)
-        inputs, io = ["values", "scales", "in"], (TensorProto.INT64, feed.shape, [k, len(feed)])
         expected = quantization.dequantize(q)[:, feed]
-    node = helper.make_node(op, inputs, ["out"], domain=QUANT_DOMAIN, precision=precision)
+    got = run_hatc_operator(op, {"precision": precision}, feed, values, scales)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def run_hatc_operator(op: str, attributes: dict[str, str], feed: np.ndarray, values: np.ndarray, scales: np.ndarray):
+    """One node of hatc's operator ``op`` on packed ``values`` and ``scales``, imported by TVM's ONNX
+    importer and built as every graph is, run on ``feed``: the matmul's (rows, N), the lookup's (K, B)."""
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from hatc.compile.packing import QUANT_DOMAIN
+    from hatc.compile.quantize import hatc_operators
+    from hatc.compile.tvm_build import RelaxGraph, build_module
+    from hatc.targets import load_target
+
+    groups, _, block = scales.shape
+    if op == "HatcQuantMatMul":
+        rows = feed.shape[1]
+        inputs, io = ["in", "values", "scales"], (TensorProto.FLOAT, [groups, rows, block])
+    else:
+        k = values.shape[1] * (8 if attributes.get("kernel") else 2 if values.dtype == np.uint8 else 1)
+        inputs, io = ["values", "scales", "in"], (TensorProto.INT64, [k, len(feed)])
+    node = helper.make_node(op, inputs, ["out"], domain=QUANT_DOMAIN, **attributes)
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("in", io[0], list(io[1]))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, io[2])],
+        [node], "g", [helper.make_tensor_value_info("in", io[0], list(feed.shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, io[1])],
         [numpy_helper.from_array(values, "values"), numpy_helper.from_array(scales, "scales")],
     )  # fmt: skip
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(QUANT_DOMAIN, 1)]
@@ -201,9 +216,7 @@ def test_hatc_operators_through_the_import_and_build_pipeline(op, precision):
     executable = build_module(RelaxGraph("g", module, list(params["main"])), load_target("x86"))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(feed), *(tvm.runtime.tensor(p.numpy()) for p in params["main"])).numpy()
-    if op == "HatcQuantMatMul":
-        got = got.transpose(1, 0, 2).reshape(rows, n)
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+    return got.transpose(1, 0, 2).reshape(feed.shape[1], groups * block) if op == "HatcQuantMatMul" else got
 
 
 # ----- builds -----------------------------------------------------------------------

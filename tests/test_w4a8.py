@@ -115,43 +115,17 @@ def test_the_vnni_kernel_equals_numpy(rows, k, n, block):
 @pytest.mark.parametrize("op", ["HatcQuantMatMul", "HatcQuantLookup"])
 def test_the_w4a8_operators_through_the_import_and_build_pipeline(op):
     """The ONNX operators with ``kernel=w4a8``, imported and built as every graph is."""
-    import tvm
-    from onnx import TensorProto, helper, numpy_helper
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from hatc.compile.packing import QUANT_DOMAIN
-    from hatc.compile.quantize import hatc_operators
-    from hatc.compile.tvm_build import RelaxGraph, build_module
-    from hatc.targets import load_target
+    from test_quantize import run_hatc_operator
 
     rows, k, n, block = 3, 96, 128, 32
     x, u, scales, blocked = _kernel_case(rows, k, n, block, seed=7)
     if op == "HatcQuantMatMul":
-        feed, inputs = x, ["in", "values", "scales"]
-        io = (TensorProto.FLOAT, [n // block, rows, block])
-        expected = w4a8.reference_gemv(x[0], u, scales)
+        feed, expected = x, w4a8.reference_gemv(x[0], u, scales)
     else:
-        feed, inputs = np.array([3, 77, n - 1], dtype=np.int64), ["values", "scales", "in"]
-        io = (TensorProto.INT64, [k, 3])
+        feed = np.array([3, 77, n - 1], dtype=np.int64)
         expected = ((u.astype(np.float32) - 8) * np.repeat(scales, 32, axis=0))[:, feed]
-    node = helper.make_node(op, inputs, ["out"], domain=QUANT_DOMAIN, precision="int4", kernel=w4a8.KERNEL)
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("in", io[0], list(feed.shape))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, io[1])],
-        [numpy_helper.from_array(w4a8.pack_values(u, block), "values"), numpy_helper.from_array(blocked, "scales")],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(QUANT_DOMAIN, 1)]
-    with hatc_operators():
-        module = from_onnx(helper.make_model(graph, opset_imports=opsets), keep_params_in_input=True)
-    module, params = relax.frontend.detach_params(module)
-    executable = build_module(RelaxGraph("g", module, list(params["main"])), load_target("x86"))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    got = vm["main"](tvm.runtime.tensor(feed), *(tvm.runtime.tensor(p.numpy()) for p in params["main"])).numpy()
-    if op == "HatcQuantMatMul":
-        got = got.transpose(1, 0, 2).reshape(rows, n)
+    attributes = {"precision": "int4", "kernel": w4a8.KERNEL}
+    got = run_hatc_operator(op, attributes, feed, w4a8.pack_values(u, block), blocked)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
