@@ -146,6 +146,8 @@ def gemv(rows: int, k: int, n: int, block: int) -> Any:
     """
     from tvm.script import tirx as T
 
+    from hatc.compile.kv_cache import OPAQUE
+
     groups, k_blocks, vectors = n // block, k // BLOCK, block // LANES
     runs_per_block = BLOCK // ROWS_PER_BYTE_RUN
     dot = "llvm.x86.avx512.vpdpbusd.512"  # (int32x16 acc, uint8x64, int8x64) -> int32x16
@@ -163,7 +165,8 @@ def gemv(rows: int, k: int, n: int, block: int) -> Any:
         scales: T.Buffer((groups, k_blocks, block), "float32"),
         out: T.Buffer((groups, rows, block), "float32"),
     ):
-        T.func_attr({"tirx.noalias": True, "op_pattern": 8, "hatc.schedule": RULE_NAME, "tirx.is_scheduled": True})
+        # opaque: nothing fuses into it; scheduled: no rule, database or MetaSchedule touches it
+        T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE, "hatc.schedule": RULE_NAME, "tirx.is_scheduled": True})
         q = T.alloc_buffer((rows, k), "int8")
         q_scale = T.alloc_buffer((rows, k_blocks), "float32")
         q_offset = T.alloc_buffer((rows, k_blocks), "int32")  # 8 * sum q: the nibbles' offset, undone
