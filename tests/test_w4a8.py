@@ -186,8 +186,8 @@ class _Moved:
     """The reference's own outputs, with chosen log-prob rows of chosen steps moved: what a build
     whose activations round differently (or a broken one) would return."""
 
-    def __init__(self, runner, moves: dict[tuple[int, int], float]):
-        self._runner, self._moves, self._step = runner, moves, 0
+    def __init__(self, runner, moves: dict[tuple[int, int], float], encoder_by: float = 0.0):
+        self._runner, self._moves, self._step, self._encoder_by = runner, moves, 0, encoder_by
         self.signature, self.name = runner.signature, "moved"
 
     def __getattr__(self, name):
@@ -195,7 +195,10 @@ class _Moved:
 
     def encode(self, feeds):
         self._step = 0
-        return self._runner.encode(feeds)
+        out = dict(self._runner.encode(feeds))
+        name = next(k for k in out if k.startswith("cross_k"))
+        out[name] = np.asarray(out[name]) + np.float32(self._encoder_by)
+        return out
 
     def step(self, feeds):
         out = dict(self._runner.step(feeds))
@@ -230,6 +233,15 @@ def test_parity_lets_rounding_flips_pass_and_nothing_more(reference, moves, pass
     else:
         with pytest.raises(ParityError, match="more than its activations' rounding explains"):
             check_parity(_Moved(runner, moves), model, steps=4, reference=runner, flips=RoundingFlips())
+
+
+def test_encoder_outputs_keep_the_plain_tolerance_with_flips(reference):
+    """The encoder quantizes no activations: a moved encoder output is no rounding flip."""
+    from hatc.compile.parity import ParityError, RoundingFlips, check_parity
+
+    model, runner = reference
+    with pytest.raises(ParityError, match="the encoder quantizes no activations"):
+        check_parity(_Moved(runner, {}, encoder_by=1e-3), model, steps=4, reference=runner, flips=RoundingFlips())
 
 
 def test_the_greedy_near_tie_gap_is_the_references_own_preference(reference):

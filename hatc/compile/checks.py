@@ -101,8 +101,8 @@ def check_greedy(
 
     ``flips``: the build quantizes activations (``hatc.compile.w4a8``). A translation may then
     part from the reference's where the reference itself nearly ties: its log-probs of the two
-    tokens within twice what a rounding flip moves (``RoundingFlips.max_diff``); such a
-    sentence counts as a near tie (the rest of it is not compared: the two have parted).
+    tokens within ``RoundingFlips.tie``, in at most ``RoundingFlips.share`` of the checks; such
+    a sentence counts as a near tie (the rest of it is not compared: the two have parted).
 
     Returns a summary for the manifest (sentences, checks, all equal; near ties with ``flips``).
     """
@@ -125,13 +125,18 @@ def check_greedy(
             if flips is not None and references is not None:
                 preferred, other = _token(expected, where), _token(got, where)
                 gap = _reference_gap(references[bucket], src, expected[:where], preferred, other)
-                if gap <= 2 * flips.max_diff:
+                if gap <= flips.tie:
                     near_ties += 1
                     continue
             raise VerificationError(
                 f"bucket {bucket}: the greedy translation of sentence {number} ({line!r}) differs from "
                 f"{expected_from} at token {where} ({len(got)} vs {len(expected)} tokens); artifact not written"
             )
+    if flips is not None and near_ties > flips.share * checks:
+        raise VerificationError(
+            f"{near_ties} of {checks} greedy translations part from {expected_from} at a near tie: more than "
+            f"{flips.share:.0%}, more than rounding explains; artifact not written"
+        )
     summary = {"sentences": len(sentences), "checks": checks, "equal": near_ties == 0}
     return summary | ({"near_ties": near_ties} if flips is not None else {})
 

@@ -286,7 +286,7 @@ def compile_artifact(
             manifest = _manifest(request, target, loaded, graphs, parity, tuning, options)
             manifest["precision"] = request.quantize
             if request.quantize != "fp32":
-                manifest["quantization"] = _quantization_entry(request)
+                manifest["quantization"] = _quantization_entry(request, int8_activations=build.flips is not None)
             if build.dequantize:
                 manifest["dequantize"] = build.dequantize
             manifest["quality"] = quality
@@ -389,7 +389,7 @@ def _quantized_reference(
     """ONNX Runtime on the exported graphs with every weight fake-quantized: the model a
     quantized build must compute (``hatc.compile.quantize``; ``block``: ORT's blocks). With the
     ``target`` of a hatc build: the inputs of the MatMuls it computes with int8 activations
-    fake-quantized too (``hatc.compile.w4a8``). Returns the runner and how many MatMuls those are."""
+    fake-quantized too (``hatc.compile.w4a8``). Returns the runner and how many weights those MatMuls read."""
     from hatc.compile.quantize import reference_graph
     from hatc.compile.tvm_build import int8_activation_weights
     from hatc.runtime.runners import OrtRunner
@@ -402,7 +402,7 @@ def _quantized_reference(
         paths.append(reference_graph(src, dst, precision, vocab, block, weights))
         int8_inputs += len(weights)
     runner = OrtRunner(*paths, exported.signature)
-    activations = f", int8 inputs of {int8_inputs} matmuls" if int8_inputs else ""
+    activations = f", int8 activations into {int8_inputs} weights" if int8_inputs else ""
     runner.name = f"the {precision} reference (ONNX Runtime, fake-quantized weights{activations})"
     return runner, int8_inputs
 
@@ -476,8 +476,9 @@ def _build_onnxruntime(
     return Build(graphs, runners, parity, Scheduling(), references or None)
 
 
-def _quantization_entry(request: CompileRequest) -> dict[str, Any]:
-    """How the weights were quantized and which operators read them, for the manifest."""
+def _quantization_entry(request: CompileRequest, int8_activations: bool) -> dict[str, Any]:
+    """How the weights were quantized and which operators read them, for the manifest
+    (``int8_activations``: the build's int4 GEMVs quantize their inputs, ``hatc.compile.w4a8``)."""
     from hatc.compile.ort_quantize import OPERATORS
     from hatc.runtime.quantization import INT4_BLOCK
 
@@ -487,9 +488,8 @@ def _quantization_entry(request: CompileRequest) -> dict[str, Any]:
     if load_target(request.target).device != "cpu":  # hatc's quantized kernels are CPU kernels
         return {"scales": per, "operators": "every weight dequantized on load (float32 kernels)"}
     from hatc.compile import w4a8
-    from hatc.targets import tvm_target_of
 
-    if request.quantize == "int4" and w4a8.supported(tvm_target_of(load_target(request.target))):
+    if int8_activations:
         return {
             "scales": per,
             "activations": f"int8 in the decoder step's matmuls: per row and block of {w4a8.BLOCK}, symmetric, dynamic",

@@ -127,9 +127,9 @@ def reference_graph(
 
     model = onnx.load(str(src))
     axes = weight_axes(model, vocab_size)
-    rows = {}
+    reduce_extent = {}  # a MatMul weight's K
     for init in model.graph.initializer:
-        rows[init.name] = init.dims[0] if len(init.dims) == 2 else 0
+        reduce_extent[init.name] = init.dims[0] if len(init.dims) == 2 else 0
         if init.name not in axes:
             continue
         weight, axis = numpy_helper.to_array(init), axes[init.name]
@@ -141,7 +141,7 @@ def reference_graph(
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in int8_inputs:
             quantized_input = f"{node.output[0]}__int8_input"
-            k = rows[node.input[1]]
+            k = reduce_extent[node.input[1]]
             extra, constants = w4a8.reference_activation_nodes(node.input[0], quantized_input, k, helper)
             nodes += extra
             model.graph.initializer.extend(constants)

@@ -105,7 +105,8 @@ def fake_quantize_activations(x: np.ndarray) -> np.ndarray:
 
 def reference_activation_nodes(x: str, out: str, k: int, helper: Any) -> tuple[list[Any], list[Any]]:
     """ONNX nodes (and their constant initializers) computing ``fake_quantize_activations`` of
-    ``x`` (..., K) into ``out``: what ONNX Runtime runs as the reference of a w4a8 build."""
+    ``x`` (..., K) into ``out``: what ONNX Runtime runs as the reference of a w4a8 build.
+    ReduceMax takes its axes as an input: opset 18 or later (hatc exports opset 20)."""
     from onnx import numpy_helper
 
     tag = f"{out}__a8"
@@ -150,7 +151,9 @@ def gemv(rows: int, k: int, n: int, block: int) -> Any:
 
     groups, k_blocks, vectors = n // block, k // BLOCK, block // LANES
     runs_per_block = BLOCK // ROWS_PER_BYTE_RUN
-    dot = "llvm.x86.avx512.vpdpbusd.512"  # (int32x16 acc, uint8x64, int8x64) -> int32x16
+    # (int32x16 acc, uint8x64, int8x64) -> int32x16: the byte-vector signature of the LLVM that
+    # TVM 0.27's wheel ships (older LLVMs took int32x16 operands, as TVM's own x86 intrinsics do)
+    dot = "llvm.x86.avx512.vpdpbusd.512"
 
     def run_lanes(v: Any) -> Any:  # an index, not a bound variable: a let-bound ramp would gather
         return T.ramp(v * LANES, 1, LANES)
