@@ -18,6 +18,7 @@ in the cache can exceed 100% of the streaming roofline).
     hatc tune --target x86 --space tiny --buckets 32 --beam 1,4 --trials 500
     python benchmarks/kernel_profile.py --out benchmarks/results/profile_tiny_largest.json
     python benchmarks/kernel_profile.py --precision int8 --out benchmarks/results/profile_tiny_largest_int8.json
+    python benchmarks/kernel_profile.py --precision int4 --out benchmarks/results/profile_tiny_largest_int4.json
 
 With ``--precision int8|int4`` the TVM build has quantized weights (``hatc compile
 --quantize``); ONNX Runtime runs the fp32 graphs, as in ``benchmarks/quantize.py``.
