@@ -28,7 +28,7 @@ import numpy as np
 
 def measure(checkpoint: Path, arch: str, bucket: int, beam: int, seeds: int, db: Path, steps: int) -> dict[str, Any]:
     from hatc.checkpoint import load_subtransformer
-    from hatc.compile.compiler import _quantized_reference
+    from hatc.compile.compiler import quantized_reference
     from hatc.compile.export import export_onnx
     from hatc.compile.parity import DEFAULT_TOLERANCE, runner_trajectory, sample_trajectory_inputs, trajectory_diffs
     from hatc.compile.tvm_build import TvmRunner, build_graphs
@@ -40,7 +40,7 @@ def measure(checkpoint: Path, arch: str, bucket: int, beam: int, seeds: int, db:
     by_seed: dict[str, list[dict[str, Any]]] = {"log_probs": [], "caches": [], "encoder": []}
     with tempfile.TemporaryDirectory() as tmp:
         graphs = export_onnx(model, Path(tmp), bucket, batch=beam)
-        reference, int8_weights = _quantized_reference(graphs, "int4", Path(tmp), target=target)
+        reference, int8_weights = quantized_reference(graphs, "int4", Path(tmp), target=target)
         build = TvmRunner(build_graphs(graphs, target, database=str(db), precision="int4"))
         sig = build.signature
         for seed in range(seeds):  # one seed: one compile-time check (hatc compile uses seed 0)

@@ -338,7 +338,7 @@ def _build_tvm(
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         parity["onnxruntime"][str(bucket)] = checks.ort_parity(exported, loaded.model, bucket)
         if quantized:
-            references[bucket], int8_inputs = _quantized_reference(
+            references[bucket], int8_inputs = quantized_reference(
                 exported, request.quantize, work / f"s{bucket}", target=target
             )
             flips = RoundingFlips() if int8_inputs else flips
@@ -383,7 +383,7 @@ def _build_tvm(
     return Build(graphs, runners, parity, scheduling, references or None, dequantize, flips)
 
 
-def _quantized_reference(
+def quantized_reference(
     exported: Any, precision: str, work: Path, block: int | None = None, target: Any = None
 ) -> tuple[Any, int]:
     """ONNX Runtime on the exported graphs with every weight fake-quantized: the model a
@@ -446,7 +446,7 @@ def _build_onnxruntime(
         stages.next(f"bucket {bucket}: ONNX export" + (f" and {request.quantize} graphs" if quantized else ""))
         exported = export_onnx(loaded.model, work / f"s{bucket}", bucket, batch=request.beam)
         if quantized:  # ORT's own quantized operators; checked against the graphs fake-quantized alike
-            references[bucket], _ = _quantized_reference(exported, request.quantize, work / f"s{bucket}", ORT_BLOCK)
+            references[bucket], _ = quantized_reference(exported, request.quantize, work / f"s{bucket}", ORT_BLOCK)
             exported = _ort_quantized_graphs(exported, request.quantize, work / f"s{bucket}")
         exported_all.append(exported)
     stages.next("moving the weights out of the graphs")

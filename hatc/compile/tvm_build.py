@@ -131,10 +131,11 @@ def int8_activation_weights(path: Path, target: Target, precision: str, vocab_si
     with int8 activations (``hatc.compile.w4a8``): their reference quantizes the MatMul's input."""
     import onnx
 
+    from hatc.compile import w4a8
     from hatc.compile.packing import packables
 
-    if precision != "int4" or target.device != "cpu":
-        return set()
+    if precision != "int4" or target.device != "cpu" or not w4a8.supported(tvm_target_of(target)):
+        return set()  # no such MatMul: the graph need not be read
     model = onnx.load(str(path))
     return {p.name for p in packables(model, **packing_options(model, target, precision, vocab_size)) if p.kernel}
 
@@ -145,8 +146,12 @@ def import_graphs(
     """Both graphs of an export as Relax, weights packed for the ``target`` they are built for
     (None: the weights as exported, e.g. to measure what packing buys), quantized to ``precision``."""
     sig = graphs.signature
-    common = {"target": target, "precision": precision, "vocab_size": sig.vocab_size}
-    common["int8_activations"] = int8_activations
+    common = {
+        "target": target,
+        "precision": precision,
+        "vocab_size": sig.vocab_size,
+        "int8_activations": int8_activations,
+    }
     return (
         import_onnx(graphs.encoder, "encoder", list(sig.encoder_inputs()), list(sig.encoder_outputs()), **common),
         import_onnx(
